@@ -1,0 +1,473 @@
+"""Preference losses as pure functions of per-token log-probabilities (the public loss contract).
+
+Every loss takes one `TokenLogps` and keyword hyperparameters and returns `(losses, metrics)`:
+`losses` is (B,) per pair, `metrics` a dict of detached (B,) tensors. Formulas: ../shared/docs/METHOD.md,
+from "TokenRatio" (arXiv 2605.12288), DPO (2305.18290), BPO (2505.19601), TDPO (2404.11999).
+
+Notation: r_t(y) = log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t), the per-token log-ratio;
+u = sum_t r_t(y^chosen) - sum_t r_t(y^rejected), the sequence margin.
+
+Sequence level: dpo, ipo, bpo (Bregman ratio matching on R = exp(-beta u)), tdpo1, tdpo2, sft.
+Token level:    tbpo-q, tbpo-a (Bregman ratio matching on R_t, one per aligned position, TBPO eq. in
+                METHOD.md "TBPO" points 2-3).
+Bregman generators are pure functions of log R in `GENERATORS`; losses are in `LOSSES` at the bottom.
+This module imports only torch.
+"""
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class TokenLogps:
+    """Per-token inputs of every loss. All tensors are (B, T) and response-aligned.
+
+    Column j of every chosen tensor and of every rejected tensor holds response token j; the prompt is
+    not in these tensors. Values outside the masks are ignored (they may be anything, even nan).
+
+    Fields:
+        policy_chosen, policy_rejected: (B, T) float, log pi_theta of each response token.
+        ref_chosen, ref_rejected: (B, T) float, log pi_ref of the same tokens.
+        chosen_mask, rejected_mask: (B, T) bool, True on response tokens.
+        chosen_kl, rejected_kl: (B, T) float or None, KL(pi_ref || pi_theta) at each response position
+            (needed by tdpo1, tdpo2 and tbpo-a with kl_estimator="exact").
+        chosen_baseline, rejected_baseline: (B, T) float or None, the state-baseline head's b(s_t)
+            at the position whose logits predict token t (needed by tbpo-q).
+    """
+
+    policy_chosen: Tensor
+    policy_rejected: Tensor
+    ref_chosen: Tensor
+    ref_rejected: Tensor
+    chosen_mask: Tensor
+    rejected_mask: Tensor
+    chosen_kl: Tensor | None = None
+    rejected_kl: Tensor | None = None
+    chosen_baseline: Tensor | None = None
+    rejected_baseline: Tensor | None = None
+
+    def __post_init__(self):
+        shape = self.policy_chosen.shape
+        if len(shape) != 2:
+            raise ValueError(f"TokenLogps tensors must be (B, T); policy_chosen is {tuple(shape)}")
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if value is not None and value.shape != shape:
+                raise ValueError(
+                    f"TokenLogps.{field.name} has shape {tuple(value.shape)}, expected {tuple(shape)} "
+                    "(pad chosen and rejected to the same response length)"
+                )
+        for name in ("chosen_mask", "rejected_mask"):
+            if getattr(self, name).dtype != torch.bool:
+                raise ValueError(f"TokenLogps.{name} must be a bool tensor")
+
+
+# ---------------------------------------------------------------------------------------------
+# Small pure helpers
+
+
+def masked_sum(values: Tensor, mask: Tensor) -> Tensor:
+    """(B, T) -> (B,): sum over the mask; values outside it (even nan) contribute nothing."""
+    return torch.where(mask, values, torch.zeros_like(values)).sum(-1)
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """(B, T) -> (B,): mean over the mask (0 for an empty row)."""
+    return masked_sum(values, mask) / mask.sum(-1).clamp_min(1)
+
+
+def log_ratios(batch: TokenLogps) -> tuple[Tensor, Tensor]:
+    """Per-token r_t = log pi_theta - log pi_ref for chosen and rejected, (B, T) each."""
+    return batch.policy_chosen - batch.ref_chosen, batch.policy_rejected - batch.ref_rejected
+
+
+def k3(log_ratio: Tensor) -> Tensor:
+    """Schulman's k3 estimate of KL(pi_ref || pi_theta) from one token a ~ pi_ref.
+
+    With rho = pi_theta(a)/pi_ref(a) = exp(log_ratio): k3 = (rho - 1) - log rho >= 0, unbiased.
+    """
+    return torch.expm1(log_ratio) - log_ratio
+
+
+def reduce(losses: Tensor, num_pairs: int | None = None) -> Tensor:
+    """Mean of per-pair losses; with `num_pairs`, sum / num_pairs.
+
+    Pass the number of pairs of the whole optimizer step (all micro-batches, all processes) so that
+    gradient accumulation and data parallelism give the same gradient as one big batch.
+    """
+    if num_pairs is None:
+        return losses.mean()
+    return losses.sum() / num_pairs
+
+
+def _sequence_metrics(batch: TokenLogps, beta: float) -> dict[str, Tensor]:
+    """Implicit rewards beta * sum_t r_t (DPO's), their margin and the preference accuracy."""
+    chosen_ratio, rejected_ratio = log_ratios(batch)
+    chosen = beta * masked_sum(chosen_ratio, batch.chosen_mask).detach()
+    rejected = beta * masked_sum(rejected_ratio, batch.rejected_mask).detach()
+    return {
+        "reward_chosen": chosen,
+        "reward_rejected": rejected,
+        "reward_margin": chosen - rejected,
+        "reward_accuracy": (chosen > rejected).float(),
+    }
+
+
+def _require(batch: TokenLogps, names: tuple[str, ...], loss: str, why: str) -> None:
+    missing = [n for n in names if getattr(batch, n) is None]
+    if missing:
+        raise ValueError(f"loss '{loss}' needs TokenLogps.{' and '.join(missing)} ({why})")
+
+
+def _strict_options(fn: Callable) -> Callable:
+    """Turn unknown keyword options into a ValueError that lists the valid ones."""
+    valid = [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
+
+    @functools.wraps(fn)
+    def wrapper(batch: TokenLogps, **options):
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for loss '{fn.__name__}'; valid options: {valid}"
+            )
+        return fn(batch, **options)
+
+    wrapper.options = valid
+    return wrapper
+
+
+# ---------------------------------------------------------------------------------------------
+# Bregman generators: per-sample (or per-token) loss l(R) = h'(R) R - h(R) - h'(1/R), written as a
+# function of log R for numerical range (METHOD.md, BPO table).
+
+
+def lr_generator(log_r: Tensor) -> Tensor:
+    """Logistic regression: log(1 + R). With R = exp(-beta u) this is DPO's -log sigma(beta u)."""
+    return F.softplus(log_r)
+
+
+def kliep_generator(log_r: Tensor) -> Tensor:
+    """KLIEP: R + log R (unbounded below as R -> 0: clamp log R)."""
+    return log_r.exp() + log_r
+
+
+def lsif_generator(log_r: Tensor) -> Tensor:
+    """LSIF: R^2 - 2/R."""
+    return (2 * log_r).exp() - 2 * (-log_r).exp()
+
+
+def ba_generator(log_r: Tensor, *, lam: float) -> Tensor:
+    """Basu's power family: R^(lam+1) - ((lam+1)/lam) R^(-lam), lam > -1.
+
+    At lam = 0 the formula diverges by the constant -1/lam; we return its finite limit R + log R
+    (KLIEP), which has the same gradient.
+    """
+    if lam == 0:
+        return kliep_generator(log_r)
+    return ((lam + 1) * log_r).exp() - (lam + 1) / lam * (-lam * log_r).exp()
+
+
+def sba_generator(log_r: Tensor, *, lam: float, s: float) -> Tensor:
+    """Scaled BA: R^(lam+1)/(s(lam+1)) - R^(-lam)/(s lam); lam = 0 gives (R + log R)/s.
+
+    s = 4 makes the gradient in log R equal DPO's (1/2) at R = 1; the paper's TBPO uses lam=0, s=4.
+    """
+    if lam == 0:
+        return (log_r.exp() + log_r) / s
+    return ((lam + 1) * log_r).exp() / (s * (lam + 1)) - (-lam * log_r).exp() / (s * lam)
+
+
+GENERATORS: dict[str, Callable[..., Tensor]] = {
+    "lr": lr_generator,
+    "kliep": kliep_generator,
+    "lsif": lsif_generator,
+    "ba": ba_generator,
+    "sba": sba_generator,
+}
+# Hyperparameters each generator takes, with their defaults (paper: SBA lam=0, s=4).
+GENERATOR_DEFAULTS: dict[str, dict[str, float]] = {
+    "lr": {},
+    "kliep": {},
+    "lsif": {},
+    "ba": {"lam": 0.0},
+    "sba": {"lam": 0.0, "s": 4.0},
+}
+
+
+def bregman_generator(
+    generator: str, lam: float | None = None, s: float | None = None
+) -> Callable[[Tensor], Tensor]:
+    """Resolve a generator name and its hyperparameters to a function log R -> loss.
+
+    Raises ValueError for an unknown name, a hyperparameter the generator does not take, lam <= -1 or
+    s <= 0.
+    """
+    if generator not in GENERATORS:
+        raise ValueError(f"unknown generator '{generator}'; valid: {sorted(GENERATORS)}")
+    params = dict(GENERATOR_DEFAULTS[generator])
+    for name, value in (("lam", lam), ("s", s)):
+        if value is None:
+            continue
+        if name not in params:
+            raise ValueError(
+                f"generator '{generator}' takes no '{name}' (it takes {sorted(params) or 'none'})"
+            )
+        params[name] = float(value)
+    if params.get("lam", 0.0) <= -1:
+        raise ValueError(f"lam must be > -1 for a convex generator, got {params['lam']}")
+    if params.get("s", 1.0) <= 0:
+        raise ValueError(f"s must be > 0, got {params['s']}")
+    return functools.partial(GENERATORS[generator], **params)
+
+
+def _clamp_log_r(log_r: Tensor, clamp: float | None) -> tuple[Tensor, Tensor]:
+    """Clamp log R to [-clamp, clamp] (authors: 30) and report which entries hit the bound."""
+    if clamp is None:
+        return log_r, torch.zeros_like(log_r, dtype=torch.bool)
+    return log_r.clamp(-clamp, clamp), log_r.detach().abs() >= clamp
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequence-level losses
+
+
+@_strict_options
+def dpo_loss(batch: TokenLogps, *, beta: float, label_smoothing: float = 0.0):
+    """DPO: -log sigma(beta u), with conservative label smoothing eps: (1-eps) l(u) + eps l(-u).
+
+    Hand value: u = 1, beta = 1, eps = 0 gives log(1 + e^-1) = 0.31326.
+    """
+    chosen_ratio, rejected_ratio = log_ratios(batch)
+    u = masked_sum(chosen_ratio, batch.chosen_mask) - masked_sum(
+        rejected_ratio, batch.rejected_mask
+    )
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * u) - label_smoothing * F.logsigmoid(
+        -beta * u
+    )
+    return losses, _sequence_metrics(batch, beta)
+
+
+@_strict_options
+def ipo_loss(batch: TokenLogps, *, beta: float):
+    """IPO: (u - 1/(2 beta))^2, with u the margin of per-token averaged log-ratios (TRL's convention)."""
+    chosen_ratio, rejected_ratio = log_ratios(batch)
+    u = masked_mean(chosen_ratio, batch.chosen_mask) - masked_mean(
+        rejected_ratio, batch.rejected_mask
+    )
+    return (u - 1 / (2 * beta)) ** 2, _sequence_metrics(batch, beta)
+
+
+@_strict_options
+def bpo_loss(
+    batch: TokenLogps,
+    *,
+    beta: float,
+    generator: str = "sba",
+    lam: float | None = None,
+    s: float | None = None,
+    clamp: float | None = 30.0,
+):
+    """BPO, Bregman ratio matching at sequence level: l(R) with log R = -beta u (clamped).
+
+    Generator `lr` gives exactly DPO. Default SBA(lam=0, s=4), the paper's BPO-SBA baseline.
+    """
+    loss_of_log_r = bregman_generator(generator, lam, s)
+    chosen_ratio, rejected_ratio = log_ratios(batch)
+    u = masked_sum(chosen_ratio, batch.chosen_mask) - masked_sum(
+        rejected_ratio, batch.rejected_mask
+    )
+    log_r, at_clamp = _clamp_log_r(-beta * u, clamp)
+    metrics = _sequence_metrics(batch, beta)
+    metrics["clamp_fraction"] = at_clamp.float()
+    return loss_of_log_r(log_r), metrics
+
+
+def _sequence_kl(batch: TokenLogps, loss: str) -> tuple[Tensor, Tensor]:
+    _require(batch, ("chosen_kl", "rejected_kl"), loss, "TDPO's sequential KL")
+    return (
+        masked_sum(batch.chosen_kl, batch.chosen_mask),
+        masked_sum(batch.rejected_kl, batch.rejected_mask),
+    )
+
+
+def _tdpo(batch: TokenLogps, beta: float, kl_term: Tensor, chosen_kl: Tensor):
+    chosen_ratio, rejected_ratio = log_ratios(batch)
+    u = masked_sum(chosen_ratio, batch.chosen_mask) - masked_sum(
+        rejected_ratio, batch.rejected_mask
+    )
+    losses = -F.logsigmoid(beta * (u - kl_term))
+    metrics = _sequence_metrics(batch, beta)
+    metrics["seq_kl_chosen"] = chosen_kl.detach()
+    return losses, metrics
+
+
+@_strict_options
+def tdpo1_loss(batch: TokenLogps, *, beta: float):
+    """TDPO1: -log sigma(beta u - beta (SeqKL(y^l) - SeqKL(y^w))), SeqKL over the full vocabulary."""
+    chosen_kl, rejected_kl = _sequence_kl(batch, "tdpo1")
+    return _tdpo(batch, beta, rejected_kl - chosen_kl, chosen_kl)
+
+
+@_strict_options
+def tdpo2_loss(batch: TokenLogps, *, beta: float, alpha: float = 0.5):
+    """TDPO2: -log sigma(beta u - alpha beta (SeqKL(y^l) - stopgrad SeqKL(y^w))), alpha = 0.5."""
+    chosen_kl, rejected_kl = _sequence_kl(batch, "tdpo2")
+    return _tdpo(batch, beta, alpha * (rejected_kl - chosen_kl.detach()), chosen_kl)
+
+
+@_strict_options
+def sft_loss(batch: TokenLogps, *, beta: float = 0.0):
+    """SFT: mean negative log-likelihood of the chosen response tokens (beta is ignored).
+
+    Used to build a reference from a base model, as the paper's SFT baseline does.
+    """
+    losses = -masked_mean(batch.policy_chosen, batch.chosen_mask)
+    return losses, {"nll_chosen": losses.detach()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-level losses (TBPO)
+
+
+def _tbpo(
+    batch: TokenLogps,
+    log_w: Tensor,
+    valid: Tensor,
+    *,
+    beta: float,
+    generator: str,
+    lam: float | None,
+    s: float | None,
+    clamp: float | None,
+):
+    """Mean over aligned positions t <= min(|y^w|, |y^l|) of l(R_t), METHOD.md TBPO point 3.
+
+    log R_t = beta * (r_t(y^l) - r_t(y^w) + log w_t)   (point 2).
+    """
+    loss_of_log_r = bregman_generator(generator, lam, s)
+    chosen_ratio, rejected_ratio = log_ratios(batch)
+    log_r = beta * (rejected_ratio - chosen_ratio + log_w)  # (B, T)
+    log_r = torch.where(valid, log_r, torch.zeros_like(log_r))  # keep padding finite
+    log_r, at_clamp = _clamp_log_r(log_r, clamp)
+    losses = masked_mean(loss_of_log_r(log_r), valid)  # (B,)
+    metrics = _sequence_metrics(batch, beta)
+    metrics["token_accuracy"] = masked_mean((log_r < 0).float(), valid).detach()
+    metrics["log_w"] = masked_mean(log_w, valid).detach()
+    metrics["clamp_fraction"] = masked_mean(at_clamp.float(), valid)
+    return losses, metrics
+
+
+def aligned_mask(batch: TokenLogps) -> Tensor:
+    """(B, T) bool: positions present in both responses, t = 1..min(|y^w|, |y^l|)."""
+    return batch.chosen_mask & batch.rejected_mask
+
+
+@_strict_options
+def tbpo_q_loss(
+    batch: TokenLogps,
+    *,
+    beta: float,
+    generator: str = "sba",
+    lam: float | None = None,
+    s: float | None = None,
+    clamp: float | None = 30.0,
+    center_log_w: bool = True,
+    log_w_clamp: float | None = 10.0,
+):
+    """TBPO-Q: log w_t = b(s^l_t) - b(s^w_t), b the learned state-baseline head (METHOD.md point 2).
+
+    The authors' code (not the paper) centres log w over each pair's aligned positions and clamps it
+    to [-10, 10]; both are on by default (`center_log_w`, `log_w_clamp`; None turns the clamp off).
+    Gradient reaches the head through log w and the policy through r_t.
+    """
+    _require(batch, ("chosen_baseline", "rejected_baseline"), "tbpo-q", "the baseline head output")
+    valid = aligned_mask(batch)
+    log_w = batch.rejected_baseline - batch.chosen_baseline  # (B, T)
+    log_w = torch.where(valid, log_w, torch.zeros_like(log_w))
+    if center_log_w:
+        log_w = log_w - masked_mean(log_w, valid)[:, None]
+    if log_w_clamp is not None:
+        log_w = log_w.clamp(-log_w_clamp, log_w_clamp)
+    return _tbpo(batch, log_w, valid, beta=beta, generator=generator, lam=lam, s=s, clamp=clamp)
+
+
+KL_ESTIMATORS = ("exact", "k3")
+
+
+@_strict_options
+def tbpo_a_loss(
+    batch: TokenLogps,
+    *,
+    beta: float,
+    generator: str = "sba",
+    lam: float | None = None,
+    s: float | None = None,
+    clamp: float | None = 30.0,
+    kl_estimator: str = "exact",
+    detach_kl: bool = False,
+):
+    """TBPO-A: log w_t = KL(pi_ref||pi_theta)(s^l_t) - KL(pi_ref||pi_theta)(s^w_t) (METHOD.md point 2).
+
+    kl_estimator="exact" (default, the authors' code) reads the full-vocabulary KL from
+    `chosen_kl`/`rejected_kl`. kl_estimator="k3" (the paper's text) uses Schulman's k3 at the response
+    token itself, treating it as the one sample a ~ pi_ref: no full-vocabulary pass is needed.
+    `detach_kl=True` stops gradient through the correction (the authors let it flow).
+    """
+    if kl_estimator == "exact":
+        _require(batch, ("chosen_kl", "rejected_kl"), "tbpo-a", 'kl_estimator="exact"')
+        chosen_kl, rejected_kl = batch.chosen_kl, batch.rejected_kl
+    elif kl_estimator == "k3":
+        chosen_ratio, rejected_ratio = log_ratios(batch)
+        chosen_kl, rejected_kl = k3(chosen_ratio), k3(rejected_ratio)
+    else:
+        raise ValueError(f"unknown kl_estimator '{kl_estimator}'; valid: {list(KL_ESTIMATORS)}")
+    log_w = rejected_kl - chosen_kl  # (B, T)
+    if detach_kl:
+        log_w = log_w.detach()
+    valid = aligned_mask(batch)
+    log_w = torch.where(valid, log_w, torch.zeros_like(log_w))
+    return _tbpo(batch, log_w, valid, beta=beta, generator=generator, lam=lam, s=s, clamp=clamp)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registry
+
+
+class _LossRegistry(dict):
+    """A plain dict whose unknown keys raise ValueError listing the valid names."""
+
+    def __missing__(self, name):
+        raise ValueError(f"unknown loss '{name}'; valid losses: {sorted(self)}")
+
+
+LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = _LossRegistry(
+    {
+        "dpo": dpo_loss,
+        "ipo": ipo_loss,
+        "bpo": bpo_loss,
+        "tdpo1": tdpo1_loss,
+        "tdpo2": tdpo2_loss,
+        "tbpo-q": tbpo_q_loss,
+        "tbpo-a": tbpo_a_loss,
+        "sft": sft_loss,
+    }
+)
+
+# What each loss needs from the model beyond the labels' log-probs; the trainer computes only that.
+NEEDS_KL = {"tdpo1", "tdpo2"}  # tbpo-a needs it only with kl_estimator="exact"
+NEEDS_BASELINE = {"tbpo-q"}
+NEEDS_REFERENCE = set(LOSSES) - {"sft"}
+
+
+def needs_kl(name: str, options: dict) -> bool:
+    """Whether loss `name` with `options` reads chosen_kl/rejected_kl."""
+    if name == "tbpo-a":
+        return options.get("kl_estimator", "exact") == "exact"
+    return name in NEEDS_KL

@@ -1,0 +1,185 @@
+"""Chunked per-token log-probs and full-vocabulary KL against naive log_softmax, values and gradients."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from tokenratio.logprobs import (
+    IGNORE_INDEX,
+    shift_labels,
+    token_kl,
+    token_logps,
+    token_logps_and_kl,
+)
+
+
+def naive_logps(logits, labels):
+    safe = labels.clamp_min(0)
+    out = torch.log_softmax(logits.float(), -1).gather(-1, safe[..., None]).squeeze(-1)
+    return out * (labels != IGNORE_INDEX)
+
+
+def naive_kl(policy_logits, ref_logits):
+    log_q = torch.log_softmax(ref_logits.float(), -1)
+    log_p = torch.log_softmax(policy_logits.float(), -1)
+    return (log_q.exp() * (log_q - log_p)).sum(-1)
+
+
+def random_inputs(dtype, B=3, T=11, V=37, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(B, T, V, generator=g) * 3).to(dtype)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :4] = IGNORE_INDEX
+    labels[2, -1] = IGNORE_INDEX
+    return logits, labels
+
+
+# bf16: our chunks compute in float32 from the same bf16 logits as the naive upcast, so they agree
+# to float32 rounding; gradients are rounded to bf16 once.
+TOLERANCE = {torch.float32: {}, torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [1, 100, 1 << 22])
+def test_token_logps_matches_naive(dtype, chunk_elements):
+    logits, labels = random_inputs(dtype)
+    ours_in = logits.clone().requires_grad_()
+    naive_in = logits.clone().requires_grad_()
+    ours = token_logps(ours_in, labels, chunk_elements=chunk_elements)
+    naive = naive_logps(naive_in, labels)
+    assert ours.dtype == torch.float32
+    assert_close(ours, naive, rtol=1e-5, atol=1e-5)
+    weights = torch.randn(ours.shape)
+    (ours * weights).sum().backward()
+    (naive * weights).sum().backward()
+    assert ours_in.grad.dtype == dtype
+    assert_close(ours_in.grad, naive_in.grad, **TOLERANCE[dtype])
+    assert (ours_in.grad[0, :4] == 0).all()  # ignored labels get no gradient
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk_elements", [1, 100, 1 << 22])
+def test_token_kl_matches_naive(dtype, chunk_elements):
+    policy, _ = random_inputs(dtype, seed=1)
+    ref, _ = random_inputs(dtype, seed=2)
+    ours_in, naive_in = policy.clone().requires_grad_(), policy.clone().requires_grad_()
+    ours = token_kl(ours_in, ref, chunk_elements=chunk_elements)
+    naive = naive_kl(naive_in, ref)
+    assert_close(ours, naive, rtol=1e-5, atol=1e-5)
+    assert (ours >= -1e-6).all()
+    weights = torch.randn(ours.shape)
+    (ours * weights).sum().backward()
+    (naive * weights).sum().backward()
+    assert_close(ours_in.grad, naive_in.grad, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_logps_and_kl_matches_naive(dtype):
+    logits, labels = random_inputs(dtype, seed=3)
+    ref, _ = random_inputs(dtype, seed=4)
+    ours_in, naive_in = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    logps, kl = token_logps_and_kl(ours_in, labels, ref, chunk_elements=50)
+    assert_close(logps, naive_logps(naive_in, labels), rtol=1e-5, atol=1e-5)
+    assert_close(kl, naive_kl(naive_in, ref), rtol=1e-5, atol=1e-5)
+    w1, w2 = torch.randn(logps.shape), torch.randn(kl.shape)
+    ((logps * w1).sum() + (kl * w2).sum()).backward()
+    ((naive_logps(naive_in, labels) * w1).sum() + (naive_kl(naive_in, ref) * w2).sum()).backward()
+    assert_close(ours_in.grad, naive_in.grad, **TOLERANCE[dtype])
+
+
+def test_gradcheck_float64():
+    logits, labels = random_inputs(torch.float64, B=3, T=5, V=5)
+    ref = torch.randn(3, 5, 5, dtype=torch.float64)
+    logits.requires_grad_()
+    assert torch.autograd.gradcheck(lambda z: token_logps(z, labels, chunk_elements=7), (logits,))
+    assert torch.autograd.gradcheck(lambda z: token_kl(z, ref, chunk_elements=7), (logits,))
+    assert torch.autograd.gradcheck(
+        lambda z: token_logps_and_kl(z, labels, ref, chunk_elements=7), (logits,)
+    )
+
+
+def test_kl_is_zero_for_identical_distributions_and_ref_gets_no_gradient():
+    logits, _ = random_inputs(torch.float32)
+    ref = logits.clone().requires_grad_()
+    kl = token_kl(logits, ref)
+    assert_close(kl, torch.zeros_like(kl), atol=1e-5, rtol=0)
+    assert not kl.requires_grad  # ref is treated as a constant
+
+
+def test_shape_errors_are_clear():
+    logits, labels = random_inputs(torch.float32)
+    with pytest.raises(ValueError, match="do not match"):
+        token_logps(logits, labels[:, :-1])
+    with pytest.raises(ValueError, match="differ in shape"):
+        token_kl(logits, logits[:, :-1])
+
+
+def test_shift_labels():
+    input_ids = torch.tensor([[5, 6, 7, 8, 9]])
+    response = torch.tensor([[False, False, True, True, False]])
+    assert shift_labels(input_ids, response).tolist() == [[-100, 7, 8, -100, -100]]
+
+
+# Peak memory at a 128k vocabulary: measured in a fresh process by the growth of ru_maxrss over the
+# logits already resident. Naive log_softmax builds at least one more (B, T, V) float32 tensor (and its
+# backward another); ours only the gradient autograd needs anyway.
+MEMORY_PROBE = textwrap.dedent(
+    """
+    import json, resource, sys, torch
+    from tokenratio.logprobs import token_logps_and_kl
+    torch.manual_seed(0)
+    B, T, V = 2, 256, 128_256
+    mode, backward = sys.argv[1], sys.argv[2] == "1"
+    logits = torch.randn(B, T, V).requires_grad_(backward)
+    ref = torch.randn(B, T, V)
+    labels = torch.randint(0, V, (B, T))
+    peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # Warm up the kernels (their one-off buffers are not what we measure) on a small input.
+    small = torch.randn(2, 2, 1000, requires_grad=True)
+    sum(token_logps_and_kl(small, labels[:, :2] % 1000, small.detach())).sum().backward()
+    (small.log_softmax(-1) * small.detach().softmax(-1)).sum().backward()
+    before = peak()
+    if mode == "ours":
+        logps, kl = token_logps_and_kl(logits, labels, ref)
+        out = logps + kl
+    else:
+        q = ref.log_softmax(-1)
+        p = logits.log_softmax(-1)
+        out = p.gather(-1, labels[..., None]).squeeze(-1) + (q.exp() * (q - p)).sum(-1)
+    if backward:
+        out.sum().backward()
+    print(json.dumps({"growth": peak() - before, "logits_bytes": logits.numel() * 4}))
+    """
+)
+
+
+def _growth(mode, backward):
+    # A fixed mmap threshold makes glibc return freed large blocks at once, so ru_maxrss tracks
+    # live memory rather than the allocator's caching.
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "MALLOC_MMAP_THRESHOLD_": "1048576"}
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, mode, str(int(backward))],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    return json.loads(result.stdout)
+
+
+@pytest.mark.slow
+def test_peak_memory_at_128k_vocabulary():
+    ours, naive = _growth("ours", False), _growth("naive", False)
+    size = ours["logits_bytes"]  # 256 MiB
+    # Forward: ours needs two chunk temporaries (16 MiB each), naive several full (B, T, V) tensors.
+    assert ours["growth"] < 0.35 * size, ours
+    assert naive["growth"] > 1.5 * size, naive
+    ours_bw, naive_bw = _growth("ours", True), _growth("naive", True)
+    # Backward: one gradient buffer (1x) for ours; naive keeps p, q.exp() and more alive.
+    assert ours_bw["growth"] < 1.35 * size, ours_bw
+    assert naive_bw["growth"] > ours_bw["growth"] + size, (naive_bw, ours_bw)
