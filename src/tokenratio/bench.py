@@ -1,0 +1,280 @@
+"""`tokenratio bench`: train every loss on a token-level MDP with known optima and measure the distance.
+
+A tabular policy (one logit vector per state, initialised at pi_ref) is trained on preference pairs
+sampled from pi_ref and labelled by Bradley-Terry on the sequence return (synthetic.py). Its per-token
+log-probs go through the same `token_logps` / `token_logps_and_kl`, `LOSSES` and `reduce` as a real
+model's, and TBPO-Q's state baseline is a table b(s) in place of the MLP head. Metrics are exact
+(dynamic programming over the state occupancy), so differences between methods are not sampling noise
+of the evaluation: expected return, KL(pi||pi_ref), KL(pi||pi*_seq) (DPO's target), KL(pi||pi*_tok)
+(TBPO's target), token entropy, distinct-2 of samples and held-out preference accuracy.
+"""
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from tokenratio import synthetic
+from tokenratio.logprobs import token_logps, token_logps_and_kl
+from tokenratio.losses import LOSSES, TokenLogps, needs_kl, reduce
+
+METRICS = (
+    "return",
+    "kl_ref",
+    "kl_seq",
+    "kl_tok",
+    "entropy",
+    "distinct",
+    "heldout_acc",
+    "best_step",
+)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What `tokenratio bench` runs. Presets: `quick` (CI), default, `full`."""
+
+    losses: tuple[str, ...] = ("dpo", "ipo", "bpo", "tdpo1", "tdpo2", "tbpo-q", "tbpo-a")
+    betas: tuple[float, ...] = (0.25, 1.0, 4.0)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    num_prompts: int = 4
+    vocab_size: int = 6
+    length: int = 5
+    reward_scale: float = 1.0
+    train_pairs: int = 3000
+    valid_pairs: int = 1000  # early stopping: keep the step with the lowest validation loss
+    heldout_pairs: int = 1000  # test split: held-out preference accuracy, never used for selection
+    steps: int = 300
+    # Adam treats every loss's scale alike (TBPO averages over positions, DPO sums: with SGD the same
+    # lr would favour DPO). "adam" or "sgd", on the logit table and TBPO-Q's baseline table.
+    optimizer: str = "adam"
+    lr: float = 0.02
+    eval_every: int = 15
+    samples_per_prompt: int = 64  # for `distinct`: unique responses among these samples
+    loss_options: dict = field(default_factory=dict)  # {"tbpo-a": {"kl_estimator": "k3"}, ...}
+
+
+PRESETS = {
+    "quick": BenchConfig(
+        betas=(1.0,), seeds=(0,), steps=150, train_pairs=1000, valid_pairs=500, heldout_pairs=500
+    ),
+    # ~60 s on 2 cores
+    "default": BenchConfig(),
+    "full": BenchConfig(
+        losses=tuple(sorted(set(LOSSES) - {"sft"})),
+        betas=(0.1, 0.25, 0.5, 1.0, 2.0, 4.0),
+        seeds=(0, 1, 2, 3, 4),
+        train_pairs=8000,
+        valid_pairs=2000,
+        heldout_pairs=2000,
+        steps=600,
+    ),
+}
+
+
+def tabular_token_logps(
+    policy_logits: torch.Tensor,
+    mdp: synthetic.TokenMDP,
+    pairs: synthetic.PreferencePairs,
+    baseline: torch.Tensor | None = None,
+    with_kl: bool = False,
+) -> TokenLogps:
+    """The loss contract's inputs for a tabular policy: per-token log-probs by table lookup."""
+    steps = torch.arange(mdp.length)[None]
+
+    def side(responses):
+        prev = synthetic.states_of(responses, mdp.vocab_size)
+        index = (pairs.prompts[:, None], steps, prev)
+        logits, ref = policy_logits[index], mdp.ref_logps[index]  # (N, T, V)
+        if with_kl:
+            logps, kl = token_logps_and_kl(logits, responses, ref)
+        else:
+            logps, kl = token_logps(logits, responses), None
+        ref_logps = ref.gather(-1, responses[..., None]).squeeze(-1)
+        return logps, ref_logps, kl, None if baseline is None else baseline[index]
+
+    pc, rc, kc, bc = side(pairs.chosen)
+    pr, rr, kr, br = side(pairs.rejected)
+    mask = torch.ones_like(pairs.chosen, dtype=torch.bool)
+    return TokenLogps(pc, pr, rc, rr, mask, mask, kc, kr, bc, br)
+
+
+def train_tabular(
+    cfg: BenchConfig,
+    mdp: synthetic.TokenMDP,
+    loss: str,
+    beta: float,
+    seed: int,
+    splits: dict[str, synthetic.PreferencePairs],
+) -> dict:
+    """Full-batch Adam from pi_ref, early-stopped on the validation loss.
+
+    Returns the metrics of the kept policy ("final") and a curve sampled every eval_every steps.
+    """
+    torch.manual_seed(seed)
+    options = dict(cfg.loss_options.get(loss, {}))
+    policy = mdp.ref_logps.clone().requires_grad_()
+    baseline = torch.zeros(mdp.reward.shape[:3], dtype=policy.dtype, requires_grad=True)
+    optimizer_class = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.optimizer]
+    optimizer = optimizer_class([policy, baseline], lr=cfg.lr)
+    targets = {
+        "seq": synthetic.sequence_optimum(mdp, beta),
+        "tok": synthetic.token_optimum(mdp, beta),
+    }
+    with_kl = needs_kl(loss, options)
+
+    def loss_on(pairs):
+        batch = tabular_token_logps(policy, mdp, pairs, baseline, with_kl)
+        losses = LOSSES[loss](batch, beta=beta, **options)[0]
+        return reduce(losses) if pairs.weights is None else (losses * pairs.weights).sum()
+
+    curve, best = [], None
+    for step in range(cfg.steps + 1):
+        total = loss_on(splits["train"])
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            with torch.no_grad():
+                valid = float(loss_on(splits["valid"]))
+            point = evaluate(policy.detach(), mdp, targets, splits["test"], beta)
+            curve.append({"step": step, "loss": total.item(), "valid_loss": valid, **point})
+            if best is None or valid < best[0]:
+                best = (valid, step, policy.detach().clone(), point)
+        if step == cfg.steps:
+            break
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+    _, best_step, kept, final = best
+    final = {**final, "best_step": best_step}
+    final["distinct"] = _distinct(kept.log_softmax(-1), mdp, cfg.samples_per_prompt, seed)
+    return {"loss": loss, "beta": beta, "seed": seed, "final": final, "curve": curve}
+
+
+def _distinct(logps, mdp, per_prompt: int, seed: int) -> float:
+    """Fraction of distinct whole responses (distinct-n with n = T) among samples, per prompt."""
+    g = torch.Generator().manual_seed(seed)
+    fractions = []
+    for x in range(mdp.num_prompts):
+        prompts = torch.full((per_prompt,), x)
+        samples = synthetic.sample_responses(logps, prompts, g)
+        fractions.append(len({tuple(r) for r in samples.tolist()}) / per_prompt)
+    return sum(fractions) / len(fractions)
+
+
+def evaluate(policy_logits, mdp, targets, heldout, beta) -> dict:
+    """Exact metrics of the policy plus held-out preference accuracy of its implicit reward."""
+    logps = policy_logits.log_softmax(-1)
+    metrics = synthetic.exact_metrics(logps, mdp, targets)
+    batch = tabular_token_logps(logps, mdp, heldout)
+    _, pair_metrics = LOSSES["dpo"](batch, beta=beta)
+    metrics["heldout_acc"] = float(pair_metrics["reward_accuracy"].mean())
+    return metrics
+
+
+def reference_rows(mdp, beta, heldout, per_prompt) -> list[dict]:
+    """The reference and both optima as rows of the table, for scale."""
+    rows = []
+    targets = {
+        "seq": synthetic.sequence_optimum(mdp, beta),
+        "tok": synthetic.token_optimum(mdp, beta),
+    }
+    named = [("pi_ref", mdp.ref_logps), ("opt-seq", targets["seq"]), ("opt-tok", targets["tok"])]
+    for name, logps in named:
+        metrics = evaluate(logps, mdp, targets, heldout, beta)
+        metrics["distinct"] = _distinct(logps, mdp, per_prompt, seed=0)
+        metrics["best_step"] = 0
+        if name == "pi_ref":
+            metrics["heldout_acc"] = float("nan")  # implicit reward is 0 everywhere
+        rows.append({"method": name, "beta": beta, **{k: (v, 0.0) for k, v in metrics.items()}})
+    return rows
+
+
+def summarise(runs: list[dict]) -> list[dict]:
+    """Mean and standard deviation across seeds for each (loss, beta)."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["loss"], run["beta"]), []).append(run["final"])
+    rows = []
+    for (loss, beta), finals in groups.items():
+        row = {"method": loss, "beta": beta}
+        for metric in METRICS:
+            values = [f[metric] for f in finals]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            row[metric] = (statistics.fmean(values), spread)
+        rows.append(row)
+    return rows
+
+
+def frontier(mdp: synthetic.TokenMDP, num: int = 40) -> dict[str, list]:
+    """Reward-KL curves of both optima over a log-spaced beta grid (for the plot)."""
+    betas = torch.logspace(-1.3, 1.0, num).tolist()
+    curves = {"beta": betas, "seq": [], "tok": []}
+    for beta in betas:
+        for name, fn in (("seq", synthetic.sequence_optimum), ("tok", synthetic.token_optimum)):
+            m = synthetic.exact_metrics(fn(mdp, beta), mdp)
+            curves[name].append((m["kl_ref"], m["return"]))
+    return curves
+
+
+def run_bench(cfg: BenchConfig, out_dir: Path, progress: bool = True) -> dict:
+    """Train every (loss, beta, seed), write results.json and plots, return the results."""
+    for loss in cfg.losses:
+        LOSSES[loss]  # unknown names fail before any work, listing the valid ones
+    mdp = synthetic.make_mdp(cfg.num_prompts, cfg.vocab_size, cfg.length, cfg.reward_scale)
+    test = synthetic.sample_pairs(mdp, cfg.heldout_pairs, seed=10_000)  # fixed across seeds
+    splits = {  # a seed redraws the data a method learns from: the spread is data sensitivity
+        seed: {
+            "train": synthetic.sample_pairs(mdp, cfg.train_pairs, seed=2 * seed + 1),
+            "valid": synthetic.sample_pairs(mdp, cfg.valid_pairs, seed=2 * seed + 2),
+            "test": test,
+        }
+        for seed in cfg.seeds
+    }
+    jobs = [(loss, beta, seed) for beta in cfg.betas for loss in cfg.losses for seed in cfg.seeds]
+    runs = [
+        train_tabular(cfg, mdp, loss, beta, seed, splits[seed])
+        for loss, beta, seed in tqdm(jobs, desc="bench", disable=not progress)
+    ]
+    rows = [
+        row for beta in cfg.betas for row in reference_rows(mdp, beta, test, cfg.samples_per_prompt)
+    ]
+    results = {
+        "config": asdict(cfg),
+        "bayes_heldout_acc": synthetic.bayes_accuracy(mdp, test),
+        "summary": rows + summarise(runs),
+        "runs": runs,
+        "frontier": frontier(mdp),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    from tokenratio import plots  # matplotlib only when plotting
+
+    plots.bench_frontier(results, out_dir / "frontier.png")
+    plots.bench_curves(results, out_dir / "curves.png")
+    return results
+
+
+def format_table(results: dict) -> str:
+    """The summary as an aligned text table, grouped by beta."""
+    header = ["method", "beta", *METRICS]
+    lines = ["  ".join(f"{h:>13}" for h in header)]
+    rows = sorted(results["summary"], key=lambda r: (r["beta"], r["method"]))
+    for row in rows:
+        cells = [f"{row['method']:>13}", f"{row['beta']:>13g}"]
+        for metric in METRICS:
+            mean, spread = row[metric]
+            cells.append(f"{mean:>7.3f}±{spread:<5.3f}" if spread else f"{mean:>13.3f}")
+        lines.append("  ".join(cells))
+    lines.append(
+        f"held-out accuracy of the true reward (ceiling): {results['bayes_heldout_acc']:.3f}"
+    )
+    return "\n".join(lines)
+
+
+def config_for(preset: str, **overrides) -> BenchConfig:
+    """A preset with field overrides (tuples given as lists are converted)."""
+    cfg = PRESETS[preset]
+    fixed = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+    return replace(cfg, **fixed)
