@@ -46,6 +46,42 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_HELP = """\
+Preference-optimize a Hugging Face causal LM with any loss of the registry.
+
+  tokenratio train configs/cpu_tiny.toml
+  tokenratio train configs/paper_mistral7b_ultrafeedback.toml --set loss.name=tbpo-q
+  accelerate launch --num_processes 8 -m tokenratio.cli train CONFIG     (DDP / FSDP / ZeRO)
+  torchrun --nproc_per_node 2 -m tokenratio.cli train CONFIG             (CPU: gloo)
+
+Overrides: --set section.key=value (repeatable), TOML syntax, e.g. --set train.lr=1e-6
+--set loss.options.kl_estimator=k3 --set 'model.lora_target_modules=["q_proj","v_proj"]'.
+Sections: model, data, loss, train (see src/tokenratio/config.py for every key and its default).
+Writes to train.output_dir: metrics.jsonl, data_report.json, config.json, checkpoints/, final/.
+"""
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tokenratio.config import ConfigError, load_config
+    from tokenratio.data import DataError
+
+    try:
+        cfg = load_config(args.config, args.set or [])
+    except ConfigError as err:
+        print(f"tokenratio train: {err}", file=sys.stderr)
+        return 2
+    from tokenratio.trainer import TrainingError, train
+
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (DataError, TrainingError, ValueError) as err:
+        print(f"tokenratio train: {err}", file=sys.stderr)
+        return 1
+    summary = {k: v for k, v in result.items() if k.startswith("eval_") or k == "step"}
+    print(f"done: {summary}; model in {cfg.train.output_dir}/final")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenratio",
@@ -71,6 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--lr", type=float, help="Adam learning rate on the logit table")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
+
+    train = sub.add_parser(
+        "train",
+        help="preference-optimize a causal LM (dpo, tbpo-a, tbpo-q, ...)",
+        description=TRAIN_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", nargs="?", help="TOML config file")
+    train.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in train.output_dir",
+    )
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.set_defaults(run=_train)
     return parser
 
 

@@ -1,0 +1,72 @@
+"""Atomic, resumable checkpoints: a checkpoint directory appears complete or not at all.
+
+Everything is written into `step-000123.tmp/` (Accelerate's state: model with the TBPO-Q head, both
+optimizers, the scheduler, every process's RNG; plus trainer_state.json with the data position), then
+renamed to `step-000123/` in one `os.replace`. A crash mid-write leaves only a `.tmp` directory, which
+is ignored and cleaned up; `latest()` never returns a half-written checkpoint.
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+STATE_NAME = "trainer_state.json"
+PATTERN = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dir(root: Path, step: int) -> Path:
+    return root / f"step-{step:06d}"
+
+
+def save(accelerator, root: Path, step: int, trainer_state: dict, keep: int) -> Path:
+    """Save on every process, publish atomically on the main one, keep the newest `keep`."""
+    final = checkpoint_dir(root, step)
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(output_dir=str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / STATE_NAME).write_text(json.dumps(trainer_state))
+        _fsync_tree(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _rotate(root, keep)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest(root: Path) -> Path | None:
+    """The newest complete checkpoint under root (ignoring .tmp leftovers), or None."""
+    if not root.is_dir():
+        return None
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := PATTERN.match(p.name))]
+    found = [(step, p) for step, p in found if (p / STATE_NAME).exists()]
+    return max(found)[1] if found else None
+
+
+def load(accelerator, directory: Path) -> dict:
+    """Restore Accelerate's state and return the trainer state (step, epoch, batch position)."""
+    accelerator.load_state(str(directory))
+    return json.loads((directory / STATE_NAME).read_text())
+
+
+def _rotate(root: Path, keep: int) -> None:
+    for leftover in root.glob("step-*.tmp"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    complete = sorted(p for p in root.iterdir() if PATTERN.match(p.name))
+    for old in complete[: max(0, len(complete) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Flush file contents before the rename publishes them."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())

@@ -1,0 +1,204 @@
+"""Frozen dataclass configs for `tokenratio train`, loaded from TOML with dotted command-line overrides.
+
+    [model]  name_or_path, dtype, attn_implementation, gguf_file, lora_*, gradient_checkpointing
+    [data]   path, format, split, max_length, max_prompt_length, on_invalid, heldout_fraction
+    [loss]   name, beta, options (a table passed to LOSSES[name])
+    [train]  optimizer, lr, schedule, epochs/max_steps, batch sizes, clipping, checkpoints, logging
+
+Overrides look like `--set train.lr=1e-6` or `loss.options.kl_estimator=k3`; a value must parse as
+the default's type (TOML syntax: strings may be bare), and unknown keys are errors with a suggestion.
+Defaults cite METHOD.md ("the paper's training recipe") where the paper sets them.
+"""
+
+import difflib
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message says where and why."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = ""  # required: hub id or local directory
+    dtype: str = "float32"  # float32 | bfloat16 | float16: weights as loaded
+    attn_implementation: str | None = None  # e.g. sdpa, eager, flash_attention_2
+    gguf_file: str | None = None  # load a GGUF checkpoint inside name_or_path (dequantised)
+    trust_remote_code: bool = False
+    gradient_checkpointing: bool = False
+    lora_r: int = 0  # 0: full fine-tuning with a separate frozen reference copy
+    lora_alpha: int = 64  # paper: r=32, alpha=64, dropout 0.05 on attention and MLP projections
+    lora_dropout: float = 0.05
+    lora_target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )  # fmt: skip
+    head_width: int = 1024  # TBPO-Q baseline head: Linear(H, 1024) -> GELU -> Linear(1024, 1)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = ""  # required: hub name, local directory, or .json/.jsonl(.gz)/.parquet file(s)
+    format: str = "auto"  # auto | hh | trl | ultrafeedback | tldr
+    split: str = "train"
+    heldout_path: str | None = None  # a separate held-out set; else heldout_fraction of path
+    heldout_fraction: float = 0.05
+    max_length: int = 512  # prompt + response tokens (paper: 2048)
+    max_prompt_length: int = 256  # prompts longer than this keep their last tokens
+    on_invalid: str = "error"  # error | skip: bad records stop the run, or are counted and skipped
+    limit: int | None = None  # use only the first N records (smoke runs)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    name: str = "tbpo-a"
+    beta: float = 0.1  # paper: 0.1
+    options: dict = field(default_factory=dict)  # keyword options of LOSSES[name]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str = "runs/tokenratio"
+    seed: int = 0
+    optimizer: str = "rmsprop"  # rmsprop (paper) | adamw
+    lr: float = 5e-7  # paper: RMSprop 5e-7
+    head_lr: float = 1e-3  # TBPO-Q head, its own AdamW (authors' code)
+    weight_decay: float = 0.0
+    schedule: str = "cosine"  # cosine | constant (both with linear warm-up)
+    warmup_ratio: float = 0.05  # paper: 5%
+    epochs: int = 1  # paper: 1
+    max_steps: int | None = None  # optimizer steps; overrides epochs when set
+    batch_size: int = 4  # pairs per process per micro-batch
+    grad_accumulation: int = 1
+    max_grad_norm: float = 10.0  # paper: 10
+    mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
+    eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the end)
+    eval_batch_size: int = 8
+    save_every: int = 0  # optimizer steps between checkpoints (0: only the final model)
+    keep_checkpoints: int = 2
+    log_every: int = 1
+    report_to: tuple[str, ...] = ()  # tensorboard and/or wandb
+    logprob_chunk_elements: int = 1 << 22  # rows x vocab per chunk in log-prob / KL kernels
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES = {
+    ("model", "dtype"): ("float32", "bfloat16", "float16"),
+    ("data", "format"): ("auto", "hh", "trl", "ultrafeedback", "tldr"),
+    ("data", "on_invalid"): ("error", "skip"),
+    ("train", "optimizer"): ("rmsprop", "adamw"),
+    ("train", "schedule"): ("cosine", "constant"),
+    ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+}
+
+
+def _suggest(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _check_type(where: str, value, annotation):
+    """Coerce value to the annotation (int -> float, list -> tuple) or raise ConfigError."""
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(annotation)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _check_type(where, value, arg)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is tuple or annotation is tuple:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(value)
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is dict and isinstance(value, dict):
+        return dict(value)
+    if annotation in (str, int, float, bool) and type(value) is annotation:
+        return value
+    raise ConfigError(
+        f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}"
+    )
+
+
+def _build(cls, table: dict, where: str):
+    hints = typing.get_type_hints(cls)
+    valid = {f.name for f in fields(cls)}
+    values = {}
+    for key, value in table.items():
+        if key not in valid:
+            raise ConfigError(f"unknown key '{where}{key}'{_suggest(key, valid)}")
+        hint = hints[key]
+        if is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"[{where}{key}] must be a table")
+            values[key] = _build(hint, value, f"{where}{key}.")
+        else:
+            values[key] = _check_type(f"{where}{key}", value, hint)
+            choices = CHOICES.get((where.rstrip("."), key))
+            if choices and values[key] not in choices:
+                raise ConfigError(f"{where}{key} = {value!r}: choose one of {list(choices)}")
+    return cls(**values)
+
+
+def _parse_override(text: str) -> tuple[list[str], object]:
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings: model.name_or_path=HuggingFaceTB/SmolLM2-135M
+    return key.strip().split("."), value
+
+
+def _set_dotted(table: dict, path: list[str], value) -> None:
+    for part in path[:-1]:
+        table = table.setdefault(part, {})
+    table[path[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or start from defaults), apply `section.key=value` overrides, validate."""
+    table: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            table = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    for text in overrides:
+        keys, value = _parse_override(text)
+        _set_dotted(table, keys, value)
+    config = _build(Config, table, "")
+    for section, key in (("model", "name_or_path"), ("data", "path")):
+        if not getattr(getattr(config, section), key):
+            raise ConfigError(
+                f"{section}.{key} is required (set it in the file or with "
+                f"--set {section}.{key}=...)"
+            )
+    return config
+
+
+def with_overrides(config: Config, **sections) -> Config:
+    """Programmatic replace: with_overrides(cfg, train={"lr": 1e-3})."""
+    return replace(config, **{k: replace(getattr(config, k), **v) for k, v in sections.items()})

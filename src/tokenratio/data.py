@@ -1,0 +1,238 @@
+"""Preference data: load through `datasets`, validate, tokenize once (cached), collate.
+
+PreferenceExample (text) -> tokenize -> {prompt_ids, chosen_ids, rejected_ids} -> collate -> PreferenceBatch
+
+Length policy (reported after tokenization as counts):
+- prompt + response longer than `max_length`: the response is cut to fit ("truncated").
+- prompt longer than `max_prompt_length` (but within `max_length`): its last max_prompt_length tokens
+  are kept, where the question usually is ("prompt_truncated").
+- prompt longer than `max_length`: an invalid record, like a malformed line, a missing field, an empty
+  response or chosen identical to rejected. Invalid records stop the run with an error naming the file,
+  line (or record index) and field; with `on_invalid = "skip"` they are skipped and counted.
+"""
+
+import gzip
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokenratio.formats import RecordError, detect_format, to_text
+from tokenratio.logprobs import IGNORE_INDEX
+
+JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line or record, and the field."""
+
+
+@dataclass
+class PreferenceBatch:
+    """A collated batch of B pairs as 2B rows: rows [0, B) chosen, rows [B, 2B) rejected.
+
+    Fields:
+        input_ids: (2B, L) int64, prompt then response, right-padded.
+        attention_mask: (2B, L) int64, 1 on real tokens.
+        positions: (2B, T) int64, index into L of the hidden state whose logits predict response
+            token j (prompt_length + j - 1); 0 where there is no token j.
+        labels: (2B, T) int64, response token j of each row, IGNORE_INDEX beyond the response.
+    Response-aligned: column j of `labels` is response token j of every row (the loss contract).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    positions: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def num_pairs(self) -> int:
+        return self.input_ids.shape[0] // 2
+
+    def to(self, device) -> "PreferenceBatch":
+        return PreferenceBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+
+def _open_text(path: Path):
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open()
+
+
+def _scan_json_lines(path: Path) -> list[int]:
+    """Validate a JSON-lines file; return the line number of each record. JSON arrays pass through."""
+    lines = []
+    with _open_text(path) as handle:
+        first = handle.read(1)
+        if first == "[":  # a JSON array file: let json report the position
+            try:
+                return list(range(1, len(json.loads(first + handle.read())) + 1))
+            except json.JSONDecodeError as err:
+                raise DataError(f"{path}: invalid JSON: {err}") from None
+        handle.seek(0)
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(
+                    f"{path}, line {number}: malformed JSON ({err.msg} at column {err.colno}); "
+                    "fix or remove the line"
+                ) from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path}, line {number}: expected a JSON object, got {line[:60]!r}")
+            lines.append(number)
+    return lines
+
+
+@dataclass
+class RawData:
+    """Records as a `datasets.Dataset`, with where each came from for error messages."""
+
+    dataset: object
+    source: str
+    lines: list[int] | None  # line number of record i, for JSON-lines files
+
+    def where(self, index: int) -> str:
+        if self.lines is not None and index < len(self.lines):
+            return f"{self.source}, line {self.lines[index]}"
+        return f"{self.source}, record {index}"
+
+
+def load_raw(path: str, split: str = "train", limit: int | None = None) -> RawData:
+    """Load preference records from a local file, a local directory or a hub dataset name."""
+    import datasets
+
+    local = Path(path)
+    lines = None
+    if local.is_file() and local.name.endswith(JSON_SUFFIXES):
+        lines = _scan_json_lines(local)
+        dataset = datasets.load_dataset("json", data_files=str(local), split="train")
+    elif local.is_file() and local.suffix == ".parquet":
+        dataset = datasets.load_dataset("parquet", data_files=str(local), split="train")
+    elif local.is_dir() and (local / "dataset_info.json").exists():
+        dataset = datasets.load_from_disk(str(local))
+    elif local.is_dir():
+        dataset = datasets.load_dataset(str(local), split=split)
+    elif local.suffix or "/" not in path or path.startswith((".", "/")):
+        raise DataError(f"{path}: no such file or directory")
+    else:
+        dataset = datasets.load_dataset(path, split=split)
+    if isinstance(dataset, datasets.DatasetDict):
+        dataset = dataset[split]
+    if limit is not None:
+        dataset = dataset.select(range(min(limit, len(dataset))))
+    if len(dataset) == 0:
+        raise DataError(f"{path}: no records")
+    return RawData(dataset, str(path), lines)
+
+
+def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int, max_prompt_length: int):
+    """Text -> token ids with the length policy. Raises RecordError for invalid records."""
+    prompt, chosen, rejected = to_text(record, fmt, tokenizer)
+    templated = fmt in ("ultrafeedback",) or isinstance(record.get("prompt"), list)
+    prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+    if not prompt_ids:  # the first response token needs a hidden state to be predicted from
+        raise RecordError("prompt", "empty prompt (and the tokenizer adds no BOS token)")
+    if len(prompt_ids) >= max_length:
+        raise RecordError(
+            "prompt",
+            f"{len(prompt_ids)} tokens, no room for a response within max_length "
+            f"{max_length}; raise data.max_length or shorten the prompt",
+        )
+    prompt_truncated = len(prompt_ids) > max_prompt_length
+    prompt_ids = prompt_ids[-max_prompt_length:]
+    budget = max_length - len(prompt_ids)
+    out = {"prompt_ids": prompt_ids, "prompt_truncated": prompt_truncated, "truncated": False}
+    for name, text in (("chosen", chosen), ("rejected", rejected)):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            ids = [*ids, tokenizer.eos_token_id]
+        out["truncated"] |= len(ids) > budget
+        out[f"{name}_ids"] = ids[:budget]
+    if out["chosen_ids"] == out["rejected_ids"]:
+        raise RecordError("rejected", "identical to chosen after tokenization and truncation")
+    return out
+
+
+def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
+    """Tokenize every record once (cached by `datasets`), applying the validation policy.
+
+    Args:
+        raw: records from `load_raw`.
+        tokenizer: a Hugging Face tokenizer.
+        cfg: a DataConfig.
+
+    Returns:
+        (dataset with prompt_ids/chosen_ids/rejected_ids, counts: records, invalid, truncated,
+        prompt_truncated).
+    """
+    first = raw.dataset[0]
+    try:
+        fmt = cfg.format if cfg.format != "auto" else detect_format(first)
+    except RecordError as err:
+        raise DataError(f"{raw.where(0)}: {err}") from None
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise DataError(
+            f"data.max_prompt_length ({cfg.max_prompt_length}) must be below data.max_length "
+            f"({cfg.max_length})"
+        )
+
+    def convert(record, index):
+        try:
+            out = tokenize_record(record, fmt, tokenizer, cfg.max_length, cfg.max_prompt_length)
+            return {**out, "error": ""}
+        except RecordError as err:
+            message = f"{raw.where(index)}: {err}"
+            if cfg.on_invalid == "error":
+                raise DataError(
+                    f"{message}\n(set data.on_invalid=skip to skip and count invalid records)"
+                ) from None
+            return {
+                "prompt_ids": [],
+                "chosen_ids": [],
+                "rejected_ids": [],
+                "truncated": False,
+                "prompt_truncated": False,
+                "error": message,
+            }
+
+    tokenized = raw.dataset.map(
+        convert,
+        with_indices=True,
+        remove_columns=raw.dataset.column_names,
+        desc=f"tokenizing ({fmt})",
+    )
+    errors = [e for e in tokenized["error"] if e]
+    counts = {
+        "format": fmt,
+        "records": len(tokenized),
+        "invalid": len(errors),
+        "truncated": int(sum(tokenized["truncated"])),
+        "prompt_truncated": int(sum(tokenized["prompt_truncated"])),
+        "first_invalid": errors[:3],
+    }
+    valid = tokenized.filter(lambda e: not e, input_columns="error")
+    if len(valid) == 0:
+        raise DataError(f"{raw.source}: no valid records ({counts['invalid']} invalid)")
+    return valid.remove_columns(["error", "truncated", "prompt_truncated"]), counts
+
+
+def collate(examples: list[dict], pad_token_id: int) -> PreferenceBatch:
+    """Pairs -> one PreferenceBatch of 2B right-padded rows (chosen rows first)."""
+    rows = [(e["prompt_ids"], e["chosen_ids"]) for e in examples]
+    rows += [(e["prompt_ids"], e["rejected_ids"]) for e in examples]
+    L = max(len(p) + len(r) for p, r in rows)
+    T = max(len(r) for _, r in rows)
+    n = len(rows)
+    input_ids = torch.full((n, L), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, L), dtype=torch.long)
+    positions = torch.zeros((n, T), dtype=torch.long)
+    labels = torch.full((n, T), IGNORE_INDEX, dtype=torch.long)
+    for i, (prompt, response) in enumerate(rows):
+        ids = list(prompt) + list(response)
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        positions[i, : len(response)] = torch.arange(len(response)) + len(prompt) - 1
+        labels[i, : len(response)] = torch.tensor(response)
+    return PreferenceBatch(input_ids, attention_mask, positions, labels)

@@ -1,0 +1,139 @@
+"""Preference record formats -> (prompt, chosen, rejected) text. One function per format.
+
+hh             {"chosen": "\\n\\nHuman: hi\\n\\nAssistant: hello", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: go away"}
+               Anthropic HH-RLHF: two full dialogues sharing a prefix; the prompt is the shared prefix up to and
+               including its last "\\n\\nAssistant:", the responses are what follows.
+trl            {"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}  or conversational:
+               {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}], ...}
+               TRL's preference format; message lists are rendered with the tokenizer's chat template.
+ultrafeedback  {"prompt": "2+2?", "chosen": [{"role": "user", ...}, {"role": "assistant", "content": "4"}], ...}
+               UltraFeedback-binarized: chosen/rejected are whole conversations whose last message is the response.
+tldr           {"info": {"subreddit": "...", "title": "...", "post": "..."}, "summaries": [{"text": " a"},
+               {"text": " b"}], "choice": 0}: OpenAI summarize-from-feedback comparisons.
+"""
+
+from collections.abc import Callable
+
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+class RecordError(ValueError):
+    """A record that cannot be used; `field` names the offending field."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"field '{field}': {message}")
+        self.field = field
+
+
+def _require(record: dict, *names: str) -> None:
+    for name in names:
+        if name not in record or record[name] is None:
+            raise RecordError(name, f"missing (record has {sorted(record)})")
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def detect_format(record: dict) -> str:
+    """Guess the format from the first record's fields."""
+    if {"summaries", "choice", "info"} <= set(record):
+        return "tldr"
+    if {"prompt", "chosen", "rejected"} <= set(record):
+        chosen = record["chosen"]
+        if _is_messages(chosen) and chosen and chosen[0].get("role") in ("user", "system"):
+            return "ultrafeedback"
+        return "trl"
+    if {"chosen", "rejected"} <= set(record):
+        return "hh"
+    raise RecordError(
+        "chosen",
+        f"unknown record format with fields {sorted(record)}; expected one of: "
+        "chosen/rejected (HH-RLHF), prompt/chosen/rejected (TRL, UltraFeedback), "
+        "info/summaries/choice (TL;DR)",
+    )
+
+
+def hh(record: dict, tokenizer=None) -> tuple[str, str, str]:
+    _require(record, "chosen", "rejected")
+    chosen, rejected = record["chosen"], record["rejected"]
+    shared = 0
+    limit = min(len(chosen), len(rejected))
+    while shared < limit and chosen[shared] == rejected[shared]:
+        shared += 1
+    cut = chosen.rfind(HH_ASSISTANT, 0, shared)  # the last turn marker wholly inside the prefix
+    if cut < 0:
+        raise RecordError("chosen", f"no shared '{HH_ASSISTANT.strip()}' turn before the responses")
+    end = cut + len(HH_ASSISTANT)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _render(tokenizer, prompt_messages: list, response_messages: list) -> tuple[str, str]:
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        raise RecordError("prompt", "conversational record but the tokenizer has no chat template")
+    prompt = tokenizer.apply_chat_template(
+        prompt_messages, tokenize=False, add_generation_prompt=True
+    )
+    full = tokenizer.apply_chat_template(prompt_messages + response_messages, tokenize=False)
+    if not full.startswith(prompt):
+        raise RecordError("prompt", "chat template does not render the prompt as a prefix")
+    return prompt, full[len(prompt) :]
+
+
+def trl(record: dict, tokenizer=None) -> tuple[str, str, str]:
+    _require(record, "prompt", "chosen", "rejected")
+    prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
+    if _is_messages(prompt) or _is_messages(chosen):
+        messages = prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]
+        text, chosen_text = _render(tokenizer, messages, chosen)
+        _, rejected_text = _render(tokenizer, messages, rejected)
+        return text, chosen_text, rejected_text
+    for name in ("prompt", "chosen", "rejected"):
+        if not isinstance(record[name], str):
+            raise RecordError(
+                name, f"expected a string or a message list, got {record[name]!r:.60}"
+            )
+    return prompt, chosen, rejected
+
+
+def ultrafeedback(record: dict, tokenizer=None) -> tuple[str, str, str]:
+    _require(record, "chosen", "rejected")
+    chosen, rejected = record["chosen"], record["rejected"]
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not _is_messages(value) or len(value) < 2:
+            raise RecordError(name, "expected a conversation ending with the assistant's response")
+    text, chosen_text = _render(tokenizer, chosen[:-1], chosen[-1:])
+    _, rejected_text = _render(tokenizer, rejected[:-1], rejected[-1:])
+    return text, chosen_text, rejected_text
+
+
+def tldr(record: dict, tokenizer=None) -> tuple[str, str, str]:
+    _require(record, "info", "summaries", "choice")
+    info, summaries, choice = record["info"], record["summaries"], record["choice"]
+    if not isinstance(summaries, list) or len(summaries) != 2 or choice not in (0, 1):
+        raise RecordError("summaries", "expected two summaries and choice 0 or 1")
+    post = info.get("post") or info.get("article") or ""
+    prompt = f"SUBREDDIT: r/{info.get('subreddit', '')}\nTITLE: {info.get('title', '')}\n"
+    prompt += f"POST: {post}\nTL;DR:"
+    texts = [s.get("text", "") if isinstance(s, dict) else "" for s in summaries]
+    chosen = texts[choice]
+    rejected = texts[1 - choice]
+    return (
+        prompt,
+        chosen if chosen.startswith(" ") else " " + chosen,
+        (rejected if rejected.startswith(" ") else " " + rejected),
+    )
+
+
+FORMATS: dict[str, Callable] = {"hh": hh, "trl": trl, "ultrafeedback": ultrafeedback, "tldr": tldr}
+
+
+def to_text(record: dict, fmt: str, tokenizer=None) -> tuple[str, str, str]:
+    """(prompt, chosen, rejected) of a record, validated: no empty response, responses differ."""
+    prompt, chosen, rejected = FORMATS[fmt](record, tokenizer)
+    for name, value in (("chosen", chosen), ("rejected", rejected)):
+        if not value.strip():
+            raise RecordError(name, "empty response")
+    if chosen == rejected:
+        raise RecordError("rejected", "identical to chosen (no preference to learn)")
+    return prompt, chosen, rejected
