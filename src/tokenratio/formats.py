@@ -1,15 +1,16 @@
 """Preference record formats -> (prompt, chosen, rejected) text. One function per format.
 
-hh             {"chosen": "\\n\\nHuman: hi\\n\\nAssistant: hello", "rejected": "\\n\\nHuman: hi\\n\\nAssistant: go away"}
-               Anthropic HH-RLHF: two full dialogues sharing a prefix; the prompt is the shared prefix up to and
-               including its last "\\n\\nAssistant:", the responses are what follows.
-trl            {"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}  or conversational:
-               {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", "content": "4"}], ...}
-               TRL's preference format; message lists are rendered with the tokenizer's chat template.
-ultrafeedback  {"prompt": "2+2?", "chosen": [{"role": "user", ...}, {"role": "assistant", "content": "4"}], ...}
-               UltraFeedback-binarized: chosen/rejected are whole conversations whose last message is the response.
-tldr           {"info": {"subreddit": "...", "title": "...", "post": "..."}, "summaries": [{"text": " a"},
-               {"text": " b"}], "choice": 0}: OpenAI summarize-from-feedback comparisons.
+hh: Anthropic HH-RLHF, two full dialogues sharing a prefix; the prompt is the shared prefix up to
+    and including its last "\n\nAssistant:", the responses are what follows.
+    {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}
+trl: TRL's preference format, plain strings or message lists (rendered with the chat template).
+    {"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}
+    {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", ...}], ...}
+ultrafeedback: UltraFeedback-binarized; chosen/rejected are whole conversations, the last message
+    is the response.  {"prompt": "2+2?", "chosen": [{"role": "user", ...}, {"role": "assistant",
+    "content": "4"}], "rejected": [...]}
+tldr: OpenAI summarize-from-feedback comparisons.  {"info": {"subreddit": ..., "title": ...,
+    "post": ...}, "summaries": [{"text": " a"}, {"text": " b"}], "choice": 0}
 """
 
 from collections.abc import Callable

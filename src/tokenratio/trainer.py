@@ -68,7 +68,7 @@ def _scheduler(cfg, optimizer, total_steps):
     from transformers import get_scheduler
 
     name = {"cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.schedule]
-    warmup = int(math.ceil(cfg.train.warmup_ratio * total_steps))
+    warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
