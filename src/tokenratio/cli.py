@@ -4,6 +4,7 @@ Heavy imports (transformers, datasets, matplotlib) happen inside the subcommands
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -77,8 +78,12 @@ def _train(args: argparse.Namespace) -> int:
     except (DataError, TrainingError, ValueError) as err:
         print(f"tokenratio train: {err}", file=sys.stderr)
         return 1
-    summary = {k: v for k, v in result.items() if k.startswith("eval_") or k == "step"}
-    print(f"done: {summary}; model in {cfg.train.output_dir}/final")
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary under torchrun / accelerate launch
+        summary = {k: round(v, 4) for k, v in result.items() if k.startswith("eval_")}
+        print(
+            f"done after {result.get('step')} steps: {summary}; "
+            f"model in {cfg.train.output_dir}/final"
+        )
     return 0
 
 

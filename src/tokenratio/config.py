@@ -82,6 +82,7 @@ class TrainConfig:
     log_every: int = 1
     report_to: tuple[str, ...] = ()  # tensorboard and/or wandb
     logprob_chunk_elements: int = 1 << 22  # rows x vocab per chunk in log-prob / KL kernels
+    cpu: bool = False  # force CPU even where a GPU is present (CPU is chosen when there is none)
 
 
 @dataclass(frozen=True)

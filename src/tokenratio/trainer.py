@@ -119,6 +119,7 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict:
     LOSSES[cfg.loss.name]  # unknown loss: fail before loading anything
     out = Path(cfg.train.output_dir)
     accelerator = Accelerator(
+        cpu=cfg.train.cpu or not _has_accelerator(),
         mixed_precision=cfg.train.mixed_precision,
         log_with=list(cfg.train.report_to) or None,
         project_dir=str(out),
@@ -267,6 +268,17 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict:
         save_final(accelerator.unwrap_model(policy), tokenizer, out / "final")
     accelerator.end_training()
     return {**last, **final_eval, "data": report}
+
+
+def _has_accelerator() -> bool:
+    """Without one, Accelerate must be told `cpu=True`, or torchrun workers run as separate
+    single-process jobs instead of one gloo process group."""
+    xpu = getattr(torch, "xpu", None)
+    return (
+        torch.cuda.is_available()
+        or torch.backends.mps.is_available()
+        or bool(xpu and xpu.is_available())
+    )
 
 
 def _log(accelerator, path: Path, record: dict) -> None:

@@ -1,0 +1,187 @@
+"""Data loading, formats, validation errors (real HH-RLHF rows and broken copies), collation."""
+
+import json
+
+import pytest
+import torch
+
+from tiny import hh_records
+from tokenratio.config import DataConfig
+from tokenratio.data import DataError, collate, load_raw, tokenize_dataset
+from tokenratio.formats import RecordError, detect_format, to_text
+from tokenratio.logprobs import IGNORE_INDEX
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+CFG = DataConfig(path="x", max_length=1024, max_prompt_length=768)
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_hh_split_at_the_last_shared_assistant_turn():
+    record = hh_records(1)[0]
+    prompt, chosen, rejected = to_text(record, "hh")
+    assert prompt.endswith("\n\nAssistant:")
+    assert record["chosen"] == prompt + chosen and record["rejected"] == prompt + rejected
+    assert "Human:" not in chosen  # the response is the final assistant turn only
+    assert detect_format(record) == "hh"
+
+
+def test_trl_conversational_and_ultrafeedback_render_with_chat_template(tokenizer):
+    user = [{"role": "user", "content": "What is 2+2?"}]
+    good, bad = [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]
+    prompt, chosen, rejected = to_text(
+        {"prompt": user, "chosen": good, "rejected": bad}, "trl", tokenizer
+    )
+    assert prompt == "<|user|>What is 2+2?</s><|assistant|>"
+    assert (chosen, rejected) == ("4</s>", "5</s>")  # the generation prompt holds the role tag
+    uf = {"prompt": "What is 2+2?", "chosen": user + good, "rejected": user + bad}
+    assert detect_format(uf) == "ultrafeedback"
+    assert to_text(uf, "ultrafeedback", tokenizer) == (prompt, chosen, rejected)
+
+
+def test_trl_plain_and_tldr():
+    assert to_text({"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}, "trl") == (
+        "2+2=",
+        " 4",
+        " 5",
+    )
+    record = {
+        "info": {"subreddit": "cats", "title": "T", "post": "P"},
+        "summaries": [{"text": "a cat"}, {"text": " a dog"}],
+        "choice": 1,
+    }
+    assert detect_format(record) == "tldr"
+    prompt, chosen, rejected = to_text(record, "tldr")
+    assert prompt == "SUBREDDIT: r/cats\nTITLE: T\nPOST: P\nTL;DR:"
+    assert (chosen, rejected) == (" a dog", " a cat")
+
+
+@pytest.mark.parametrize(
+    "record, field, message",
+    [
+        ({"chosen": "\n\nHuman: a\n\nAssistant: b"}, "rejected", "missing"),
+        ({"prompt": "p", "chosen": " ", "rejected": "x"}, "chosen", "empty response"),
+        ({"prompt": "p", "chosen": "x", "rejected": "x"}, "rejected", "identical"),
+        ({"chosen": "no turns here", "rejected": "no turns there"}, "chosen", "Assistant"),
+    ],
+)
+def test_record_errors_name_the_field(record, field, message):
+    fmt = "hh" if "prompt" not in record else "trl"
+    with pytest.raises(RecordError, match=message) as err:
+        to_text(record, fmt)
+    assert err.value.field == field
+
+
+def test_real_rows_tokenize_with_masks_and_counts(tmp_path, tokenizer):
+    raw = load_raw(str(write_jsonl(tmp_path / "hh.jsonl", hh_records(20))))
+    data, report = tokenize_dataset(raw, tokenizer, CFG)
+    assert report["format"] == "hh" and report["records"] == 20 and report["invalid"] == 0
+    assert len(data) == 20
+    row = data[0]
+    prompt, chosen, _ = to_text(hh_records(1)[0], "hh")
+    assert tokenizer.decode(row["chosen_ids"][:-1]) == chosen  # response text, then EOS
+    assert row["chosen_ids"][-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(row["prompt_ids"], skip_special_tokens=True) == prompt
+
+
+def replace_line(lines, index, text):
+    return [*lines[:index], text + "\n", *lines[index + 1 :]]
+
+
+def same_twice(line):
+    """The record's chosen dialogue as both chosen and rejected."""
+    chosen = json.loads(line)["chosen"]
+    return json.dumps({"chosen": chosen, "rejected": chosen})
+
+
+@pytest.mark.parametrize(
+    "breakage, expected",
+    [
+        (lambda lines: replace_line(lines, 2, '{"chosen": "oops"'), r"line 3: malformed JSON"),
+        (
+            lambda lines: replace_line(lines, 4, json.dumps({"chosen": "x"})),
+            r"line 5: field 'rejected': missing",
+        ),
+        (
+            lambda lines: replace_line(lines, 1, same_twice(lines[1])),
+            r"line 2: field 'rejected': identical to chosen",
+        ),
+    ],
+)
+def test_broken_copies_of_real_rows_fail_with_file_line_and_field(
+    tmp_path, tokenizer, breakage, expected
+):
+    lines = [json.dumps(r) + "\n" for r in hh_records(8)]
+    path = tmp_path / "broken.jsonl"
+    path.write_text("".join(breakage(lines)))
+    with pytest.raises(DataError, match=expected) as err:
+        tokenize_dataset(load_raw(str(path)), tokenizer, CFG)
+    assert str(path) in str(err.value)
+
+
+def test_empty_response_and_long_prompt_errors_then_skip_and_count(tmp_path, tokenizer):
+    records = hh_records(10)
+    records[3] = {
+        **records[3],
+        "chosen": records[3]["chosen"].rsplit("Assistant:", 1)[0] + "Assistant:   ",
+    }
+    path = write_jsonl(tmp_path / "hh.jsonl", records)
+    with pytest.raises(DataError, match=r"line 4: field 'chosen': empty response"):
+        tokenize_dataset(load_raw(str(path)), tokenizer, CFG)
+    short = DataConfig(path="x", max_length=48, max_prompt_length=32)
+    with pytest.raises(DataError, match=r"field 'prompt': \d+ tokens, no room.*max_length 48"):
+        tokenize_dataset(load_raw(str(path)), tokenizer, short)
+    skip = DataConfig(path="x", max_length=48, max_prompt_length=32, on_invalid="skip")
+    data, report = tokenize_dataset(load_raw(str(path)), tokenizer, skip)
+    assert report["invalid"] >= 1 and len(data) == 10 - report["invalid"]
+    assert any("line 4" in message for message in report["first_invalid"]) or report["invalid"] > 3
+    assert all(len(r["prompt_ids"]) <= 32 for r in data)
+    assert all(len(r["prompt_ids"]) + len(r["chosen_ids"]) <= 48 for r in data)
+
+
+def test_missing_file_and_gzip_and_parquet(tmp_path, tokenizer):
+    with pytest.raises(DataError, match="no such file"):
+        load_raw(str(tmp_path / "nope.jsonl"))
+    import gzip
+
+    gz = tmp_path / "hh.jsonl.gz"
+    with gzip.open(gz, "wt") as handle:
+        handle.write("".join(json.dumps(r) + "\n" for r in hh_records(5)))
+    assert len(load_raw(str(gz)).dataset) == 5
+    import datasets
+
+    parquet = tmp_path / "hh.parquet"
+    datasets.Dataset.from_list(hh_records(6)).to_parquet(str(parquet))
+    assert len(load_raw(str(parquet)).dataset) == 6
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list(hh_records(7)).save_to_disk(str(saved))
+    assert len(load_raw(str(saved)).dataset) == 7
+
+
+def test_collate_is_response_aligned():
+    rows = [
+        {"prompt_ids": [1, 2, 3], "chosen_ids": [10, 11], "rejected_ids": [20, 21, 22]},
+        {"prompt_ids": [4], "chosen_ids": [12, 13, 14, 15], "rejected_ids": [23]},
+    ]
+    batch = collate(rows, pad_token_id=0)
+    assert batch.num_pairs == 2
+    assert batch.input_ids.tolist()[0] == [1, 2, 3, 10, 11, 0]
+    assert batch.input_ids.tolist()[2] == [1, 2, 3, 20, 21, 22]
+    # column j holds response token j; its predicting hidden state is at prompt_len + j - 1
+    assert batch.labels[:, 0].tolist() == [10, 12, 20, 23]
+    assert batch.positions[0, :2].tolist() == [2, 3]
+    assert batch.positions[1, :4].tolist() == [0, 1, 2, 3]
+    for i in range(4):
+        valid = batch.labels[i] != IGNORE_INDEX
+        gathered = batch.input_ids[i, batch.positions[i][valid] + 1]
+        assert torch.equal(gathered, batch.labels[i][valid])
