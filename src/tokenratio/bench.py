@@ -30,6 +30,9 @@ METRICS = (
     "distinct",
     "heldout_acc",
     "best_step",
+    "clamp_frac",
+    "max_log_ratio",
+    "lr",
 )
 
 
@@ -52,6 +55,10 @@ class BenchConfig:
     # lr would favour DPO). "adam" or "sgd", on the logit table and TBPO-Q's baseline table.
     optimizer: str = "adam"
     lr: float = 0.02
+    # Per-method learning rate: with a grid, seed 0 of each (loss, beta) is trained at every lr and
+    # the lr with the lowest early-stopped validation loss is kept for all seeds (the loss's own
+    # objective on held-out pairs: comparable across lrs, never across losses). Empty: `lr` for all.
+    lr_grid: tuple[float, ...] = ()
     eval_every: int = 15
     samples_per_prompt: int = 64  # for `distinct`: unique responses among these samples
     loss_options: dict = field(default_factory=dict)  # {"tbpo-a": {"kl_estimator": "k3"}, ...}
@@ -71,6 +78,7 @@ PRESETS = {
         valid_pairs=2000,
         heldout_pairs=2000,
         steps=600,
+        lr_grid=(0.005, 0.01, 0.02, 0.05),
     ),
 }
 
@@ -85,8 +93,8 @@ def tabular_token_logps(
     """The loss contract's inputs for a tabular policy: per-token log-probs by table lookup."""
     steps = torch.arange(mdp.length)[None]
 
-    def side(responses):
-        prev = synthetic.states_of(responses, mdp.vocab_size)
+    def side(responses, prev):
+        prev = synthetic.states_of(responses, mdp.vocab_size) if prev is None else prev
         index = (pairs.prompts[:, None], steps, prev)
         logits, ref = policy_logits[index], mdp.ref_logps[index]  # (N, T, V)
         if with_kl:
@@ -96,8 +104,8 @@ def tabular_token_logps(
         ref_logps = ref.gather(-1, responses[..., None]).squeeze(-1)
         return logps, ref_logps, kl, None if baseline is None else baseline[index]
 
-    pc, rc, kc, bc = side(pairs.chosen)
-    pr, rr, kr, br = side(pairs.rejected)
+    pc, rc, kc, bc = side(pairs.chosen, pairs.chosen_prev)
+    pr, rr, kr, br = side(pairs.rejected, pairs.rejected_prev)
     mask = torch.ones_like(pairs.chosen, dtype=torch.bool)
     return TokenLogps(pc, pr, rc, rr, mask, mask, kc, kr, bc, br)
 
@@ -109,6 +117,7 @@ def train_tabular(
     beta: float,
     seed: int,
     splits: dict[str, synthetic.PreferencePairs],
+    lr: float | None = None,
 ) -> dict:
     """Full-batch Adam from pi_ref, early-stopped on the validation loss.
 
@@ -119,7 +128,8 @@ def train_tabular(
     policy = mdp.ref_logps.clone().requires_grad_()
     baseline = torch.zeros(mdp.reward.shape[:3], dtype=policy.dtype, requires_grad=True)
     optimizer_class = {"adam": torch.optim.Adam, "sgd": torch.optim.SGD}[cfg.optimizer]
-    optimizer = optimizer_class([policy, baseline], lr=cfg.lr)
+    lr = cfg.lr if lr is None else lr
+    optimizer = optimizer_class([policy, baseline], lr=lr)
     targets = {
         "seq": synthetic.sequence_optimum(mdp, beta),
         "tok": synthetic.token_optimum(mdp, beta),
@@ -128,17 +138,26 @@ def train_tabular(
 
     def loss_on(pairs):
         batch = tabular_token_logps(policy, mdp, pairs, baseline, with_kl)
-        losses = LOSSES[loss](batch, beta=beta, **options)[0]
-        return reduce(losses) if pairs.weights is None else (losses * pairs.weights).sum()
+        losses, metrics = LOSSES[loss](batch, beta=beta, **options)
+        at_clamp = metrics.get("clamp_fraction", torch.zeros_like(losses))
+        if pairs.weights is None:
+            return reduce(losses), float(at_clamp.mean())
+        return (losses * pairs.weights).sum(), float((at_clamp * pairs.weights).sum())
 
     curve, best = [], None
     for step in range(cfg.steps + 1):
-        total = loss_on(splits["train"])
+        total, clamp_frac = loss_on(splits["train"])
         if step % cfg.eval_every == 0 or step == cfg.steps:
             with torch.no_grad():
-                valid = float(loss_on(splits["valid"]))
+                valid = float(loss_on(splits["valid"])[0])
             point = evaluate(policy.detach(), mdp, targets, splits["test"], beta)
-            curve.append({"step": step, "loss": total.item(), "valid_loss": valid, **point})
+            # Instability made visible: share of pairs/tokens at the log R clamp, largest log-ratio.
+            point["clamp_frac"] = clamp_frac
+            point["max_log_ratio"] = float(
+                (policy.detach().log_softmax(-1) - mdp.ref_logps).abs().max()
+            )
+            point["valid_loss"] = valid
+            curve.append({"step": step, "loss": total.item(), **point})
             if best is None or valid < best[0]:
                 best = (valid, step, policy.detach().clone(), point)
         if step == cfg.steps:
@@ -146,8 +165,8 @@ def train_tabular(
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
-    _, best_step, kept, final = best
-    final = {**final, "best_step": best_step}
+    best_valid, best_step, kept, final = best
+    final = {**final, "best_step": best_step, "lr": lr, "valid_loss": best_valid}
     final["distinct"] = _distinct(kept.log_softmax(-1), mdp, cfg.samples_per_prompt, seed)
     return {"loss": loss, "beta": beta, "seed": seed, "final": final, "curve": curve}
 
@@ -184,7 +203,12 @@ def reference_rows(mdp, beta, heldout, per_prompt) -> list[dict]:
     for name, logps in named:
         metrics = evaluate(logps, mdp, targets, heldout, beta)
         metrics["distinct"] = _distinct(logps, mdp, per_prompt, seed=0)
-        metrics["best_step"] = 0
+        metrics.update(
+            best_step=0,
+            clamp_frac=0.0,
+            lr=0.0,
+            max_log_ratio=float((logps - mdp.ref_logps).abs().max()),
+        )
         if name == "pi_ref":
             metrics["heldout_acc"] = float("nan")  # implicit reward is 0 everywhere
         rows.append({"method": name, "beta": beta, **{k: (v, 0.0) for k, v in metrics.items()}})
@@ -232,11 +256,28 @@ def run_bench(cfg: BenchConfig, out_dir: Path, progress: bool = True) -> dict:
         }
         for seed in cfg.seeds
     }
-    jobs = [(loss, beta, seed) for beta in cfg.betas for loss in cfg.losses for seed in cfg.seeds]
-    runs = [
-        train_tabular(cfg, mdp, loss, beta, seed, splits[seed])
-        for loss, beta, seed in tqdm(jobs, desc="bench", disable=not progress)
-    ]
+    jobs = [(loss, beta) for beta in cfg.betas for loss in cfg.losses]
+    runs = []
+    bar = tqdm(
+        total=len(jobs) * (len(cfg.seeds) + max(0, len(cfg.lr_grid) - 1)),
+        desc="bench",
+        disable=not progress,
+    )
+    for loss, beta in jobs:
+        first, *rest = cfg.seeds
+        tried = [
+            train_tabular(cfg, mdp, loss, beta, first, splits[first], lr)
+            for lr in (cfg.lr_grid or (cfg.lr,))
+        ]
+        chosen = min(tried, key=lambda run: run["final"]["valid_loss"])
+        runs.append(chosen)
+        bar.update(len(tried))
+        for seed in rest:
+            runs.append(
+                train_tabular(cfg, mdp, loss, beta, seed, splits[seed], chosen["final"]["lr"])
+            )
+            bar.update(1)
+    bar.close()
     rows = [
         row for beta in cfg.betas for row in reference_rows(mdp, beta, test, cfg.samples_per_prompt)
     ]
@@ -265,7 +306,11 @@ def format_table(results: dict) -> str:
         cells = [f"{row['method']:>13}", f"{row['beta']:>13g}"]
         for metric in METRICS:
             mean, spread = row[metric]
-            cells.append(f"{mean:>7.3f}±{spread:<5.3f}" if spread else f"{mean:>13.3f}")
+            mean = 0.0 if abs(mean) < 5e-4 else mean  # no "-0.000"
+            if metric in ("best_step", "lr"):
+                cells.append(f"{mean:>13g}")
+            else:
+                cells.append(f"{mean:>7.3f}±{spread:<5.3f}" if spread else f"{mean:>13.3f}")
         lines.append("  ".join(cells))
     lines.append(
         f"held-out accuracy of the true reward (ceiling): {results['bayes_heldout_acc']:.3f}"

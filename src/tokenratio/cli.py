@@ -25,7 +25,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     preset = "quick" if args.quick else "full" if args.full else "default"
     overrides = {}
-    for name in ("losses", "betas", "seeds", "steps", "train_pairs", "lr"):
+    for name in ("losses", "betas", "seeds", "steps", "train_pairs", "lr", "lr_grid"):
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
@@ -38,6 +38,8 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     started = time.perf_counter()
+    if args.population:
+        return _population(cfg, out, args, started)
     results = bench.run_bench(cfg, out, progress=not args.no_progress)
     print(bench.format_table(results))
     print(
@@ -102,6 +104,23 @@ def _convert_gguf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _population(cfg, out: Path, args, started: float) -> int:
+    import json
+
+    from tokenratio import population
+
+    beta = cfg.betas[0] if args.betas else 0.5
+    rows = population.run_population(cfg.losses, beta=beta, progress=not args.no_progress)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "population.json").write_text(json.dumps({"beta": beta, "rows": rows}, indent=1))
+    print(population.format_population(rows))
+    print(
+        f"\npopulation regime, beta {beta:g}, {time.perf_counter() - started:.0f} s; "
+        f"wrote {out}/population.json"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenratio",
@@ -118,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
     size = bench.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="one beta, one seed, 150 steps (CI)")
     size.add_argument("--full", action="store_true", help="all losses, 6 betas, 5 seeds")
+    bench.add_argument(
+        "--population",
+        action="store_true",
+        help="exact regime: minimise each loss on the whole data distribution of a tiny instance "
+        "(2 prompts, 4 tokens, length 3), under sequence labels and the per-position controls "
+        "(~3 min); --betas gives its beta (default 0.5)",
+    )
     bench.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
     bench.add_argument("--losses", nargs="+", help="registry names, e.g. dpo tbpo-a tbpo-q")
     bench.add_argument("--betas", nargs="+", type=float, help="KL strengths to sweep")
@@ -125,6 +151,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, help="optimizer steps per run")
     bench.add_argument("--train-pairs", dest="train_pairs", type=int, help="training pairs")
     bench.add_argument("--lr", type=float, help="Adam learning rate on the logit table")
+    bench.add_argument(
+        "--lr-grid",
+        dest="lr_grid",
+        nargs="+",
+        type=float,
+        help="per-method lr: seed 0 of each (loss, beta) tries each, the lowest early-stopped "
+        "validation loss wins for all seeds (--full: 0.005 0.01 0.02 0.05)",
+    )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)
 

@@ -156,12 +156,19 @@ def sequence_returns(mdp: TokenMDP, prompts: Tensor, responses: Tensor) -> Tenso
 @dataclass(frozen=True)
 class PreferencePairs:
     """Pairs: prompts (N,), chosen/rejected (N, T) token ids, optional weights (N,) summing to 1
-    (the population regime: every ordered pair weighted by its probability)."""
+    (the population regime: every ordered pair weighted by its probability).
+
+    With chosen_prev/rejected_prev, column t of `chosen` is token t of whichever response won at
+    step t, and chosen_prev[:, t] the previous token of that response's prefix."""
 
     prompts: Tensor
     chosen: Tensor
     rejected: Tensor
     weights: Tensor | None = None
+    # Previous token of each column's state, when a row mixes two responses (per-position labels);
+    # None: the row's own previous token (states_of).
+    chosen_prev: Tensor | None = None
+    rejected_prev: Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompts.shape[0]

@@ -1,0 +1,156 @@
+"""The benchmark's population regime: each loss minimised on the exact data distribution.
+
+A loss "converges to an optimum" is a statement about its minimiser on the data distribution, not on
+a few thousand sampled pairs (finite samples overfit, and KLIEP/SBA are unbounded below per sample).
+On an instance small enough to enumerate, the training loss here is the exact expectation over every
+response pair drawn from pi_ref and over the label, so the minimiser is the loss's true target. Two
+data models:
+
+- "sequence": one label per pair, Bradley-Terry on the sequence return, sigma(R(y1) - R(y2)).
+- "position": the TBPO theorem's own model (METHOD.md "TBPO" point 1): an independent label at every
+  position t, sigma(S(s1_t, y1_t) - S(s2_t, y2_t)), S = Q_ref (the TBPO-Q form) or A_ref (TBPO-A).
+  A pair is expanded into its 2^T orientation patterns (which response wins at each step), weighted
+  by their probabilities, so the unchanged losses compute the exact expectation.
+"""
+
+import itertools
+
+import torch
+
+from tokenratio import synthetic
+from tokenratio.bench import tabular_token_logps
+from tokenratio.losses import LOSSES, needs_kl
+
+
+def position_pairs(mdp: synthetic.TokenMDP, score: str) -> synthetic.PreferencePairs:
+    """Every ordered pair x every orientation pattern, weighted, for per-position labels.
+
+    Args:
+        score: "q" for S = Q_ref, "a" for S = A_ref = Q_ref - V_ref.
+    """
+    base = synthetic.population_pairs(mdp)  # its chosen/rejected are just the ordered (y1, y2)
+    q, v = synthetic.reference_q(mdp)
+    T, V = mdp.length, mdp.vocab_size
+    steps = torch.arange(T)[None]
+
+    def scores(responses):
+        prev = synthetic.states_of(responses, V)
+        s = q[base.prompts[:, None], steps, prev, responses]
+        if score == "a":
+            s = s - v[base.prompts[:, None], steps, prev]
+        return s, prev
+
+    s1, prev1 = scores(base.chosen)
+    s2, prev2 = scores(base.rejected)
+    p_first = torch.sigmoid(s1 - s2)  # (N, T): probability y1's token wins at step t
+    # The draw weight of the ordered pair, without base's sequence-level label factor.
+    log_ref = synthetic.sequence_logps(mdp.ref_logps, base.prompts, base.chosen)
+    log_ref = log_ref + synthetic.sequence_logps(mdp.ref_logps, base.prompts, base.rejected)
+    draw = log_ref.exp() / mdp.num_prompts  # (N,)
+    rows = {k: [] for k in ("prompts", "chosen", "rejected", "weights", "cprev", "rprev")}
+    for pattern in itertools.product((True, False), repeat=T):
+        first_wins = torch.tensor(pattern)[None].expand_as(p_first)  # (N, T)
+        prob = torch.where(first_wins, p_first, 1 - p_first).prod(-1)
+        rows["prompts"].append(base.prompts)
+        rows["chosen"].append(torch.where(first_wins, base.chosen, base.rejected))
+        rows["rejected"].append(torch.where(first_wins, base.rejected, base.chosen))
+        rows["cprev"].append(torch.where(first_wins, prev1, prev2))
+        rows["rprev"].append(torch.where(first_wins, prev2, prev1))
+        rows["weights"].append(draw * prob)
+    cat = {k: torch.cat(v) for k, v in rows.items()}
+    return synthetic.PreferencePairs(
+        cat["prompts"], cat["chosen"], cat["rejected"], cat["weights"], cat["cprev"], cat["rprev"]
+    )
+
+
+def fit(mdp, pairs, loss, beta, options=None, max_steps=3000, lr=0.05, tol=1e-7, window=100):
+    """Full-batch Adam on the exact expected loss until it is flat.
+
+    Flat: the loss changed by less than `tol` over the last `window` steps. Returns the policy's
+    log-probabilities, the steps taken and the final change (reported, so flatness is visible).
+    """
+    options = dict(options or {})
+    policy = mdp.ref_logps.clone().requires_grad_()
+    baseline = torch.zeros(mdp.reward.shape[:3], dtype=policy.dtype, requires_grad=True)
+    optimizer = torch.optim.Adam([policy, baseline], lr=lr)
+    with_kl = needs_kl(loss, options)
+    history = []
+    for step in range(1, max_steps + 1):
+        batch = tabular_token_logps(policy, mdp, pairs, baseline, with_kl)
+        total = (LOSSES[loss](batch, beta=beta, **options)[0] * pairs.weights).sum()
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+        history.append(total.item())
+        if step > window and abs(history[-1] - history[-1 - window]) < tol:
+            break
+    change = abs(history[-1] - history[-1 - window]) if len(history) > window else float("nan")
+    return policy.detach().log_softmax(-1), {
+        "steps": step,
+        "final_loss": history[-1],
+        "loss_change": change,
+    }
+
+
+# Which losses each data model is run with: every loss on sequence labels; the per-position
+# controls with the loss they are the theorem's data model for, in each variant of that loss.
+CONTROLS = {
+    "position-Q": [("tbpo-q", {}), ("tbpo-q", {"center_log_w": False, "log_w_clamp": None})],
+    "position-A": [
+        ("tbpo-a", {}),
+        ("tbpo-a", {"kl_estimator": "k3"}),
+        ("tbpo-a", {"detach_kl": True}),
+    ],
+}
+
+
+def run_population(losses, beta=0.5, seed=0, max_steps=3000, progress=True) -> list[dict]:
+    """Fit each loss on the exact distribution of a 2-prompt, 4-token, length-3 instance."""
+    from tqdm.auto import tqdm
+
+    mdp = synthetic.make_mdp(num_prompts=2, vocab_size=4, length=3, seed=seed)
+    targets = {
+        "seq": synthetic.sequence_optimum(mdp, beta),
+        "tok": synthetic.token_optimum(mdp, beta),
+    }
+    rows = []
+    for name, logps in (
+        ("pi_ref", mdp.ref_logps),
+        ("opt-seq", targets["seq"]),
+        ("opt-tok", targets["tok"]),
+    ):
+        rows.append(
+            {
+                "data": "-",
+                "method": name,
+                "options": {},
+                **synthetic.exact_metrics(logps, mdp, targets),
+            }
+        )
+    jobs = [("sequence", loss, {}) for loss in losses]
+    jobs += [(d, loss, o) for d, runs in CONTROLS.items() for loss, o in runs if loss in losses]
+    data = {"sequence": synthetic.population_pairs(mdp)}
+    for data_name, loss, options in tqdm(jobs, desc="population", disable=not progress):
+        if data_name not in data:
+            data[data_name] = position_pairs(mdp, data_name[-1].lower())
+        logps, info = fit(mdp, data[data_name], loss, beta, options, max_steps=max_steps)
+        metrics = synthetic.exact_metrics(logps, mdp, targets)
+        rows.append({"data": data_name, "method": loss, "options": options, **metrics, **info})
+    return rows
+
+
+def format_population(rows: list[dict]) -> str:
+    """An aligned table: which optimum each loss's population minimiser sits on."""
+    header = (
+        f"{'data':>11} {'method':>7} {'options':>36} {'return':>7} {'kl_ref':>7} "
+        f"{'kl_seq':>8} {'kl_tok':>8} {'steps':>6} {'loss_change':>11}"
+    )
+    lines = [header]
+    for r in rows:
+        options = ",".join(f"{k}={v}" for k, v in r["options"].items()) or "defaults"
+        tail = f"{r['steps']:>6} {r['loss_change']:>11.1e}" if "steps" in r else f"{'':>18}"
+        lines.append(
+            f"{r['data']:>11} {r['method']:>7} {options:>36} {r['return']:>7.3f} "
+            f"{r['kl_ref']:>7.3f} {r['kl_seq']:>8.4f} {r['kl_tok']:>8.4f} {tail}"
+        )
+    return "\n".join(lines)
