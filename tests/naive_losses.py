@@ -66,7 +66,7 @@ def naive_loss(name, pair, beta, **o):
             c = o.get("log_w_clamp", 10.0)
             if c is not None:
                 log_w = [max(-c, min(c, x)) for x in log_w]
-        elif o.get("kl_estimator", "exact") == "exact":
+        elif o.get("kl_estimator", "exact") in ("exact", "k3"):  # both read the KL fields
             log_w = [pair["rejected_kl"][t] - pair["chosen_kl"][t] for t in range(T)]
         else:
             k3 = [math.expm1(x) - x for x in (rc[t] for t in range(T))]

@@ -102,13 +102,13 @@ def test_tbpo_a_exact_hand_values():
     assert_close(LOSSES["tbpo-a"](batch, beta=1.0)[0].item(), sba)
 
 
-def test_tbpo_a_k3_hand_value():
+def test_tbpo_a_k3_response_hand_value():
     """k3 at the response tokens: k3(0.5) = e^0.5 - 1.5 for chosen, k3(0) = 0 for rejected, so
     log w_t = -(e^0.5 - 1.5) and log R_t = -0.5 - (e^0.5 - 1.5) = 1 - e^0.5 at both positions.
     """
     batch = make_batch(**PAIR)
     log_r = 1 - math.exp(0.5)
-    losses, _ = LOSSES["tbpo-a"](batch, beta=1.0, generator="lr", kl_estimator="k3")
+    losses, _ = LOSSES["tbpo-a"](batch, beta=1.0, generator="lr", kl_estimator="k3-response")
     assert_close(losses.item(), math.log1p(math.exp(log_r)))
 
 
@@ -160,7 +160,13 @@ OPTION_GRID = {
     "tdpo1": [{}],
     "tdpo2": [{}, {"alpha": 0.3}],
     "tbpo-q": [{}, {"center_log_w": False, "log_w_clamp": None}, {"generator": "lr"}],
-    "tbpo-a": [{}, {"kl_estimator": "k3"}, {"generator": "lsif"}, {"generator": "ba", "lam": 0.5}],
+    "tbpo-a": [
+        {},
+        {"kl_estimator": "k3"},
+        {"kl_estimator": "k3-response"},
+        {"generator": "lsif"},
+        {"generator": "ba", "lam": 0.5},
+    ],
     "sft": [{}],
 }
 CASES = [(name, options) for name in ALL for options in OPTION_GRID[name]]
@@ -462,7 +468,9 @@ def test_missing_inputs_name_the_field():
         LOSSES["tdpo2"](bare, beta=0.1)
     with pytest.raises(ValueError, match="chosen_baseline"):
         LOSSES["tbpo-q"](bare, beta=0.1)
-    LOSSES["tbpo-a"](bare, beta=0.1, kl_estimator="k3")  # k3 needs no KL field
+    LOSSES["tbpo-a"](bare, beta=0.1, kl_estimator="k3-response")  # needs no KL field
+    with pytest.raises(ValueError, match='kl_estimator="k3"'):
+        LOSSES["tbpo-a"](bare, beta=0.1, kl_estimator="k3")  # the sampled estimate fills the field
     with pytest.raises(ValueError, match="shape"):
         TokenLogps(
             batch.policy_chosen,

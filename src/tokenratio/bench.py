@@ -18,8 +18,8 @@ import torch
 from tqdm.auto import tqdm
 
 from tokenratio import synthetic
-from tokenratio.logprobs import token_logps, token_logps_and_kl
-from tokenratio.losses import LOSSES, TokenLogps, needs_kl, reduce
+from tokenratio.logprobs import sampled_k3, token_logps, token_logps_and_kl
+from tokenratio.losses import LOSSES, TokenLogps, kl_fields, reduce
 
 METRICS = (
     "return",
@@ -88,7 +88,7 @@ def tabular_token_logps(
     mdp: synthetic.TokenMDP,
     pairs: synthetic.PreferencePairs,
     baseline: torch.Tensor | None = None,
-    with_kl: bool = False,
+    kl: str | None = None,
 ) -> TokenLogps:
     """The loss contract's inputs for a tabular policy: per-token log-probs by table lookup."""
     steps = torch.arange(mdp.length)[None]
@@ -97,12 +97,13 @@ def tabular_token_logps(
         prev = synthetic.states_of(responses, mdp.vocab_size) if prev is None else prev
         index = (pairs.prompts[:, None], steps, prev)
         logits, ref = policy_logits[index], mdp.ref_logps[index]  # (N, T, V)
-        if with_kl:
-            logps, kl = token_logps_and_kl(logits, responses, ref)
+        if kl == "exact":
+            logps, kl_values = token_logps_and_kl(logits, responses, ref)
         else:
-            logps, kl = token_logps(logits, responses), None
+            logps = token_logps(logits, responses)
+            kl_values = sampled_k3(logits, ref) if kl == "k3" else None
         ref_logps = ref.gather(-1, responses[..., None]).squeeze(-1)
-        return logps, ref_logps, kl, None if baseline is None else baseline[index]
+        return logps, ref_logps, kl_values, None if baseline is None else baseline[index]
 
     pc, rc, kc, bc = side(pairs.chosen, pairs.chosen_prev)
     pr, rr, kr, br = side(pairs.rejected, pairs.rejected_prev)
@@ -134,10 +135,10 @@ def train_tabular(
         "seq": synthetic.sequence_optimum(mdp, beta),
         "tok": synthetic.token_optimum(mdp, beta),
     }
-    with_kl = needs_kl(loss, options)
+    kl = kl_fields(loss, options)
 
     def loss_on(pairs):
-        batch = tabular_token_logps(policy, mdp, pairs, baseline, with_kl)
+        batch = tabular_token_logps(policy, mdp, pairs, baseline, kl)
         losses, metrics = LOSSES[loss](batch, beta=beta, **options)
         at_clamp = metrics.get("clamp_fraction", torch.zeros_like(losses))
         if pairs.weights is None:

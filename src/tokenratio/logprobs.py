@@ -204,3 +204,47 @@ def shift_labels(input_ids: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tens
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = torch.where(loss_mask[:, 1:], input_ids[:, 1:], IGNORE_INDEX)
     return labels
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """One token per position from softmax(logits), by Gumbel-max in chunks. (..., V) -> (...) int64.
+
+    Uses the global RNG unless `generator` is given (so checkpoints that save RNG state resume it).
+    """
+    V = logits.shape[-1]
+    flat = logits.detach().reshape(-1, V)
+    out = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)
+    step = _rows_per_chunk(V, chunk_elements)
+    for start in range(0, flat.shape[0], step):
+        z = flat[start : start + step].float()
+        uniform = torch.rand(z.shape, generator=generator, device=z.device).clamp_(1e-20, 1.0)
+        out[start : start + step] = (z - torch.log(-torch.log(uniform))).argmax(-1)
+    return out.view(logits.shape[:-1])
+
+
+def sampled_k3(
+    policy_logits: torch.Tensor,
+    ref_logits: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(pi_ref || pi_theta) per position from one fresh a ~ pi_ref.
+
+    k3 = (rho - 1) - log rho, rho = pi_theta(a) / pi_ref(a): unbiased, >= 0, no full-vocabulary sum
+    (TBPO-A as the paper's text states it). Gradient flows through log pi_theta(a).
+
+    Returns:
+        (...) float32 estimates.
+    """
+    _check_ref(policy_logits, ref_logits)
+    tokens = sample_tokens(ref_logits, generator=generator, chunk_elements=chunk_elements)
+    log_rho = token_logps(policy_logits, tokens, chunk_elements=chunk_elements) - token_logps(
+        ref_logits.detach(), tokens, chunk_elements=chunk_elements
+    )
+    return torch.expm1(log_rho) - log_rho

@@ -398,7 +398,7 @@ def tbpo_q_loss(
     return _tbpo(batch, log_w, valid, beta=beta, generator=generator, lam=lam, s=s, clamp=clamp)
 
 
-KL_ESTIMATORS = ("exact", "k3")
+KL_ESTIMATORS = ("exact", "k3", "k3-response")
 
 
 @_strict_options
@@ -415,15 +415,18 @@ def tbpo_a_loss(
 ):
     """TBPO-A: log w_t = KL(pi_ref||pi_theta)(s^l_t) - KL(pi_ref||pi_theta)(s^w_t) (METHOD.md point 2).
 
-    kl_estimator="exact" (default, the authors' code) reads the full-vocabulary KL from
-    `chosen_kl`/`rejected_kl`. kl_estimator="k3" (the paper's text) uses Schulman's k3 at the response
-    token itself, treating it as the one sample a ~ pi_ref: no full-vocabulary pass is needed.
-    `detach_kl=True` stops gradient through the correction (the authors let it flow).
+    The KL per position comes from `chosen_kl`/`rejected_kl`, filled by the forward pass according
+    to `kl_estimator`: "exact" (default, the authors' code) the full-vocabulary KL; "k3" (the
+    paper's text) Schulman's k3 at one fresh token a ~ pi_ref per position (`sampled_k3`).
+    "k3-response" computes k3 here at the response token itself: no extra work, but biased, since
+    the winner's tokens are selected by the label rather than drawn from pi_ref (the population
+    benchmark shows it missing pi*_tok). `detach_kl=True` stops gradient through the correction
+    (the authors let it flow).
     """
-    if kl_estimator == "exact":
-        _require(batch, ("chosen_kl", "rejected_kl"), "tbpo-a", 'kl_estimator="exact"')
+    if kl_estimator in ("exact", "k3"):
+        _require(batch, ("chosen_kl", "rejected_kl"), "tbpo-a", f'kl_estimator="{kl_estimator}"')
         chosen_kl, rejected_kl = batch.chosen_kl, batch.rejected_kl
-    elif kl_estimator == "k3":
+    elif kl_estimator == "k3-response":
         chosen_ratio, rejected_ratio = log_ratios(batch)
         chosen_kl, rejected_kl = k3(chosen_ratio), k3(rejected_ratio)
     else:
@@ -461,13 +464,16 @@ LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = _LossRegist
 )
 
 # What each loss needs from the model beyond the labels' log-probs; the trainer computes only that.
-NEEDS_KL = {"tdpo1", "tdpo2"}  # tbpo-a needs it only with kl_estimator="exact"
 NEEDS_BASELINE = {"tbpo-q"}
 NEEDS_REFERENCE = set(LOSSES) - {"sft"}
 
 
-def needs_kl(name: str, options: dict) -> bool:
-    """Whether loss `name` with `options` reads chosen_kl/rejected_kl."""
+def kl_fields(name: str, options: dict) -> str | None:
+    """What the forward pass must put in chosen_kl/rejected_kl for loss `name` with `options`:
+    "exact" (full-vocabulary KL), "k3" (sampled estimate) or None (not read)."""
+    if name in ("tdpo1", "tdpo2"):
+        return "exact"
     if name == "tbpo-a":
-        return options.get("kl_estimator", "exact") == "exact"
-    return name in NEEDS_KL
+        estimator = options.get("kl_estimator", "exact")
+        return estimator if estimator in ("exact", "k3") else None
+    return None

@@ -15,7 +15,7 @@ from torch import nn
 
 from tokenratio.baseline import StateBaselineHead
 from tokenratio.data import PreferenceBatch
-from tokenratio.logprobs import IGNORE_INDEX, token_logps, token_logps_and_kl
+from tokenratio.logprobs import IGNORE_INDEX, sampled_k3, token_logps, token_logps_and_kl
 from tokenratio.losses import TokenLogps
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -82,7 +82,7 @@ def batch_token_logps(
     reference,
     batch: PreferenceBatch,
     *,
-    with_kl: bool,
+    kl: str | None,
     with_baseline: bool,
     chunk_elements: int,
     unwrapped_policy: PolicyWithHead | None = None,
@@ -94,7 +94,8 @@ def batch_token_logps(
         reference: a frozen PolicyWithHead-like module, or None to use the policy with its LoRA
             adapter disabled (`unwrapped_policy` must then be given).
         batch: 2B rows, chosen first.
-        with_kl: also compute full-vocabulary KL(ref || policy) per position (TDPO, TBPO-A exact).
+        kl: what to put in the KL fields: "exact" full-vocabulary KL(ref || policy) per position
+            (TDPO, TBPO-A), "k3" a one-sample estimate (TBPO-A as in the paper's text), or None.
         with_baseline: also evaluate the TBPO-Q head.
         chunk_elements: chunk size of the log-prob / KL kernels.
     """
@@ -106,10 +107,15 @@ def batch_token_logps(
         else:
             ref_logits, _ = reference(batch)
     labels = batch.labels
-    if with_kl:
-        logps, kl = token_logps_and_kl(logits, labels, ref_logits, chunk_elements=chunk_elements)
+    if kl == "exact":
+        logps, kl_values = token_logps_and_kl(
+            logits, labels, ref_logits, chunk_elements=chunk_elements
+        )
     else:
-        logps, kl = token_logps(logits, labels, chunk_elements=chunk_elements), None
+        logps = token_logps(logits, labels, chunk_elements=chunk_elements)
+        kl_values = None
+        if kl == "k3":
+            kl_values = sampled_k3(logits, ref_logits, chunk_elements=chunk_elements)
     ref_logps = token_logps(ref_logits, labels, chunk_elements=chunk_elements)
     mask = labels != IGNORE_INDEX
     B = batch.num_pairs
@@ -120,7 +126,7 @@ def batch_token_logps(
     pc, pr = halves(logps)
     rc, rr = halves(ref_logps)
     mc, mr = halves(mask)
-    kc, kr = halves(kl)
+    kc, kr = halves(kl_values)
     bc, br = halves(None if baseline is None else baseline.float())
     return TokenLogps(pc, pr, rc, rr, mc, mr, kc, kr, bc, br)
 

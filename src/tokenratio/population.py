@@ -19,7 +19,7 @@ import torch
 
 from tokenratio import synthetic
 from tokenratio.bench import tabular_token_logps
-from tokenratio.losses import LOSSES, needs_kl
+from tokenratio.losses import LOSSES, kl_fields
 
 
 def position_pairs(mdp: synthetic.TokenMDP, score: str) -> synthetic.PreferencePairs:
@@ -73,10 +73,10 @@ def fit(mdp, pairs, loss, beta, options=None, max_steps=3000, lr=0.05, tol=1e-7,
     policy = mdp.ref_logps.clone().requires_grad_()
     baseline = torch.zeros(mdp.reward.shape[:3], dtype=policy.dtype, requires_grad=True)
     optimizer = torch.optim.Adam([policy, baseline], lr=lr)
-    with_kl = needs_kl(loss, options)
+    kl = kl_fields(loss, options)
     history = []
     for step in range(1, max_steps + 1):
-        batch = tabular_token_logps(policy, mdp, pairs, baseline, with_kl)
+        batch = tabular_token_logps(policy, mdp, pairs, baseline, kl)
         total = (LOSSES[loss](batch, beta=beta, **options)[0] * pairs.weights).sum()
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -98,7 +98,7 @@ CONTROLS = {
     "position-Q": [("tbpo-q", {}), ("tbpo-q", {"center_log_w": False, "log_w_clamp": None})],
     "position-A": [
         ("tbpo-a", {}),
-        ("tbpo-a", {"kl_estimator": "k3"}),
+        ("tbpo-a", {"kl_estimator": "k3-response"}),
         ("tbpo-a", {"detach_kl": True}),
     ],
 }

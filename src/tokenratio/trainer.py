@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from tokenratio import checkpoint
 from tokenratio.data import collate, load_raw, tokenize_dataset
-from tokenratio.losses import LOSSES, NEEDS_BASELINE, needs_kl, reduce
+from tokenratio.losses import LOSSES, NEEDS_BASELINE, kl_fields, reduce
 from tokenratio.modeling import batch_token_logps, build_models, load_tokenizer, save_final
 
 
@@ -95,7 +95,7 @@ def evaluate(cfg, accelerator, policy, reference, loader, unwrapped) -> dict:
                 policy,
                 reference,
                 batch,
-                with_kl=needs_kl(cfg.loss.name, options),
+                kl=kl_fields(cfg.loss.name, options),
                 with_baseline=cfg.loss.name in NEEDS_BASELINE,
                 chunk_elements=cfg.train.logprob_chunk_elements,
                 unwrapped_policy=unwrapped,
@@ -165,7 +165,7 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict:
     accelerator.print(f"data: {json.dumps(report)}")
 
     options = dict(cfg.loss.options)
-    with_kl = needs_kl(cfg.loss.name, options)
+    kl = kl_fields(cfg.loss.name, options)
     log_path = out / "metrics.jsonl"
     bar = tqdm(
         total=total_steps,
@@ -190,7 +190,7 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict:
                     policy,
                     reference,
                     batch,
-                    with_kl=with_kl,
+                    kl=kl,
                     with_baseline=with_head,
                     chunk_elements=cfg.train.logprob_chunk_elements,
                     unwrapped_policy=unwrapped,
