@@ -121,12 +121,82 @@ def _population(cfg, out: Path, args, started: float) -> int:
     return 0
 
 
+EVAL_HELP = """\
+Evaluate trained checkpoints side by side, the way the paper does:
+  held-out preference metrics (implicit-reward accuracy, margin, KL(pi||pi_ref); needs --reference),
+  generation with temperature 1.0, top-p 0.95, 128 new tokens, 5 samples per prompt (seeded), and
+  predictive entropy (top-20), self-BLEU, distinct-1; with --judge, win rate and length-controlled
+  win rate of the first sample against the dataset's chosen response (or --versus MODEL).
+
+  tokenratio eval --model sft=models/smollm2-135m --model tbpo-a=runs/smollm2-tbpo-a/final \\
+      --reference models/smollm2-135m --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz \\
+      --judge reward-model:PATH_TO_RM        # or --judge openai:http://127.0.0.1:8000/v1
+Writes --out/results.json and --out/results.md (mean ± standard error).
+"""
+
+
+def _name_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep:
+        name, path = Path(text).name, text
+    return name, path
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from tokenratio.evaluate import EvalConfig, markdown_table, run_eval
+    from tokenratio.judges import JudgeError
+
+    cfg = EvalConfig(
+        models=tuple(_name_path(m) for m in args.model),
+        data=args.data,
+        reference=args.reference,
+        num_prompts=args.num_prompts,
+        num_pairs=args.num_pairs,
+        samples_per_prompt=args.samples,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        beta=args.beta,
+        judge=args.judge,
+        versus=args.versus,
+        judge_options={"model": args.judge_model} if args.judge_model else {},
+    )
+    try:
+        results = run_eval(cfg, Path(args.out))
+    except (JudgeError, ValueError, OSError) as err:
+        print(f"tokenratio eval: {err}", file=sys.stderr)
+        return 1
+    print(markdown_table(results))
+    print(f"\nwrote {args.out}/results.json and {args.out}/results.md")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from tokenratio.explain import explain
+
+    try:
+        credits = explain(
+            args.model, args.reference, args.data, args.index, args.beta, Path(args.out)
+        )
+    except (ValueError, OSError, IndexError) as err:
+        print(f"tokenratio explain: {err}", file=sys.stderr)
+        return 1
+    print(
+        f"chosen sum beta*r_t {credits['chosen_reward']:+.4f}, rejected "
+        f"{credits['rejected_reward']:+.4f}; wrote {args.out}/explain.html and explain.png"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenratio",
         description="Token-level preference optimization (TBPO-Q, TBPO-A) and its baselines.",
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{bench,train,convert-gguf}")
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="{bench,train,eval,explain,convert-gguf}"
+    )
 
     bench = sub.add_parser(
         "bench",
@@ -198,6 +268,57 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, help="output model directory")
     convert.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     convert.set_defaults(run=_convert_gguf)
+
+    ev = sub.add_parser(
+        "eval",
+        help="the paper's metrics on checkpoints, side by side",
+        description=EVAL_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument(
+        "--model",
+        action="append",
+        required=True,
+        metavar="NAME=PATH",
+        help="a checkpoint to evaluate (repeatable)",
+    )
+    ev.add_argument("--reference", help="reference policy, for implicit rewards and KL")
+    ev.add_argument("--data", required=True, help="preference data (any format train reads)")
+    ev.add_argument("--num-prompts", type=int, default=20, help="prompts to generate for (20)")
+    ev.add_argument(
+        "--num-pairs", type=int, default=64, help="held-out pairs for preference metrics"
+    )
+    ev.add_argument("--samples", type=int, default=5, help="samples per prompt (paper: 5)")
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="paper: 128")
+    ev.add_argument("--temperature", type=float, default=1.0, help="paper: 1.0")
+    ev.add_argument("--top-p", type=float, default=0.95, help="paper: 0.95")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--beta", type=float, default=0.1, help="for implicit rewards (0.1)")
+    ev.add_argument(
+        "--judge", help="reward-model:PATH or openai:URL (e.g. http://127.0.0.1:8000/v1)"
+    )
+    ev.add_argument("--judge-model", help="model name sent to an OpenAI-compatible judge")
+    ev.add_argument(
+        "--versus",
+        default="dataset",
+        help="win rate against 'dataset' (its chosen response) or a model NAME",
+    )
+    ev.add_argument("--out", default="eval_out", help="output directory (eval_out)")
+    ev.set_defaults(run=_eval)
+
+    ex = sub.add_parser(
+        "explain",
+        help="per-token credit of one pair as HTML and PNG",
+        description="Colour each response token by beta * r_t (and, for TBPO-Q, "
+        "show the baseline head's b(s_t)).",
+    )
+    ex.add_argument("--model", required=True, help="trained checkpoint (with its TBPO-Q head)")
+    ex.add_argument("--reference", required=True, help="reference policy")
+    ex.add_argument("--data", required=True, help="preference data")
+    ex.add_argument("--index", type=int, default=0, help="which record (0)")
+    ex.add_argument("--beta", type=float, default=0.1)
+    ex.add_argument("--out", default="explain_out", help="output directory (explain_out)")
+    ex.set_defaults(run=_explain)
     return parser
 
 

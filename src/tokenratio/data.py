@@ -164,8 +164,8 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
         cfg: a DataConfig.
 
     Returns:
-        (dataset with prompt_ids/chosen_ids/rejected_ids, counts: records, invalid, truncated,
-        prompt_truncated).
+        (dataset with prompt_ids/chosen_ids/rejected_ids and `record`, the index of the source
+        record; counts: records, invalid, truncated, prompt_truncated).
     """
     first = raw.dataset[0]
     try:
@@ -181,7 +181,7 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
     def convert(record, index):
         try:
             out = tokenize_record(record, fmt, tokenizer, cfg.max_length, cfg.max_prompt_length)
-            return {**out, "error": ""}
+            return {**out, "error": "", "record": index}
         except RecordError as err:
             message = f"{raw.where(index)}: {err}"
             if cfg.on_invalid == "error":
@@ -195,6 +195,7 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
                 "truncated": False,
                 "prompt_truncated": False,
                 "error": message,
+                "record": index,
             }
 
     tokenized = raw.dataset.map(
@@ -222,8 +223,13 @@ def collate(examples: list[dict], pad_token_id: int) -> PreferenceBatch:
     """Pairs -> one PreferenceBatch of 2B right-padded rows (chosen rows first)."""
     rows = [(e["prompt_ids"], e["chosen_ids"]) for e in examples]
     rows += [(e["prompt_ids"], e["rejected_ids"]) for e in examples]
+    return collate_rows(rows, pad_token_id)
+
+
+def collate_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> PreferenceBatch:
+    """(prompt ids, response ids) rows -> right-padded, response-aligned tensors (any row count)."""
     L = max(len(p) + len(r) for p, r in rows)
-    T = max(len(r) for _, r in rows)
+    T = max(1, max(len(r) for _, r in rows))
     n = len(rows)
     input_ids = torch.full((n, L), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((n, L), dtype=torch.long)
@@ -234,5 +240,5 @@ def collate(examples: list[dict], pad_token_id: int) -> PreferenceBatch:
         input_ids[i, : len(ids)] = torch.tensor(ids)
         attention_mask[i, : len(ids)] = 1
         positions[i, : len(response)] = torch.arange(len(response)) + len(prompt) - 1
-        labels[i, : len(response)] = torch.tensor(response)
+        labels[i, : len(response)] = torch.tensor(response, dtype=torch.long)
     return PreferenceBatch(input_ids, attention_mask, positions, labels)

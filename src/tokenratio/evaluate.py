@@ -1,0 +1,247 @@
+"""`tokenratio eval`: the paper's metrics on trained checkpoints, side by side.
+
+Per model:
+- preference metrics without generation, on held-out pairs: accuracy of the implicit reward
+  beta * sum_t r_t, mean reward margin, and KL(pi || pi_ref) summed over each held-out response
+  (teacher-forced, full vocabulary), each with its standard error;
+- generation with the paper's settings (temperature 1.0, top-p 0.95, 128 new tokens, 5 samples per
+  prompt, seeded) and its diversity metrics: predictive entropy (top-20, renormalised), self-BLEU over
+  a prompt's samples, distinct-1 of the first sample;
+- win rate and length-controlled win rate of the first sample against the dataset's reference
+  response (or another model's first sample), with a judge from `judges.py`.
+Results: results.json and results.md (a Markdown table, mean ± standard error).
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tokenratio import metrics
+from tokenratio.config import DataConfig
+from tokenratio.data import collate, collate_rows, load_raw, tokenize_dataset
+from tokenratio.formats import to_text
+from tokenratio.logprobs import IGNORE_INDEX, token_kl, token_logps
+from tokenratio.modeling import response_logits
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    models: tuple[tuple[str, str], ...]  # (name, path) pairs, compared side by side
+    data: str
+    reference: str | None = None  # the reference policy (for implicit rewards and KL)
+    data_format: str = "auto"
+    num_prompts: int = 20
+    num_pairs: int = 64
+    samples_per_prompt: int = 5  # paper: 5
+    max_new_tokens: int = 128  # paper: 128
+    temperature: float = 1.0  # paper: 1.0
+    top_p: float = 0.95  # paper: 0.95
+    seed: int = 0
+    beta: float = 0.1
+    batch_size: int = 8
+    max_length: int = 512
+    max_prompt_length: int = 384
+    judge: str | None = None  # reward-model:PATH | openai:URL
+    judge_options: dict = field(default_factory=dict)  # model, api_key, timeout, retries
+    versus: str = "dataset"  # "dataset" (its chosen response) or the name of one of the models
+
+
+def mean_se(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+    return mean, math.sqrt(variance / n)
+
+
+def _load(path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer
+
+
+@torch.no_grad()
+def preference_metrics(model, reference, pairs, pad_id: int, beta: float, batch_size: int) -> dict:
+    """Implicit-reward accuracy and margin, and KL(pi || pi_ref) per response, on held-out pairs."""
+    accuracy, margin, kl = [], [], []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate(
+            [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))], pad_id
+        )
+        logits, _ = response_logits(model, batch)
+        ref_logits, _ = response_logits(reference, batch)
+        mask = batch.labels != IGNORE_INDEX
+        ratio = token_logps(logits, batch.labels) - token_logps(ref_logits, batch.labels)
+        reward = beta * (ratio * mask).sum(-1)  # (2B,)
+        B = batch.num_pairs
+        accuracy += ((reward[:B] > reward[B:]).float() + 0.5 * (reward[:B] == reward[B:])).tolist()
+        margin += (reward[:B] - reward[B:]).tolist()
+        # KL(pi || pi_ref) = token_kl with the roles swapped (token_kl(p, q) = KL(q || p)).
+        kl += (token_kl(ref_logits, logits) * mask).sum(-1).tolist()
+    return {
+        "pref_accuracy": mean_se(accuracy),
+        "reward_margin": mean_se(margin),
+        "kl_to_ref": mean_se(kl),
+    }
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig) -> list[list[list[int]]]:
+    """Sampled responses (token ids, cut at EOS): [prompt][sample] -> ids. Seeded, batched."""
+    from transformers import GenerationConfig
+
+    torch.manual_seed(cfg.seed)
+    gen = GenerationConfig(
+        do_sample=True,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        top_k=0,
+        max_new_tokens=cfg.max_new_tokens,
+        num_return_sequences=cfg.samples_per_prompt,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    out = []
+    for start in range(0, len(prompts), cfg.batch_size):
+        chunk = prompts[start : start + cfg.batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        sequences = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        new = sequences[:, width:].tolist()
+        for i in range(len(chunk)):
+            samples = []
+            for row in new[i * cfg.samples_per_prompt : (i + 1) * cfg.samples_per_prompt]:
+                if tokenizer.eos_token_id in row:
+                    row = row[: row.index(tokenizer.eos_token_id) + 1]
+                samples.append(row)
+            out.append(samples)
+    return out
+
+
+@torch.no_grad()
+def entropy_per_prompt(model, prompts, samples, pad_id: int, batch_size: int) -> list[float]:
+    """Predictive entropy (top-20, renormalised) of each prompt's samples, teacher-forced."""
+    rows = [(p, s) for p, group in zip(prompts, samples, strict=True) for s in group if s]
+    per_row = []
+    for start in range(0, len(rows), batch_size):
+        batch = collate_rows(rows[start : start + batch_size], pad_id)
+        logits, _ = response_logits(model, batch)
+        mask = batch.labels != IGNORE_INDEX
+        per_row += [metrics.predictive_entropy(logits[i], mask[i]) for i in range(len(mask))]
+    k = len(samples[0]) if samples else 1
+    return [sum(per_row[i : i + k]) / k for i in range(0, len(per_row), k)]
+
+
+def evaluate_model(name, path, reference, raw, cfg: EvalConfig) -> dict:
+    """Everything but the judge for one model; keeps the texts for judging."""
+    model, tokenizer = _load(path)
+    data_cfg = DataConfig(
+        path=cfg.data,
+        format=cfg.data_format,
+        max_length=cfg.max_length,
+        max_prompt_length=cfg.max_prompt_length,
+        on_invalid="skip",
+    )
+    pairs, report = tokenize_dataset(raw, tokenizer, data_cfg)
+    result = {"name": name, "path": path, "data": report}
+    held_out = pairs.select(range(min(cfg.num_pairs, len(pairs))))
+    if reference is not None:
+        result.update(
+            preference_metrics(
+                model, reference, held_out, tokenizer.pad_token_id, cfg.beta, cfg.batch_size
+            )
+        )
+    prompts = [pairs[i]["prompt_ids"] for i in range(min(cfg.num_prompts, len(pairs)))]
+    samples = generate(model, tokenizer, prompts, cfg)
+    texts = [[tokenizer.decode(s, skip_special_tokens=True) for s in group] for group in samples]
+    result["entropy"] = mean_se(
+        entropy_per_prompt(model, prompts, samples, tokenizer.pad_token_id, cfg.batch_size)
+    )
+    result["self_bleu"] = mean_se([metrics.self_bleu(group) for group in texts])
+    result["distinct_1"] = mean_se([metrics.distinct_n(group[0]) for group in texts])
+    result["samples"] = texts
+    rendered = [
+        to_text(raw.dataset[pairs[i]["record"]], report["format"], tokenizer)
+        for i in range(len(prompts))
+    ]
+    result["prompt_texts"] = [r[0] for r in rendered]
+    result["reference_texts"] = [r[1] for r in rendered]  # the dataset's chosen response
+    return result
+
+
+def judge_all(results: list[dict], cfg: EvalConfig) -> None:
+    """Win rate and length-controlled win rate of each model's first samples vs the baseline."""
+    from tokenratio.judges import make_judge
+
+    judge = make_judge(cfg.judge, **cfg.judge_options)
+    by_name = {r["name"]: r for r in results}
+    if cfg.versus != "dataset" and cfg.versus not in by_name:
+        raise ValueError(f"--versus {cfg.versus!r} is neither 'dataset' nor a model name")
+    for result in results:
+        if cfg.versus == result["name"]:
+            continue
+        if cfg.versus == "dataset":
+            baseline = result["reference_texts"]
+        else:
+            baseline = [group[0] for group in by_name[cfg.versus]["samples"]]
+        ours = [group[0] for group in result["samples"]]
+        outcomes = [
+            judge.compare(prompt, a, b)
+            for prompt, a, b in zip(result["prompt_texts"], ours, baseline, strict=True)
+        ]
+        result["win_rate"] = metrics.win_rate(outcomes)
+        result["lc_win_rate"] = metrics.length_controlled_win_rate(
+            outcomes,
+            [len(metrics.words(a)) for a in ours],
+            [len(metrics.words(b)) for b in baseline],
+        )
+
+
+COLUMNS = [
+    ("pref_accuracy", "pref. acc.", 3),
+    ("reward_margin", "margin", 3),
+    ("kl_to_ref", "KL(pi||ref)", 2),
+    ("entropy", "entropy", 3),
+    ("self_bleu", "self-BLEU", 1),
+    ("distinct_1", "distinct-1", 3),
+    ("win_rate", "win %", 1),
+    ("lc_win_rate", "LC win %", 1),
+]
+
+
+def markdown_table(results: list[dict]) -> str:
+    present = [c for c in COLUMNS if any(c[0] in r for r in results)]
+    lines = [
+        "| model | " + " | ".join(c[1] for c in present) + " |",
+        "|---|" + "---|" * len(present),
+    ]
+    for r in results:
+        cells = []
+        for key, _, digits in present:
+            mean, se = r.get(key, (float("nan"), float("nan")))
+            cells.append(f"{mean:.{digits}f} ± {se:.{digits}f}")
+        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_eval(cfg: EvalConfig, out: Path) -> list[dict]:
+    raw = load_raw(cfg.data, limit=max(cfg.num_prompts, cfg.num_pairs))
+    reference = _load(cfg.reference)[0] if cfg.reference else None
+    results = [evaluate_model(name, path, reference, raw, cfg) for name, path in cfg.models]
+    if cfg.judge:
+        judge_all(results, cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(
+        json.dumps({"config": asdict(cfg), "results": results}, indent=1)
+    )
+    (out / "results.md").write_text(markdown_table(results) + "\n")
+    return results
