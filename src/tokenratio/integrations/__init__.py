@@ -1,0 +1,1 @@
+"""Optional integrations with other training libraries (import each module explicitly)."""

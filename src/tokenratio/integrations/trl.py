@@ -1,0 +1,198 @@
+"""TBPO (and every loss of the registry) for people who train with TRL's DPOTrainer.
+
+    from tokenratio.integrations.trl import TBPOConfig, TBPOTrainer
+    args = TBPOConfig(output_dir="out", tokenratio_loss="tbpo-a", beta=0.1)
+    trainer = TBPOTrainer(model=model, ref_model=None, args=args, train_dataset=dataset,
+                          processing_class=tokenizer)        # any DPOTrainer argument works
+    trainer.train()
+
+The extension point is the public `DPOTrainer.compute_loss` (TRL >= 1.0). TRL builds the batch
+(2B rows, [chosen; rejected], right-padded, `completion_mask`); we run the (possibly DDP/FSDP-wrapped)
+model on it, keep logits only from the first response position on (`logits_to_keep`), gather them
+response-aligned, and hand per-token log-probs (and full-vocabulary KL or the TBPO-Q head's values)
+to `LOSSES[tokenratio_loss]`. The reference is TRL's `ref_model`, or, for a PEFT model without one,
+the same model with its adapter disabled. The TBPO-Q head is attached to the model as a submodule
+before Accelerate prepares it, so DDP, FSDP and ZeRO see it; it gets its own optimizer parameter group
+(AdamW-style lr `baseline_head_lr`) and is saved beside the model.
+"""
+
+from dataclasses import dataclass, field
+
+try:
+    import trl
+    from trl import DPOConfig, DPOTrainer
+except ImportError as err:  # pragma: no cover - exercised by the missing-extra test
+    raise ImportError(
+        "tokenratio.integrations.trl needs TRL: pip install 'tokenratio[trl]' (trl>=1.0,<2)"
+    ) from err
+
+import torch
+
+from tokenratio.baseline import StateBaselineHead
+from tokenratio.logprobs import IGNORE_INDEX, sampled_k3, token_logps, token_logps_and_kl
+from tokenratio.losses import LOSSES, NEEDS_BASELINE, TokenLogps, kl_fields, reduce
+
+HEAD_ATTRIBUTE = "tbpo_baseline_head"
+
+if not hasattr(DPOTrainer, "compute_loss"):  # feature detection, not a version check
+    raise ImportError(f"TRL {trl.__version__} has no DPOTrainer.compute_loss to extend")
+
+
+@dataclass
+class TBPOConfig(DPOConfig):
+    """DPOConfig plus the tokenratio loss. `beta` is DPOConfig's own."""
+
+    tokenratio_loss: str = field(default="tbpo-a", metadata={"help": "a name in tokenratio LOSSES"})
+    tokenratio_loss_options: dict | None = field(
+        default=None, metadata={"help": "keyword options of the loss, e.g. {'kl_estimator': 'k3'}"}
+    )
+    baseline_head_width: int = field(default=1024, metadata={"help": "TBPO-Q head width"})
+    baseline_head_lr: float = field(default=1e-3, metadata={"help": "TBPO-Q head lr (authors)"})
+    logprob_chunk_elements: int = field(default=1 << 22, metadata={"help": "kernel chunk size"})
+
+
+def _inner(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def response_layout(input_ids, completion_mask):
+    """Response-aligned positions and labels from TRL's right-padded rows.
+
+    Returns:
+        positions (N, T): index of the logits predicting completion token j; labels (N, T).
+    """
+    lengths = completion_mask.sum(1)  # (N,)
+    starts = completion_mask.float().argmax(
+        1
+    )  # first completion token (completions are contiguous)
+    T = max(1, int(lengths.max()))
+    offsets = torch.arange(T, device=input_ids.device)[None]  # (1, T)
+    valid = offsets < lengths[:, None]
+    token_index = (starts[:, None] + offsets).clamp(max=input_ids.shape[1] - 1)
+    labels = torch.where(valid, input_ids.gather(1, token_index), IGNORE_INDEX)
+    positions = torch.where(valid, token_index - 1, torch.zeros_like(token_index))
+    return positions, labels
+
+
+class TBPOTrainer(DPOTrainer):
+    """DPOTrainer whose loss is any tokenratio registry loss (default TBPO-A)."""
+
+    def __init__(self, *args, **kwargs):
+        config = kwargs["args"] if "args" in kwargs else (args[2] if len(args) > 2 else None)
+        if config is not None and config.tokenratio_loss in NEEDS_BASELINE:
+            # The head runs after the model's (DDP-wrapped) forward; DDP's unused-parameter search
+            # would mark its parameters ready at the end of forward and again in backward. It gets
+            # a gradient every step, so the search is not needed.
+            if config.ddp_find_unused_parameters:
+                raise ValueError(
+                    "tbpo-q needs ddp_find_unused_parameters=False (the head is "
+                    "applied outside the model's forward and always used)"
+                )
+            config.ddp_find_unused_parameters = False
+        super().__init__(*args, **kwargs)
+        config = self.args
+        LOSSES[config.tokenratio_loss]  # unknown names fail here, listing the valid ones
+        self._loss_options = dict(config.tokenratio_loss_options or {})
+        if config.tokenratio_loss in NEEDS_BASELINE and not hasattr(self.model, HEAD_ATTRIBUTE):
+            hidden = _inner(self.model).config.hidden_size
+            head = StateBaselineHead(hidden, config.baseline_head_width)
+            setattr(self.model, HEAD_ATTRIBUTE, head.to(next(self.model.parameters()).device))
+
+    def _head(self, model):
+        return getattr(self.accelerator.unwrap_model(model), HEAD_ATTRIBUTE, None)
+
+    def create_optimizer(self, *args, **kwargs):
+        """The Trainer's optimizer, with the TBPO-Q head moved into its own group (lr, no decay)."""
+        head = getattr(self.model, HEAD_ATTRIBUTE, None)
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if head is not None:
+            head_ids = {id(p) for p in head.parameters()}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in head_ids]
+            optimizer.add_param_group(
+                {
+                    "params": list(head.parameters()),
+                    "lr": self.args.baseline_head_lr,
+                    "weight_decay": 0.0,
+                }
+            )
+        return optimizer
+
+    def _response_logits(self, model, input_ids, attention_mask, positions, hidden=False):
+        first = int(positions[positions > 0].min()) if (positions > 0).any() else 0
+        keep = input_ids.shape[1] - first  # logits only from the first response position on
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            logits_to_keep=keep,
+            output_hidden_states=hidden,
+        )
+        index = (positions - first).clamp(min=0)
+        logits = out.logits.gather(1, index[..., None].expand(-1, -1, out.logits.shape[-1]))
+        states = None
+        if hidden:
+            last = out.hidden_states[-1]
+            states = last.gather(1, positions[..., None].expand(-1, -1, last.shape[-1]))
+        return logits, states
+
+    def _reference_logits(self, model, input_ids, attention_mask, positions):
+        with torch.no_grad():
+            if self.ref_model is not None:
+                return self._response_logits(self.ref_model, input_ids, attention_mask, positions)[
+                    0
+                ]
+            unwrapped = self.accelerator.unwrap_model(model)
+            if not hasattr(unwrapped, "disable_adapter"):
+                raise ValueError("TBPOTrainer needs a ref_model unless the model is a PEFT model")
+            with unwrapped.disable_adapter():  # the reference: same weights, adapter off
+                return self._response_logits(model, input_ids, attention_mask, positions)[0]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        config = self.args
+        name, options = config.tokenratio_loss, self._loss_options
+        positions, labels = response_layout(inputs["input_ids"], inputs["completion_mask"])
+        with_head = name in NEEDS_BASELINE
+        logits, hidden = self._response_logits(
+            model, inputs["input_ids"], inputs["attention_mask"], positions, with_head
+        )
+        ref_logits = self._reference_logits(
+            model, inputs["input_ids"], inputs["attention_mask"], positions
+        )
+        chunk = config.logprob_chunk_elements
+        kl = kl_fields(name, options)
+        if kl == "exact":
+            logps, kl_values = token_logps_and_kl(logits, labels, ref_logits, chunk_elements=chunk)
+        else:
+            logps = token_logps(logits, labels, chunk_elements=chunk)
+            kl_values = sampled_k3(logits, ref_logits, chunk_elements=chunk) if kl == "k3" else None
+        ref_logps = token_logps(ref_logits, labels, chunk_elements=chunk)
+        baseline = self._head(model)(hidden).float() if with_head else None
+        B = labels.shape[0] // 2
+
+        def halves(x):
+            return (None, None) if x is None else (x[:B], x[B:])
+
+        mask = labels != IGNORE_INDEX
+        batch = TokenLogps(
+            *halves(logps), *halves(ref_logps), *halves(mask), *halves(kl_values), *halves(baseline)
+        )
+        losses, metrics = LOSSES[name](batch, beta=self.beta, **options)
+        loss = reduce(losses)
+        self._record(metrics)
+        return (loss, {"losses": losses}) if return_outputs else loss
+
+    def _record(self, metrics: dict) -> None:
+        store = getattr(self, "_metrics", None)
+        if store is None:
+            return
+        mode = "train" if self.model.training else "eval"
+        for key, value in metrics.items():
+            gathered = self.accelerator.gather_for_metrics(value.detach().float())
+            store[mode][key.replace("reward_", "rewards/")].append(gathered.mean().item())
+
+    def save_model(self, output_dir=None, _internal_call=False):
+        super().save_model(output_dir, _internal_call)
+        head = getattr(self.model, HEAD_ATTRIBUTE, None)
+        if head is not None and self.accelerator.is_main_process:
+            head.save_pretrained(output_dir or self.args.output_dir)
