@@ -189,13 +189,38 @@ def _explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _perf(args: argparse.Namespace) -> int:
+    from tokenratio.perf import format_report, run_perf
+
+    try:
+        report = run_perf(
+            model=args.model,
+            rows=args.rows,
+            steps=args.steps,
+            warmup=args.warmup,
+            batch=args.batch,
+            prompt_len=args.prompt_len,
+            response_len=args.response_len,
+            repeats=args.repeats,
+            device=args.device,
+            dtype=args.dtype,
+            out=args.out,
+        )
+    except RuntimeError as err:
+        print(f"tokenratio perf: {err}", file=sys.stderr)
+        return 1
+    print(format_report(report))
+    print(f"\nwrote {args.out}/perf.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tokenratio",
         description="Token-level preference optimization (TBPO-Q, TBPO-A) and its baselines.",
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{bench,train,eval,explain,convert-gguf}"
+        dest="command", required=True, metavar="{bench,train,eval,explain,perf,convert-gguf}"
     )
 
     bench = sub.add_parser(
@@ -319,6 +344,32 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--beta", type=float, default=0.1)
     ex.add_argument("--out", default="explain_out", help="output directory (explain_out)")
     ex.set_defaults(run=_explain)
+
+    perf = sub.add_parser(
+        "perf",
+        help="step time, tokens/s, peak memory and MFU per loss, side by side with TRL",
+        description="Each row runs in its own process on the same model config, batches and batch "
+        "size; rows alternate for --repeats rounds and medians are reported, with ratios against "
+        "our dpo and TRL's DPOTrainer (when trl is installed). MFU is against a matmul peak "
+        "measured on the same machine.",
+    )
+    perf.add_argument(
+        "--model",
+        default="tiny",
+        choices=["tiny", "cpu20m", "smollm2-135m", "llama3-vocab"],
+        help="tiny (CI), cpu20m (~17M, CPU), smollm2-135m (GPU), llama3-vocab (128k)",
+    )
+    perf.add_argument("--rows", nargs="+", help="dpo tbpo-a tbpo-q tdpo2 bpo trl (default: all)")
+    perf.add_argument("--steps", type=int, default=8, help="timed steps per row and repeat")
+    perf.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    perf.add_argument("--batch", type=int, default=8, help="pairs per step")
+    perf.add_argument("--prompt-len", type=int, default=64)
+    perf.add_argument("--response-len", type=int, default=64)
+    perf.add_argument("--repeats", type=int, default=3, help="alternating rounds (medians)")
+    perf.add_argument("--device", default="cpu", help="cpu or cuda")
+    perf.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    perf.add_argument("--out", default="perf_out")
+    perf.set_defaults(run=_perf)
     return parser
 
 

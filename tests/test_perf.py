@@ -1,0 +1,48 @@
+"""`tokenratio perf` runs every row and reports consistent ratios (no timing assertions here: the
+targets are checked by reading the harness's own side-by-side output, not by timed tests)."""
+
+import json
+
+import pytest
+
+from tokenratio.cli import main
+
+
+@pytest.mark.slow
+def test_perf_harness_reports_every_row(tmp_path, capsys):
+    rows = ["dpo", "tbpo-a", "tbpo-q", "tdpo2", "bpo", "trl"]
+    assert (
+        main(
+            [
+                "perf",
+                "--model",
+                "tiny",
+                "--rows",
+                *rows,
+                "--steps",
+                "2",
+                "--warmup",
+                "1",
+                "--repeats",
+                "1",
+                "--batch",
+                "2",
+                "--prompt-len",
+                "16",
+                "--response-len",
+                "16",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
+    assert "speed/TRL" in capsys.readouterr().out
+    report = json.loads((tmp_path / "perf.json").read_text())
+    by_row = {r["row"]: r for r in report["rows"]}
+    assert set(by_row) == set(rows)
+    assert by_row["dpo"]["step_vs_dpo"] == pytest.approx(1.0)
+    assert by_row["trl"]["speed_vs_trl"] == pytest.approx(1.0)
+    for r in report["rows"]:
+        assert r["step_s"] > 0 and r["peak_mib"] > 0 and 0 < r["mfu"] < 1
+        assert r["tokens_per_s"] == pytest.approx(report["config"]["tokens_per_step"] / r["step_s"])
