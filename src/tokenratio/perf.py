@@ -8,8 +8,9 @@ alternation (A B C A B C ...) and medians reported, as the machine is shared and
 Rows: ours with `dpo`, `tbpo-a`, `tbpo-q`, `tdpo2`, `bpo` (the training loop's own step: policy
 forward with the LM head on response positions only, reference forward without autograd, chunked
 log-probs/KL, loss, backward, AdamW), and TRL's `DPOTrainer` (`sigmoid`) when TRL is installed.
-MFU counts 6N FLOPs per trained token plus 2N for the reference forward (N = parameters), against a
-matmul peak measured on the same machine (fp32 on CPU, bf16 on GPU).
+MFU counts the FLOPs the step needs (`required_flops`: 8 per non-embedding parameter per token, and
+the LM head only at response positions, the same count for every row) against a matmul peak measured
+on the same machine (fp32 on CPU, bf16 on GPU).
 """
 
 import json
@@ -292,7 +293,7 @@ def run_perf(
     for row in rows:
         step = statistics.median(m["step_s"] for m in measured[row])
         memory = statistics.median(m["peak_bytes"] for m in measured[row])
-        flops = 8 * n_params * tokens  # 6N per trained token (policy) + 2N (reference forward)
+        flops = required_flops(model, batch, prompt_len, response_len)
         summary.append(
             {
                 "row": row,
@@ -325,6 +326,19 @@ def run_perf(
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "perf.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def required_flops(model: str, batch: int, prompt_len: int, response_len: int) -> float:
+    """FLOPs one step needs, whoever runs it: 8 per non-embedding parameter per token (policy
+    forward 2 + backward 4, reference forward 2), plus the LM head (8 * V * H) only at the positions
+    whose log-probs the loss uses, the response tokens. Embedding lookups are not matmuls."""
+    vocab, hidden = MODELS[model][0], MODELS[model][1]
+    n_params = sum(p.numel() for p in build_model(model).parameters())
+    body = n_params - 2 * vocab * hidden  # untied input embedding and LM head excluded
+    rows = 2 * batch
+    all_tokens = rows * (prompt_len + response_len + 1)
+    response_tokens = rows * (response_len + 1)
+    return 8 * body * all_tokens + 8 * vocab * hidden * response_tokens
 
 
 def _worker_env():
