@@ -1,6 +1,7 @@
 """The loss library against hand-derived values, a naive implementation, gradcheck and properties."""
 
 import math
+from dataclasses import fields, replace
 
 import pytest
 import torch
@@ -8,6 +9,14 @@ from torch.testing import assert_close
 
 from naive_losses import naive_loss
 from tokenratio.losses import GENERATORS, LOSSES, TokenLogps, k3, reduce
+
+FIELDS = [f.name for f in fields(TokenLogps)]
+
+
+def mapped(batch, fn):
+    """The batch with `fn` applied to every tensor it holds."""
+    return TokenLogps(**{f: fn(getattr(batch, f)) for f in FIELDS if getattr(batch, f) is not None})
+
 
 ALL = sorted(LOSSES)
 PREFERENCE = [n for n in ALL if n != "sft"]
@@ -276,25 +285,7 @@ def test_gradcheck_float64(name, options):
 def test_stop_gradient_inputs_get_exactly_zero_gradient(name, options, field):
     batch = random_batch(seed=2)
     value = getattr(batch, field).clone().requires_grad_()
-    b = TokenLogps(
-        **{
-            f: getattr(batch, f)
-            for f in (
-                "policy_chosen",
-                "policy_rejected",
-                "ref_chosen",
-                "ref_rejected",
-                "chosen_mask",
-                "rejected_mask",
-                "chosen_kl",
-                "rejected_kl",
-                "chosen_baseline",
-                "rejected_baseline",
-            )
-            if f != field
-        },
-        **{field: value},
-    )
+    b = replace(batch, **{field: value})
     losses, _ = LOSSES[name](b, beta=0.5, **options)
     assert (
         not losses.sum().requires_grad
@@ -307,25 +298,9 @@ def test_padding_beyond_mask_changes_nothing(name, options):
     """nan beyond the masks, and extra all-padding columns, leave losses and gradients unchanged."""
     clean = random_batch(seed=3)
     dirty = random_batch(seed=3, garbage=float("nan"))
-    wide = TokenLogps(
-        *[
-            torch.cat([v, torch.full_like(v[:, :4], False if v.dtype == torch.bool else 123.0)], 1)
-            for v in (
-                getattr(clean, f)
-                for f in (
-                    "policy_chosen",
-                    "policy_rejected",
-                    "ref_chosen",
-                    "ref_rejected",
-                    "chosen_mask",
-                    "rejected_mask",
-                    "chosen_kl",
-                    "rejected_kl",
-                    "chosen_baseline",
-                    "rejected_baseline",
-                )
-            )
-        ]
+    wide = mapped(
+        clean,
+        lambda v: torch.cat([v, torch.full_like(v[:, :4], v.dtype != torch.bool and 123.0)], 1),
     )
     reference = LOSSES[name](clean, beta=0.3, **options)[0]
     for other in (dirty, wide):
@@ -373,17 +348,8 @@ def test_tbpo_with_lr_unit_weight_one_token_equals_dpo(name):
     """With one response token, w = 1 (log w = 0) and h = LR, TBPO's per-token logistic loss is DPO."""
     batch = random_batch(T=1, seed=5)
     zero = torch.zeros_like(batch.policy_chosen)
-    batch = TokenLogps(
-        batch.policy_chosen,
-        batch.policy_rejected,
-        batch.ref_chosen,
-        batch.ref_rejected,
-        batch.chosen_mask,
-        batch.rejected_mask,
-        zero,
-        zero,
-        zero,
-        zero,
+    batch = replace(
+        batch, chosen_kl=zero, rejected_kl=zero, chosen_baseline=zero, rejected_baseline=zero
     )
     assert_close(
         LOSSES[name](batch, beta=0.7, generator="lr")[0], LOSSES["dpo"](batch, beta=0.7)[0]
@@ -404,24 +370,7 @@ def test_k3_with_many_samples_approaches_exact_kl():
 
 def test_metrics_are_detached_and_accurate():
     batch = random_batch(seed=6)
-    pc = batch.policy_chosen.clone().requires_grad_()
-    batch = TokenLogps(
-        pc,
-        *[
-            getattr(batch, f)
-            for f in (
-                "policy_rejected",
-                "ref_chosen",
-                "ref_rejected",
-                "chosen_mask",
-                "rejected_mask",
-                "chosen_kl",
-                "rejected_kl",
-                "chosen_baseline",
-                "rejected_baseline",
-            )
-        ],
-    )
+    batch = replace(batch, policy_chosen=batch.policy_chosen.clone().requires_grad_())
     for name in ALL:
         _, metrics = LOSSES[name](batch, beta=0.5)
         for key, value in metrics.items():
@@ -451,18 +400,8 @@ def test_unknown_names_and_options_are_value_errors():
 
 def test_missing_inputs_name_the_field():
     batch = random_batch()
-    bare = TokenLogps(
-        *[
-            getattr(batch, f)
-            for f in (
-                "policy_chosen",
-                "policy_rejected",
-                "ref_chosen",
-                "ref_rejected",
-                "chosen_mask",
-                "rejected_mask",
-            )
-        ]
+    bare = replace(
+        batch, chosen_kl=None, rejected_kl=None, chosen_baseline=None, rejected_baseline=None
     )
     with pytest.raises(ValueError, match="chosen_kl"):
         LOSSES["tdpo2"](bare, beta=0.1)
@@ -472,14 +411,7 @@ def test_missing_inputs_name_the_field():
     with pytest.raises(ValueError, match='kl_estimator="k3"'):
         LOSSES["tbpo-a"](bare, beta=0.1, kl_estimator="k3")  # the sampled estimate fills the field
     with pytest.raises(ValueError, match="shape"):
-        TokenLogps(
-            batch.policy_chosen,
-            batch.policy_rejected[:, :3],
-            batch.ref_chosen,
-            batch.ref_rejected,
-            batch.chosen_mask,
-            batch.rejected_mask,
-        )
+        replace(batch, policy_rejected=batch.policy_rejected[:, :3])
 
 
 @pytest.mark.parametrize("name", ["dpo", "tbpo-a", "tbpo-q"])
@@ -489,23 +421,7 @@ def test_reduce_accumulation_invariance(name):
     pc = batch.policy_chosen.clone().requires_grad_()
 
     def loss_of(rows):
-        b = TokenLogps(
-            pc[rows],
-            *[
-                getattr(batch, f)[rows]
-                for f in (
-                    "policy_rejected",
-                    "ref_chosen",
-                    "ref_rejected",
-                    "chosen_mask",
-                    "rejected_mask",
-                    "chosen_kl",
-                    "rejected_kl",
-                    "chosen_baseline",
-                    "rejected_baseline",
-                )
-            ],
-        )
+        b = mapped(replace(batch, policy_chosen=pc), lambda v: v[rows])
         return LOSSES[name](b, beta=0.5)[0]
 
     full = reduce(loss_of(slice(0, 8)))
