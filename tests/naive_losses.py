@@ -56,6 +56,15 @@ def naive_loss(name, pair, beta, **o):
     if name == "sft":
         n = pair["len_chosen"]
         return -sum(pair["policy_chosen"][:n]) / n
+    if name == "tisdpo":
+        wc, wr = pair["chosen_weight"], pair["rejected_weight"]
+        margin = sum(wc[t] * rc[t] for t in range(len(rc))) - sum(
+            wr[t] * rr[t] for t in range(len(rr))
+        )
+        kl_coef = o.get("kl_coef", 0.0)
+        kc = sum(wc[t] * pair["chosen_kl"][t] for t in range(len(rc)))
+        kr = sum(wr[t] * pair["rejected_kl"][t] for t in range(len(rr)))
+        return _softplus(-(beta * margin - kl_coef * beta * (kc - kr)))
     if name in ("tbpo-q", "tbpo-a"):
         T = min(pair["len_chosen"], pair["len_rejected"])
         if name == "tbpo-q":

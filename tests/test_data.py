@@ -1,6 +1,7 @@
 """Data loading, formats, validation errors (real HH-RLHF rows and broken copies), collation."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -185,3 +186,66 @@ def test_collate_is_response_aligned():
         valid = batch.labels[i] != IGNORE_INDEX
         gathered = batch.input_ids[i, batch.positions[i][valid] + 1]
         assert torch.equal(gathered, batch.labels[i][valid])
+
+
+def weighted(records, tokenizer, cfg=CFG):
+    """The records with one weight per response token (0.5, 1.5, 2.5, ...), as tokenized under cfg."""
+    data, _ = tokenize_dataset(load_raw_list(records), tokenizer, cfg)
+    out = []
+    for record, row in zip(records, data, strict=True):
+        out.append(
+            {
+                **record,
+                "chosen_weight": [0.5 + t for t in range(len(row["chosen_ids"]))],
+                "rejected_weight": [0.25] * len(row["rejected_ids"]),
+            }
+        )
+    return out
+
+
+def load_raw_list(records):
+    import datasets
+
+    from tokenratio.data import RawData
+
+    return RawData(datasets.Dataset.from_list(records), "records", None)
+
+
+def test_tisdpo_weights_travel_to_the_batch_and_swap_with_the_responses(tmp_path, tokenizer):
+    records = weighted(hh_records(4), tokenizer)
+    data, _ = tokenize_dataset(
+        load_raw(str(write_jsonl(tmp_path / "w.jsonl", records))), tokenizer, CFG
+    )
+    assert data[0]["chosen_weight"] == records[0]["chosen_weight"]
+    batch = collate([data[i] for i in range(4)], tokenizer.pad_token_id)
+    assert batch.weights.shape == batch.labels.shape  # (2B, T), response-aligned
+    n = len(data[1]["chosen_ids"])
+    assert batch.weights[1, :n].tolist() == [0.5 + t for t in range(n)]
+    assert (batch.weights[batch.labels == IGNORE_INDEX] == 0).all()
+    assert (batch.weights[4:][batch.labels[4:] != IGNORE_INDEX] == 0.25).all()
+    swapped, _ = tokenize_dataset(
+        load_raw(str(tmp_path / "w.jsonl")), tokenizer, replace(CFG, swap_preferences=True)
+    )
+    assert swapped[0]["chosen_ids"] == data[0]["rejected_ids"]
+    assert swapped[0]["chosen_weight"] == data[0]["rejected_weight"]
+    assert collate([data[0]], tokenizer.pad_token_id).weights is not None
+    plain, _ = tokenize_dataset(load_raw_list(hh_records(2)), tokenizer, CFG)
+    assert collate([plain[0]], tokenizer.pad_token_id).weights is None
+
+
+def test_tisdpo_weights_cut_with_the_response_and_mismatches_name_the_field(tmp_path, tokenizer):
+    records = weighted(hh_records(6), tokenizer)
+    short = DataConfig(path="x", max_length=96, max_prompt_length=64, on_invalid="skip")
+    data, _ = tokenize_dataset(load_raw_list(records), tokenizer, short)
+    assert all(len(r["chosen_weight"]) == len(r["chosen_ids"]) for r in data)
+    broken = [dict(r) for r in records]
+    broken[2]["rejected_weight"] = broken[2]["rejected_weight"][:-1]  # one weight missing
+    path = write_jsonl(tmp_path / "broken.jsonl", broken)
+    with pytest.raises(DataError, match=r"line 3: field 'rejected_weight': \d+ weights for a"):
+        tokenize_dataset(load_raw(str(path)), tokenizer, CFG)
+    broken[2] = {**records[2], "chosen_weight": [-1.0] * len(records[2]["chosen_weight"])}
+    with pytest.raises(DataError, match=r"line 3: field 'chosen_weight': .*>= 0"):
+        tokenize_dataset(load_raw(str(write_jsonl(path, broken))), tokenizer, CFG)
+    lonely = [{k: v for k, v in r.items() if k != "rejected_weight"} for r in records]
+    with pytest.raises(DataError, match="not its twin"):
+        tokenize_dataset(load_raw_list(lonely), tokenizer, CFG)

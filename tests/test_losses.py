@@ -9,6 +9,7 @@ from torch.testing import assert_close
 
 from naive_losses import naive_loss
 from tokenratio.losses import GENERATORS, LOSSES, TokenLogps, k3, reduce
+from tokenratio.tisdpo import importance_weights
 
 FIELDS = [f.name for f in fields(TokenLogps)]
 
@@ -154,6 +155,40 @@ def test_tbpo_uses_only_aligned_positions():
     assert_close(LOSSES["tbpo-a"](batch, beta=1.0, generator="lr")[0].item(), lr)
 
 
+def test_tisdpo_hand_values():
+    """r(chosen) = [0.5, 0.5], r(rejected) = [0, 0], beta = 1.
+    Weights [2, 0] on chosen: u_w = 2 * 0.5 + 0 * 0.5 = 1, loss log(1 + e^-1).
+    Unit weights and kl_coef 0.5 with SeqKL chosen 0.3, rejected 0.5:
+    logits = 1 - 0.5 (0.3 - 0.5) = 1.1, loss log(1 + e^-1.1).
+    """
+    weighted = make_batch(**PAIR, chosen_weight=[2.0, 0.0], rejected_weight=[5.0, 5.0])
+    assert_close(LOSSES["tisdpo"](weighted, beta=1.0)[0].item(), math.log1p(math.exp(-1)))
+    unit = make_batch(**PAIR, **KL, chosen_weight=[1.0, 1.0], rejected_weight=[1.0, 1.0])
+    losses, metrics = LOSSES["tisdpo"](unit, beta=1.0, kl_coef=0.5)
+    assert_close(losses.item(), math.log1p(math.exp(-1.1)))
+    assert_close(metrics["weighted_margin"].item(), 1.1)
+
+
+@pytest.mark.parametrize(
+    "chosen, expected",
+    [
+        (True, [math.exp(-1), 1.0, math.exp(0.5), math.e]),  # exp(+clamp(c, -1, 1))
+        (False, [math.e, 1.0, math.exp(-0.5), math.exp(-1)]),  # exp(-clamp(c, -1, 1))
+    ],
+)
+def test_importance_weights_hand_values(chosen, expected):
+    """Contrasts [-2, 0, 0.5, 3] clamp to [-1, 0, 0.5, 1]; scale 2 doubles every weight."""
+    contrast = torch.tensor([-2.0, 0.0, 0.5, 3.0], dtype=torch.float64)
+    weights = importance_weights(contrast, chosen=chosen, lower=-1.0, upper=1.0)
+    assert_close(weights, torch.tensor(expected, dtype=torch.float64))
+    scaled = importance_weights(contrast, chosen=chosen, lower=-1.0, upper=1.0, scale=2.0)
+    assert_close(scaled, 2 * weights)
+    with pytest.raises(ValueError, match="lower"):
+        importance_weights(contrast, chosen=chosen, lower=1.0, upper=-1.0)
+    with pytest.raises(ValueError, match="scale"):
+        importance_weights(contrast, chosen=chosen, scale=0.0)
+
+
 def test_sft_hand_value():
     """Mean NLL of chosen tokens: -(-1 - 2)/2 = 1.5."""
     assert_close(LOSSES["sft"](make_batch(**PAIR), beta=0.1)[0].item(), 1.5)
@@ -177,6 +212,7 @@ OPTION_GRID = {
         {"generator": "ba", "lam": 0.5},
     ],
     "sft": [{}],
+    "tisdpo": [{}, {"kl_coef": 0.5}],
 }
 CASES = [(name, options) for name in ALL for options in OPTION_GRID[name]]
 
@@ -206,6 +242,8 @@ def random_batch(B=5, T=7, dtype=torch.float64, seed=0, garbage=0.0):
         rejected_kl=draw(0.3, 0.0, rejected_mask).abs(),
         chosen_baseline=draw(1.0, 0.0, chosen_mask),
         rejected_baseline=draw(1.0, 0.0, rejected_mask),
+        chosen_weight=draw(0.7, 0.0, chosen_mask).abs(),
+        rejected_weight=draw(0.7, 0.0, rejected_mask).abs(),
     )
 
 
@@ -225,6 +263,8 @@ def as_pairs(batch):
             "rejected_kl",
             "chosen_baseline",
             "rejected_baseline",
+            "chosen_weight",
+            "rejected_weight",
         ):
             pair[name] = getattr(batch, name)[i].tolist()
         pairs.append(pair)
@@ -258,6 +298,7 @@ def test_gradcheck_float64(name, options):
     names = [k for k in DIFFERENTIABLE if k not in STOP_GRADIENT.get(name, ())]
     inputs = {k: getattr(batch, k).clone().requires_grad_() for k in names}
     constants = {k: getattr(batch, k) for k in DIFFERENTIABLE if k not in names}
+    constants.update(chosen_weight=batch.chosen_weight, rejected_weight=batch.rejected_weight)
 
     def fn(*tensors):
         fields = dict(zip(inputs, tensors, strict=True))
@@ -319,6 +360,8 @@ def swapped(batch):
         batch.chosen_kl,
         batch.rejected_baseline,
         batch.chosen_baseline,
+        batch.rejected_weight,
+        batch.chosen_weight,
     )
 
 
@@ -329,7 +372,18 @@ def test_swapping_chosen_and_rejected_raises_the_loss(name, options):
     ones = torch.ones(3, 4, dtype=torch.float64)
     mask = torch.ones(3, 4, dtype=torch.bool)
     batch = TokenLogps(
-        -ones + 0.4, -ones - 0.4, -ones, -ones, mask, mask, 0.1 * ones, 0.1 * ones, ones, ones
+        -ones + 0.4,
+        -ones - 0.4,
+        -ones,
+        -ones,
+        mask,
+        mask,
+        0.1 * ones,
+        0.1 * ones,
+        ones,
+        ones,
+        ones,
+        ones,
     )
     right = LOSSES[name](batch, beta=0.5, **options)[0]
     wrong = LOSSES[name](swapped(batch), beta=0.5, **options)[0]
@@ -353,6 +407,19 @@ def test_tbpo_with_lr_unit_weight_one_token_equals_dpo(name):
     )
     assert_close(
         LOSSES[name](batch, beta=0.7, generator="lr")[0], LOSSES["dpo"](batch, beta=0.7)[0]
+    )
+
+
+def test_tisdpo_with_unit_weights_equals_dpo_and_weights_get_no_gradient():
+    """w = 1 everywhere and no KL term: TIS-DPO's weighted margin is DPO's margin."""
+    batch = random_batch(seed=8)
+    ones = torch.ones_like(batch.policy_chosen)
+    unit = replace(batch, chosen_weight=ones, rejected_weight=ones)
+    assert_close(LOSSES["tisdpo"](unit, beta=0.3)[0], LOSSES["dpo"](unit, beta=0.3)[0])
+    weight = batch.chosen_weight.clone().requires_grad_()
+    losses, _ = LOSSES["tisdpo"](replace(batch, chosen_weight=weight), beta=0.3, kl_coef=0.5)
+    assert not losses.sum().requires_grad or (
+        torch.autograd.grad(losses.sum(), weight, allow_unused=True)[0] is None
     )
 
 
@@ -410,11 +477,15 @@ def test_missing_inputs_name_the_field():
     LOSSES["tbpo-a"](bare, beta=0.1, kl_estimator="k3-response")  # needs no KL field
     with pytest.raises(ValueError, match='kl_estimator="k3"'):
         LOSSES["tbpo-a"](bare, beta=0.1, kl_estimator="k3")  # the sampled estimate fills the field
+    with pytest.raises(ValueError, match=r"chosen_weight.*tokenratio tisdpo"):
+        LOSSES["tisdpo"](replace(batch, chosen_weight=None), beta=0.1)
+    with pytest.raises(ValueError, match="chosen_kl"):
+        LOSSES["tisdpo"](bare, beta=0.1, kl_coef=0.5)
     with pytest.raises(ValueError, match="shape"):
         replace(batch, policy_rejected=batch.policy_rejected[:, :3])
 
 
-@pytest.mark.parametrize("name", ["dpo", "tbpo-a", "tbpo-q"])
+@pytest.mark.parametrize("name", ["dpo", "tbpo-a", "tbpo-q", "tisdpo"])
 def test_reduce_accumulation_invariance(name):
     """One batch of 8 equals 4 micro-batches of 2 accumulated with reduce(num_pairs=8)."""
     batch = random_batch(B=8, seed=7)

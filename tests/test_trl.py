@@ -198,3 +198,17 @@ def test_missing_trl_names_the_extra(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "pip install 'tokenratio[trl]'" in out.stdout
+
+
+def test_tisdpo_is_refused_before_any_setup(tiny_model_dir, tmp_path):
+    """TRL's batches carry no token weights: say where TIS-DPO is trained instead."""
+    from tokenratio.integrations.trl import TBPOTrainer
+
+    model, tokenizer = load(tiny_model_dir)
+    with pytest.raises(ValueError, match="tokenratio tisdpo"):
+        TBPOTrainer(
+            model=model,
+            args=config(tmp_path, tokenratio_loss="tisdpo"),
+            processing_class=tokenizer,
+            train_dataset=hh_dataset(4),
+        )

@@ -1,9 +1,12 @@
-"""The `tokenratio` command: bench | train | eval. `main(argv)` returns an exit code, so tests call it.
+"""The `tokenratio` command: bench | train | tisdpo | eval | explain | perf | convert-gguf.
+
+`main(argv)` returns an exit code, so tests call it.
 
 Heavy imports (transformers, datasets, matplotlib) happen inside the subcommands.
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -90,6 +93,58 @@ def _train(args: argparse.Namespace) -> int:
             f"done after {result.get('step')} steps: {summary}; "
             f"model in {cfg.train.output_dir}/final"
         )
+    return 0
+
+
+TISDPO_HELP = """\
+TIS-DPO (Liu et al., arXiv 2410.04350) end to end, with the same config as `tokenratio train`:
+  1. two contrastive models from the config's model: pi+ trained with DPO on the data, pi- with DPO
+     on flipped preferences (skipped with --positive/--negative, or [tisdpo] positive_model/...);
+  2. every response token of data.path (and data.heldout_path) scored once: contrast
+     c_t = log pi+(y_t|s_t) - log pi-(y_t|s_t), weight w_t = scale * exp(mu * clamp(c_t, lower,
+     upper)) with mu = +1 on chosen and -1 on rejected, written to OUT/weights/train.jsonl;
+  3. TIS-DPO (loss tisdpo) trained on the scored file into OUT (final/, metrics.jsonl, ...).
+Each stage is skipped when its output exists, so a crashed run continues where it stopped.
+
+  tokenratio tisdpo configs/smollm2_hh_cpu.toml --set train.output_dir=runs/smollm2-tisdpo
+  tokenratio tisdpo CONFIG --positive runs/dpo/final --negative runs/dpo-flipped/final
+  tokenratio tisdpo CONFIG --set tisdpo.lower=-0.5 --set tisdpo.upper=1.5 --set loss.options.kl_coef=0.5
+
+Several processes (accelerate launch): train the two models with `tokenratio train --set
+loss.name=dpo` (add --set data.swap_preferences=true for pi-), run `tokenratio tisdpo CONFIG
+--positive P --negative N --score-only`, then `train --set loss.name=tisdpo --set data.path=OUT/weights/
+train.jsonl`. A scored file is plain JSONL: any format `train` reads, plus chosen_weight/
+rejected_weight (one number per response token, EOS included) and the raw contrasts.
+"""
+
+
+def _tisdpo(args: argparse.Namespace) -> int:
+    from tokenratio.config import ConfigError, load_config
+    from tokenratio.data import DataError
+
+    overrides = list(args.set or [])
+    for side in ("positive", "negative"):
+        if getattr(args, side):
+            overrides.append(f"tisdpo.{side}_model={json.dumps(getattr(args, side))}")
+    try:
+        cfg = load_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"tokenratio tisdpo: {err}", file=sys.stderr)
+        return 2
+    from tokenratio.tisdpo import run_tisdpo
+    from tokenratio.trainer import TrainingError
+
+    try:
+        result = run_tisdpo(cfg, score_only=args.score_only, progress=not args.no_progress)
+    except (DataError, TrainingError, ValueError, OSError) as err:
+        print(f"tokenratio tisdpo: {err}", file=sys.stderr)
+        return 1
+    if args.score_only:
+        print(f"scored: {result}")
+    else:
+        summary = {k: round(v, 4) for k, v in result.items() if k.startswith("eval_")}
+        print(f"TIS-DPO done after {result.get('step')} steps: {summary}")
+        print(f"model in {cfg.train.output_dir}/final")
     return 0
 
 
@@ -241,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Token-level preference optimization (TBPO-Q, TBPO-A) and its baselines.",
     )
     sub = parser.add_subparsers(
-        dest="command", required=True, metavar="{bench,train,eval,explain,perf,convert-gguf}"
+        dest="command",
+        required=True,
+        metavar="{bench,train,tisdpo,eval,explain,perf,convert-gguf}",
     )
 
     bench = sub.add_parser(
@@ -305,6 +362,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
+
+    tis = sub.add_parser(
+        "tisdpo",
+        help="TIS-DPO end to end: contrastive models, token weights, training",
+        description=TISDPO_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    tis.add_argument("config", nargs="?", help="TOML config file (the same as for train)")
+    tis.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override (repeatable)"
+    )
+    tis.add_argument("--positive", help="an existing pi+ (DPO-trained) instead of training one")
+    tis.add_argument("--negative", help="an existing pi- (flipped DPO) instead of training one")
+    tis.add_argument("--score-only", action="store_true", help="stop after writing the scored data")
+    tis.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tis.set_defaults(run=_tisdpo)
 
     convert = sub.add_parser(
         "convert-gguf",

@@ -4,6 +4,7 @@
     [data]   path, format, split, max_length, max_prompt_length, on_invalid, heldout_fraction
     [loss]   name, beta, options (a table passed to LOSSES[name])
     [train]  optimizer, lr, schedule, epochs/max_steps, batch sizes, clipping, checkpoints, logging
+    [tisdpo] contrastive models and weight bounds (`tokenratio tisdpo` only)
 
 Overrides look like `--set train.lr=1e-6` or `loss.options.kl_estimator=k3`; a value must parse as
 the default's type (TOML syntax: strings may be bare), and unknown keys are errors with a suggestion.
@@ -50,6 +51,7 @@ class DataConfig:
     max_prompt_length: int = 256  # prompts longer than this keep their last tokens
     on_invalid: str = "error"  # error | skip: bad records stop the run, or are counted and skipped
     limit: int | None = None  # use only the first N records (smoke runs)
+    swap_preferences: bool = False  # train on flipped labels (TIS-DPO's negative contrast model)
 
 
 @dataclass(frozen=True)
@@ -86,11 +88,28 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class TisdpoConfig:
+    """`tokenratio tisdpo` only: TIS-DPO's contrastive models and weight transform (tisdpo.py)."""
+
+    positive_model: str | None = None  # trained with DPO on the data; None: trained first
+    negative_model: str | None = (
+        None  # trained with DPO on flipped preferences; None: trained first
+    )
+    # w = scale * exp(mu * clamp(log pi+ - log pi-, lower, upper)), mu = +1 chosen, -1 rejected
+    # (TIS-DPO's weight estimate; these defaults are ours, not the paper's).
+    lower: float = -1.0
+    upper: float = 1.0
+    scale: float = 1.0
+    score_batch_size: int = 8
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    tisdpo: TisdpoConfig = field(default_factory=TisdpoConfig)
 
 
 CHOICES = {

@@ -9,6 +9,10 @@ Length policy (reported after tokenization as counts):
 - prompt longer than `max_length`: an invalid record, like a malformed line, a missing field, an empty
   response or chosen identical to rejected. Invalid records stop the run with an error naming the file,
   line (or record index) and field; with `on_invalid = "skip"` they are skipped and counted.
+
+TIS-DPO's per-token weights travel with the records (`chosen_weight`/`rejected_weight`, one number per
+response token under the tokenizer and max_length they were scored with; `tokenratio tisdpo` writes
+them) into `PreferenceBatch.weights`.
 """
 
 import gzip
@@ -38,6 +42,8 @@ class PreferenceBatch:
         positions: (2B, T) int64, index into L of the hidden state whose logits predict response
             token j (prompt_length + j - 1); 0 where there is no token j.
         labels: (2B, T) int64, response token j of each row, IGNORE_INDEX beyond the response.
+        weights: (2B, T) float32 or None, TIS-DPO's weight of response token j, 0 beyond the
+            response; None when the data carries no weights.
     Response-aligned: column j of `labels` is response token j of every row (the loss contract).
     """
 
@@ -45,13 +51,19 @@ class PreferenceBatch:
     attention_mask: torch.Tensor
     positions: torch.Tensor
     labels: torch.Tensor
+    weights: torch.Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
         return self.input_ids.shape[0] // 2
 
     def to(self, device) -> "PreferenceBatch":
-        return PreferenceBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+        return PreferenceBatch(
+            *(
+                None if (v := getattr(self, f)) is None else v.to(device)
+                for f in self.__dataclass_fields__
+            )
+        )
 
 
 def _open_text(path: Path):
@@ -127,8 +139,42 @@ def load_raw(path: str, split: str = "train", limit: int | None = None) -> RawDa
     return RawData(dataset, str(path), lines)
 
 
-def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int, max_prompt_length: int):
-    """Text -> token ids with the length policy. Raises RecordError for invalid records."""
+WEIGHT_FIELDS = ("chosen_weight", "rejected_weight")
+
+
+def _token_weights(record: dict, field: str, kept: int, full: int) -> list[float]:
+    """A record's per-token weights for a response of `full` tokens of which `kept` survive the
+    length policy: at least `kept` and at most `full` finite numbers >= 0, cut to `kept`."""
+    values = record.get(field)
+    if not isinstance(values, list) or not all(
+        isinstance(v, int | float) and not isinstance(v, bool) for v in values
+    ):
+        raise RecordError(field, f"expected a list of numbers, got {values!r:.60}")
+    if not kept <= len(values) <= full:
+        raise RecordError(
+            field,
+            f"{len(values)} weights for a response of {full} tokens ({kept} kept): the weights were "
+            "scored with another tokenizer or data.max_length; score again with `tokenratio tisdpo`",
+        )
+    if not all(0 <= v < float("inf") for v in values):
+        raise RecordError(field, "weights must be finite and >= 0")
+    return [float(v) for v in values[:kept]]
+
+
+def tokenize_record(
+    record: dict,
+    fmt: str,
+    tokenizer,
+    max_length: int,
+    max_prompt_length: int,
+    with_weights: bool = False,
+    swap: bool = False,
+):
+    """Text -> token ids with the length policy. Raises RecordError for invalid records.
+
+    with_weights: also carry the record's TIS-DPO weights, cut like the responses. swap: exchange
+    chosen and rejected (and their weights), to train on flipped preferences.
+    """
     prompt, chosen, rejected = to_text(record, fmt, tokenizer)
     templated = fmt in ("ultrafeedback",) or isinstance(record.get("prompt"), list)
     prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
@@ -144,12 +190,18 @@ def tokenize_record(record: dict, fmt: str, tokenizer, max_length: int, max_prom
     prompt_ids = prompt_ids[-max_prompt_length:]
     budget = max_length - len(prompt_ids)
     out = {"prompt_ids": prompt_ids, "prompt_truncated": prompt_truncated, "truncated": False}
-    for name, text in (("chosen", chosen), ("rejected", rejected)):
+    sides = [("chosen", chosen, "chosen"), ("rejected", rejected, "rejected")]
+    if swap:
+        sides = [("chosen", rejected, "rejected"), ("rejected", chosen, "chosen")]
+    for name, text, source in sides:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         if tokenizer.eos_token_id is not None:
             ids = [*ids, tokenizer.eos_token_id]
         out["truncated"] |= len(ids) > budget
         out[f"{name}_ids"] = ids[:budget]
+        if with_weights:
+            kept = len(out[f"{name}_ids"])
+            out[f"{name}_weight"] = _token_weights(record, f"{source}_weight", kept, len(ids))
     if out["chosen_ids"] == out["rejected_ids"]:
         raise RecordError("rejected", "identical to chosen after tokenization and truncation")
     return out
@@ -177,10 +229,22 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
             f"data.max_prompt_length ({cfg.max_prompt_length}) must be below data.max_length "
             f"({cfg.max_length})"
         )
+    present = [f for f in WEIGHT_FIELDS if f in raw.dataset.column_names]
+    if len(present) == 1:
+        raise DataError(f"{raw.source}: has '{present[0]}' but not its twin; score both responses")
+    with_weights = bool(present)
 
     def convert(record, index):
         try:
-            out = tokenize_record(record, fmt, tokenizer, cfg.max_length, cfg.max_prompt_length)
+            out = tokenize_record(
+                record,
+                fmt,
+                tokenizer,
+                cfg.max_length,
+                cfg.max_prompt_length,
+                with_weights=with_weights,
+                swap=cfg.swap_preferences,
+            )
             return {**out, "error": "", "record": index}
         except RecordError as err:
             message = f"{raw.where(index)}: {err}"
@@ -188,10 +252,11 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
                 raise DataError(
                     f"{message}\n(set data.on_invalid=skip to skip and count invalid records)"
                 ) from None
+            empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+            if with_weights:
+                empty.update(chosen_weight=[], rejected_weight=[])
             return {
-                "prompt_ids": [],
-                "chosen_ids": [],
-                "rejected_ids": [],
+                **empty,
                 "truncated": False,
                 "prompt_truncated": False,
                 "error": message,
@@ -223,7 +288,13 @@ def collate(examples: list[dict], pad_token_id: int) -> PreferenceBatch:
     """Pairs -> one PreferenceBatch of 2B right-padded rows (chosen rows first)."""
     rows = [(e["prompt_ids"], e["chosen_ids"]) for e in examples]
     rows += [(e["prompt_ids"], e["rejected_ids"]) for e in examples]
-    return collate_rows(rows, pad_token_id)
+    batch = collate_rows(rows, pad_token_id)
+    if "chosen_weight" in examples[0]:
+        weights = [e["chosen_weight"] for e in examples] + [e["rejected_weight"] for e in examples]
+        batch.weights = torch.zeros(batch.labels.shape, dtype=torch.float32)  # (2B, T)
+        for i, row in enumerate(weights):
+            batch.weights[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return batch
 
 
 def collate_rows(rows: list[tuple[list[int], list[int]]], pad_token_id: int) -> PreferenceBatch:

@@ -2,15 +2,17 @@
 
 Every loss takes one `TokenLogps` and keyword hyperparameters and returns `(losses, metrics)`:
 `losses` is (B,) per pair, `metrics` a dict of detached (B,) tensors. Formulas: ../shared/docs/METHOD.md,
-from "TokenRatio" (arXiv 2605.12288), DPO (2305.18290), BPO (2505.19601), TDPO (2404.11999).
+from "TokenRatio" (arXiv 2605.12288), DPO (2305.18290), BPO (2505.19601), TDPO (2404.11999),
+TIS-DPO (2410.04350).
 
 Notation: r_t(y) = log pi_theta(y_t|s_t) - log pi_ref(y_t|s_t), the per-token log-ratio;
 u = sum_t r_t(y^chosen) - sum_t r_t(y^rejected), the sequence margin.
 
-Sequence level: dpo, ipo, bpo (Bregman ratio matching on R = exp(-beta u)), tdpo1, tdpo2, sft.
+Sequence level: dpo, ipo, bpo (Bregman ratio matching on R = exp(-beta u)), tdpo1, tdpo2, sft,
+                tisdpo (DPO with a per-token importance weight on every log-ratio).
 Token level:    tbpo-q, tbpo-a (Bregman ratio matching on R_t, one per aligned position, TBPO eq. in
                 METHOD.md "TBPO" points 2-3).
-Bregman generators are pure functions of log R in `GENERATORS`; losses are in `LOSSES` at the bottom.
+Bregman generators (pure functions of log R) are in bregman.py; losses are in `LOSSES` at the bottom.
 This module imports only torch.
 """
 
@@ -21,6 +23,9 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+
+from tokenratio.bregman import GENERATORS as GENERATORS  # re-exported: part of the public API
+from tokenratio.bregman import bregman_generator
 
 Tensor = torch.Tensor
 
@@ -40,6 +45,9 @@ class TokenLogps:
             (needed by tdpo1, tdpo2 and tbpo-a with kl_estimator="exact").
         chosen_baseline, rejected_baseline: (B, T) float or None, the state-baseline head's b(s_t)
             at the position whose logits predict token t (needed by tbpo-q).
+        chosen_weight, rejected_weight: (B, T) float or None, TIS-DPO's per-token importance weight
+            w_t >= 0 of each response token (needed by tisdpo; `tokenratio.tisdpo` estimates them
+            from two contrastive models). Data, not model outputs: no gradient flows into them.
     """
 
     policy_chosen: Tensor
@@ -52,6 +60,8 @@ class TokenLogps:
     rejected_kl: Tensor | None = None
     chosen_baseline: Tensor | None = None
     rejected_baseline: Tensor | None = None
+    chosen_weight: Tensor | None = None
+    rejected_weight: Tensor | None = None
 
     def __post_init__(self):
         shape = self.policy_chosen.shape
@@ -141,90 +151,6 @@ def _strict_options(fn: Callable) -> Callable:
 
     wrapper.options = valid
     return wrapper
-
-
-# ---------------------------------------------------------------------------------------------
-# Bregman generators: per-sample (or per-token) loss l(R) = h'(R) R - h(R) - h'(1/R), written as a
-# function of log R for numerical range (METHOD.md, BPO table).
-
-
-def lr_generator(log_r: Tensor) -> Tensor:
-    """Logistic regression: log(1 + R). With R = exp(-beta u) this is DPO's -log sigma(beta u)."""
-    return F.softplus(log_r)
-
-
-def kliep_generator(log_r: Tensor) -> Tensor:
-    """KLIEP: R + log R (unbounded below as R -> 0: clamp log R)."""
-    return log_r.exp() + log_r
-
-
-def lsif_generator(log_r: Tensor) -> Tensor:
-    """LSIF: R^2 - 2/R."""
-    return (2 * log_r).exp() - 2 * (-log_r).exp()
-
-
-def ba_generator(log_r: Tensor, *, lam: float) -> Tensor:
-    """Basu's power family: R^(lam+1) - ((lam+1)/lam) R^(-lam), lam > -1.
-
-    At lam = 0 the formula diverges by the constant -1/lam; we return its finite limit R + log R
-    (KLIEP), which has the same gradient.
-    """
-    if lam == 0:
-        return kliep_generator(log_r)
-    return ((lam + 1) * log_r).exp() - (lam + 1) / lam * (-lam * log_r).exp()
-
-
-def sba_generator(log_r: Tensor, *, lam: float, s: float) -> Tensor:
-    """Scaled BA: R^(lam+1)/(s(lam+1)) - R^(-lam)/(s lam); lam = 0 gives (R + log R)/s.
-
-    s = 4 makes the gradient in log R equal DPO's (1/2) at R = 1; the paper's TBPO uses lam=0, s=4.
-    """
-    if lam == 0:
-        return (log_r.exp() + log_r) / s
-    return ((lam + 1) * log_r).exp() / (s * (lam + 1)) - (-lam * log_r).exp() / (s * lam)
-
-
-GENERATORS: dict[str, Callable[..., Tensor]] = {
-    "lr": lr_generator,
-    "kliep": kliep_generator,
-    "lsif": lsif_generator,
-    "ba": ba_generator,
-    "sba": sba_generator,
-}
-# Hyperparameters each generator takes, with their defaults (paper: SBA lam=0, s=4).
-GENERATOR_DEFAULTS: dict[str, dict[str, float]] = {
-    "lr": {},
-    "kliep": {},
-    "lsif": {},
-    "ba": {"lam": 0.0},
-    "sba": {"lam": 0.0, "s": 4.0},
-}
-
-
-def bregman_generator(
-    generator: str, lam: float | None = None, s: float | None = None
-) -> Callable[[Tensor], Tensor]:
-    """Resolve a generator name and its hyperparameters to a function log R -> loss.
-
-    Raises ValueError for an unknown name, a hyperparameter the generator does not take, lam <= -1 or
-    s <= 0.
-    """
-    if generator not in GENERATORS:
-        raise ValueError(f"unknown generator '{generator}'; valid: {sorted(GENERATORS)}")
-    params = dict(GENERATOR_DEFAULTS[generator])
-    for name, value in (("lam", lam), ("s", s)):
-        if value is None:
-            continue
-        if name not in params:
-            raise ValueError(
-                f"generator '{generator}' takes no '{name}' (it takes {sorted(params) or 'none'})"
-            )
-        params[name] = float(value)
-    if params.get("lam", 0.0) <= -1:
-        raise ValueError(f"lam must be > -1 for a convex generator, got {params['lam']}")
-    if params.get("s", 1.0) <= 0:
-        raise ValueError(f"s must be > 0, got {params['s']}")
-    return functools.partial(GENERATORS[generator], **params)
 
 
 def _clamp_log_r(log_r: Tensor, clamp: float | None) -> tuple[Tensor, Tensor]:
@@ -330,6 +256,45 @@ def sft_loss(batch: TokenLogps, *, beta: float = 0.0):
     """
     losses = -masked_mean(batch.policy_chosen, batch.chosen_mask)
     return losses, {"nll_chosen": losses.detach()}
+
+
+@_strict_options
+def tisdpo_loss(batch: TokenLogps, *, beta: float, kl_coef: float = 0.0):
+    """TIS-DPO (Liu et al., arXiv 2410.04350): DPO with an importance weight on every token's log-ratio.
+
+        u_w = sum_t w^w_t r_t(y^w) - sum_t w^l_t r_t(y^l)
+        loss = -log sigma(beta u_w - kl_coef beta (sum_t w^w_t KL_t(y^w) - sum_t w^l_t KL_t(y^l)))
+
+    The weights come from `chosen_weight`/`rejected_weight` (`tokenratio.tisdpo.importance_weights`).
+    kl_coef = 0 (default) is the weighted DPO objective, which is also the authors' code with
+    `token_level=False`; kl_coef > 0 adds their `token_level=True` term, a weighted sequential KL with
+    coefficient `alpha` and that sign. Their code takes KL(pi_theta || pi_ref) there; this loss reads
+    the contract's KL fields, which hold KL(pi_ref || pi_theta) (TDPO's SeqKL direction).
+    With w = 1 and kl_coef = 0 this is exactly DPO. Hand value: r(y^w) = [0.5, 0.5], r(y^l) = 0,
+    w^w = [2, 0], beta = 1: u_w = 1, loss = log(1 + e^-1).
+    """
+    _require(
+        batch,
+        ("chosen_weight", "rejected_weight"),
+        "tisdpo",
+        "per-token importance weights: score the data with `tokenratio tisdpo`",
+    )
+    chosen_ratio, rejected_ratio = log_ratios(batch)
+    chosen_w, rejected_w = batch.chosen_weight.detach(), batch.rejected_weight.detach()
+    u_w = masked_sum(chosen_w * chosen_ratio, batch.chosen_mask) - masked_sum(
+        rejected_w * rejected_ratio, batch.rejected_mask
+    )  # (B,)
+    logits = beta * u_w
+    if kl_coef:
+        _require(batch, ("chosen_kl", "rejected_kl"), "tisdpo", "its weighted KL term (kl_coef)")
+        chosen_kl = masked_sum(chosen_w * batch.chosen_kl, batch.chosen_mask)
+        rejected_kl = masked_sum(rejected_w * batch.rejected_kl, batch.rejected_mask)
+        logits = logits - kl_coef * beta * (chosen_kl - rejected_kl)
+    metrics = _sequence_metrics(batch, beta)
+    metrics["weighted_margin"] = logits.detach()
+    metrics["weighted_accuracy"] = (logits.detach() > 0).float()
+    metrics["mean_weight_chosen"] = masked_mean(chosen_w, batch.chosen_mask)
+    return -F.logsigmoid(logits), metrics
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,18 +425,20 @@ LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = _LossRegist
         "tbpo-q": tbpo_q_loss,
         "tbpo-a": tbpo_a_loss,
         "sft": sft_loss,
+        "tisdpo": tisdpo_loss,
     }
 )
 
 # What each loss needs from the model beyond the labels' log-probs; the trainer computes only that.
 NEEDS_BASELINE = {"tbpo-q"}
 NEEDS_REFERENCE = set(LOSSES) - {"sft"}
+NEEDS_WEIGHTS = {"tisdpo"}  # per-token weights carried by the data (chosen_weight/rejected_weight)
 
 
 def kl_fields(name: str, options: dict) -> str | None:
     """What the forward pass must put in chosen_kl/rejected_kl for loss `name` with `options`:
     "exact" (full-vocabulary KL), "k3" (sampled estimate) or None (not read)."""
-    if name in ("tdpo1", "tdpo2"):
+    if name in ("tdpo1", "tdpo2") or (name == "tisdpo" and options.get("kl_coef", 0.0)):
         return "exact"
     if name == "tbpo-a":
         estimator = options.get("kl_estimator", "exact")

@@ -128,7 +128,8 @@ def batch_token_logps(
     mc, mr = halves(mask)
     kc, kr = halves(kl_values)
     bc, br = halves(None if baseline is None else baseline.float())
-    return TokenLogps(pc, pr, rc, rr, mc, mr, kc, kr, bc, br)
+    wc, wr = halves(batch.weights)
+    return TokenLogps(pc, pr, rc, rr, mc, mr, kc, kr, bc, br, wc, wr)
 
 
 def load_tokenizer(cfg):

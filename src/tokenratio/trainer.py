@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 
 from tokenratio import checkpoint
 from tokenratio.data import collate, load_raw, tokenize_dataset
-from tokenratio.losses import LOSSES, NEEDS_BASELINE, kl_fields, reduce
+from tokenratio.losses import LOSSES, NEEDS_BASELINE, NEEDS_WEIGHTS, kl_fields, reduce
 from tokenratio.modeling import batch_token_logps, build_models, load_tokenizer, save_final
 
 
@@ -127,6 +127,12 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict:
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     data, heldout, report = prepare_data(cfg, tokenizer, accelerator)
+    if cfg.loss.name in NEEDS_WEIGHTS and "chosen_weight" not in heldout.column_names:
+        raise TrainingError(
+            f"loss '{cfg.loss.name}' needs per-token weights (chosen_weight/rejected_weight) in "
+            "every record of data.path and data.heldout_path: run `tokenratio tisdpo CONFIG`, "
+            "which scores the data with two contrastive models and trains on it"
+        )
     with_head = cfg.loss.name in NEEDS_BASELINE
     policy, reference = build_models(cfg.model, with_head)
     optimizer, head_optimizer = _optimizers(cfg, policy)

@@ -30,7 +30,14 @@ import torch
 
 from tokenratio.baseline import StateBaselineHead
 from tokenratio.logprobs import IGNORE_INDEX, sampled_k3, token_logps, token_logps_and_kl
-from tokenratio.losses import LOSSES, NEEDS_BASELINE, TokenLogps, kl_fields, reduce
+from tokenratio.losses import (
+    LOSSES,
+    NEEDS_BASELINE,
+    NEEDS_WEIGHTS,
+    TokenLogps,
+    kl_fields,
+    reduce,
+)
 
 HEAD_ATTRIBUTE = "tbpo_baseline_head"
 
@@ -79,6 +86,11 @@ class TBPOTrainer(DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         config = kwargs["args"] if "args" in kwargs else (args[2] if len(args) > 2 else None)
+        if config is not None and config.tokenratio_loss in NEEDS_WEIGHTS:
+            raise ValueError(
+                f"'{config.tokenratio_loss}' needs per-token weights, which TRL's batches do not "
+                "carry; train it with `tokenratio tisdpo` instead"
+            )
         if config is not None and config.tokenratio_loss in NEEDS_BASELINE:
             # The head runs after the model's (DDP-wrapped) forward; DDP's unused-parameter search
             # would mark its parameters ready at the end of forward and again in backward. It gets
