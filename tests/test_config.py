@@ -69,3 +69,15 @@ def test_shipped_configs_load(path):
         assert (cfg.train.optimizer, cfg.train.lr, cfg.loss.beta) == ("rmsprop", 5e-7, 0.1)
         assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.train.max_grad_norm) == (32, 64, 10.0)
         assert cfg.train.warmup_ratio == 0.05 and cfg.data.max_length == 2048
+
+
+def test_tisdpo_weight_defaults_match_the_weight_function():
+    """The benchmark calls importance_weights with its defaults; `tokenratio tisdpo` with the config's."""
+    import inspect
+
+    from tokenratio.config import TisdpoConfig
+    from tokenratio.tisdpo import importance_weights
+
+    defaults = inspect.signature(importance_weights).parameters
+    for name in ("lower", "upper", "scale"):
+        assert defaults[name].default == getattr(TisdpoConfig(), name)

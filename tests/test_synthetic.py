@@ -179,3 +179,35 @@ def test_transformer_policy_class_fits_the_reference_and_learns():
     assert dpo["return"][0] > reference["return"][0] + 1.0
     assert dpo["kl_seq"][0] < reference["kl_seq"][0] - 0.5
     assert result["rows"]["tbpo-a"]["kl_tok"][0] < reference["kl_tok"][0]
+
+
+@pytest.mark.parametrize("kl", [None, "exact"])
+def test_table_kernels_equal_per_pair_kernels(kl):
+    """tabular_token_logps runs the kernels once per (state, action) and gathers: the values and
+    gradients must be those of running them on every pair's tokens directly."""
+    from tokenratio.logprobs import token_logps, token_logps_and_kl
+
+    mdp = synthetic.make_mdp()
+    pairs = synthetic.sample_pairs(mdp, 300, seed=3)
+    g = torch.Generator().manual_seed(0)
+    logits = mdp.ref_logps + 0.3 * torch.randn(
+        mdp.ref_logps.shape, generator=g, dtype=torch.float64
+    )
+    logits.requires_grad_()
+    steps = torch.arange(mdp.length)[None]
+    direct = []
+    for responses in (pairs.chosen, pairs.rejected):
+        index = (pairs.prompts[:, None], steps, synthetic.states_of(responses, mdp.vocab_size))
+        if kl:
+            direct += token_logps_and_kl(logits[index], responses, mdp.ref_logps[index])
+        else:
+            direct.append(token_logps(logits[index], responses))
+    batch = bench.tabular_token_logps(logits, mdp, pairs, kl=kl)
+    ours = [batch.policy_chosen, batch.chosen_kl, batch.policy_rejected, batch.rejected_kl]
+    ours = [t for t in ours if t is not None]
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in ours]
+    total = sum((w * t).sum() for w, t in zip(weights, ours, strict=True))
+    expected = sum((w * t).sum() for w, t in zip(weights, direct, strict=True))
+    for a, b in zip(ours, direct, strict=True):
+        assert_close(a, b)
+    assert_close(torch.autograd.grad(total, logits)[0], torch.autograd.grad(expected, logits)[0])

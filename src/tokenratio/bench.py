@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from tokenratio import synthetic
 from tokenratio.logprobs import sampled_k3, token_logps, token_logps_and_kl
-from tokenratio.losses import LOSSES, TokenLogps, kl_fields, reduce
+from tokenratio.losses import LOSSES, NEEDS_WEIGHTS, TokenLogps, kl_fields, reduce
+from tokenratio.tisdpo import importance_weights
 
 METRICS = (
     "return",
@@ -40,7 +41,7 @@ METRICS = (
 class BenchConfig:
     """What `tokenratio bench` runs. Presets: `quick` (CI), default, `full`."""
 
-    losses: tuple[str, ...] = ("dpo", "ipo", "bpo", "tdpo1", "tdpo2", "tbpo-q", "tbpo-a")
+    losses: tuple[str, ...] = ("dpo", "ipo", "bpo", "tdpo1", "tdpo2", "tisdpo", "tbpo-q", "tbpo-a")
     betas: tuple[float, ...] = (0.25, 1.0, 4.0)
     seeds: tuple[int, ...] = (0, 1, 2)
     num_prompts: int = 4
@@ -90,25 +91,59 @@ def tabular_token_logps(
     baseline: torch.Tensor | None = None,
     kl: str | None = None,
 ) -> TokenLogps:
-    """The loss contract's inputs for a tabular policy: per-token log-probs by table lookup."""
+    """The loss contract's inputs for a tabular policy, through the real kernels.
+
+    `token_logps` / `token_logps_and_kl` run once per (state, action) of the table, P*T*(V+1)*V
+    rows, and each pair's tokens are gathered from the result: the same values and gradients as
+    running them on every pair's tokens, without paying their per-row cost N*T times (torch's
+    reductions over a handful of actions are dominated by per-row overhead). The sampled k3 draws
+    a fresh a ~ pi_ref at every pair position, so it runs per pair.
+    """
+    P, T, S, V = policy_logits.shape
     steps = torch.arange(mdp.length)[None]
+    every_action = policy_logits.reshape(-1, 1, V).expand(-1, V, V)  # (P*T*S, V actions, V)
+    actions = torch.arange(V).expand(P * T * S, V)
+    if kl == "exact":
+        ref_rows = mdp.ref_logps.reshape(-1, 1, V).expand(-1, V, V)
+        table, table_kl = token_logps_and_kl(every_action, actions, ref_rows)
+        table_kl = table_kl[:, 0].reshape(P, T, S)  # KL(ref || policy) of each state
+    else:
+        table = token_logps(every_action, actions)
+    table = table.reshape(P, T, S, V)  # log pi(a | state)
 
     def side(responses, prev):
         prev = synthetic.states_of(responses, mdp.vocab_size) if prev is None else prev
         index = (pairs.prompts[:, None], steps, prev)
-        logits, ref = policy_logits[index], mdp.ref_logps[index]  # (N, T, V)
-        if kl == "exact":
-            logps, kl_values = token_logps_and_kl(logits, responses, ref)
-        else:
-            logps = token_logps(logits, responses)
-            kl_values = sampled_k3(logits, ref) if kl == "k3" else None
-        ref_logps = ref.gather(-1, responses[..., None]).squeeze(-1)
+        logps, ref_logps = table[(*index, responses)], mdp.ref_logps[(*index, responses)]
+        kl_values = table_kl[index] if kl == "exact" else None
+        if kl == "k3":
+            kl_values = sampled_k3(policy_logits[index], mdp.ref_logps[index])
         return logps, ref_logps, kl_values, None if baseline is None else baseline[index]
 
     pc, rc, kc, bc = side(pairs.chosen, pairs.chosen_prev)
     pr, rr, kr, br = side(pairs.rejected, pairs.rejected_prev)
     mask = torch.ones_like(pairs.chosen, dtype=torch.bool)
-    return TokenLogps(pc, pr, rc, rr, mask, mask, kc, kr, bc, br)
+    weights = pairs.chosen_weight, pairs.rejected_weight
+    return TokenLogps(pc, pr, rc, rr, mask, mask, kc, kr, bc, br, *weights)
+
+
+def contrast_weighted(
+    positive: torch.Tensor, negative: torch.Tensor, mdp, pairs, **bounds
+) -> synthetic.PreferencePairs:
+    """`pairs` with TIS-DPO's token weights from two tabular contrast policies (logit tables):
+    contrast log pi+(y_t|s_t) - log pi-(y_t|s_t), then `tisdpo.importance_weights(**bounds)`
+    (default bounds: those of `tokenratio tisdpo`)."""
+    plus = tabular_token_logps(positive.log_softmax(-1), mdp, pairs)
+    minus = tabular_token_logps(negative.log_softmax(-1), mdp, pairs)
+    return replace(
+        pairs,
+        chosen_weight=importance_weights(
+            plus.policy_chosen - minus.policy_chosen, chosen=True, **bounds
+        ),
+        rejected_weight=importance_weights(
+            plus.policy_rejected - minus.policy_rejected, chosen=False, **bounds
+        ),
+    )
 
 
 def train_tabular(
@@ -119,10 +154,12 @@ def train_tabular(
     seed: int,
     splits: dict[str, synthetic.PreferencePairs],
     lr: float | None = None,
+    keep_policy: bool = False,
 ) -> dict:
     """Full-batch Adam from pi_ref, early-stopped on the validation loss.
 
-    Returns the metrics of the kept policy ("final") and a curve sampled every eval_every steps.
+    Returns the metrics of the kept policy ("final"), a curve sampled every eval_every steps and,
+    with keep_policy, the kept logit table ("policy", for TIS-DPO's contrast models).
     """
     torch.manual_seed(seed)
     options = dict(cfg.loss_options.get(loss, {}))
@@ -169,7 +206,19 @@ def train_tabular(
     best_valid, best_step, kept, final = best
     final = {**final, "best_step": best_step, "lr": lr, "valid_loss": best_valid}
     final["distinct"] = _distinct(kept.log_softmax(-1), mdp, cfg.samples_per_prompt, seed)
-    return {"loss": loss, "beta": beta, "seed": seed, "final": final, "curve": curve}
+    run = {"loss": loss, "beta": beta, "seed": seed, "final": final, "curve": curve}
+    return {**run, "policy": kept} if keep_policy else run
+
+
+def _contrast_splits(cfg: BenchConfig, mdp, beta: float, seed: int, splits: dict) -> dict:
+    """TIS-DPO's pipeline in miniature: pi+ trained with DPO on the training pairs, pi- with DPO on
+    the same pairs flipped (both at the preset's lr, early-stopped), then every split weighted."""
+    positive = train_tabular(cfg, mdp, "dpo", beta, seed, splits, keep_policy=True)["policy"]
+    flipped = {name: pairs.flipped() for name, pairs in splits.items()}
+    negative = train_tabular(cfg, mdp, "dpo", beta, seed, flipped, keep_policy=True)["policy"]
+    return {
+        name: contrast_weighted(positive, negative, mdp, pairs) for name, pairs in splits.items()
+    }
 
 
 def _distinct(logps, mdp, per_prompt: int, seed: int) -> float:
@@ -259,15 +308,25 @@ def run_bench(cfg: BenchConfig, out_dir: Path, progress: bool = True) -> dict:
     }
     jobs = [(loss, beta) for beta in cfg.betas for loss in cfg.losses]
     runs = []
+    weighted = [loss for loss in cfg.losses if loss in NEEDS_WEIGHTS]
     bar = tqdm(
-        total=len(jobs) * (len(cfg.seeds) + max(0, len(cfg.lr_grid) - 1)),
+        total=len(jobs) * (len(cfg.seeds) + max(0, len(cfg.lr_grid) - 1))
+        + 2 * len(cfg.betas) * len(cfg.seeds) * bool(weighted),
         desc="bench",
         disable=not progress,
     )
+    weighted_splits = {}  # (beta, seed) -> splits with TIS-DPO token weights
     for loss, beta in jobs:
+        if loss in NEEDS_WEIGHTS and (beta, cfg.seeds[0]) not in weighted_splits:
+            for seed in cfg.seeds:
+                weighted_splits[beta, seed] = _contrast_splits(cfg, mdp, beta, seed, splits[seed])
+                bar.update(2)
+        data = {
+            s: weighted_splits[beta, s] if loss in NEEDS_WEIGHTS else splits[s] for s in cfg.seeds
+        }
         first, *rest = cfg.seeds
         tried = [
-            train_tabular(cfg, mdp, loss, beta, first, splits[first], lr)
+            train_tabular(cfg, mdp, loss, beta, first, data[first], lr)
             for lr in (cfg.lr_grid or (cfg.lr,))
         ]
         chosen = min(tried, key=lambda run: run["final"]["valid_loss"])
@@ -275,7 +334,7 @@ def run_bench(cfg: BenchConfig, out_dir: Path, progress: bool = True) -> dict:
         bar.update(len(tried))
         for seed in rest:
             runs.append(
-                train_tabular(cfg, mdp, loss, beta, seed, splits[seed], chosen["final"]["lr"])
+                train_tabular(cfg, mdp, loss, beta, seed, data[seed], chosen["final"]["lr"])
             )
             bar.update(1)
     bar.close()

@@ -6,13 +6,15 @@ like a real model. Token ids: response tokens 0..V-1, prompt x is the single tok
 fitted to pi_ref by SFT on responses sampled from pi_ref (the fit is reported as KL(LM || pi_ref)),
 then a copy is trained with each loss through the same code a real model uses
 (`modeling.batch_token_logps`: response-only LM head, chunked log-probs and KL, the TBPO-Q head), with
-the SFT model as the frozen reference. Metrics are estimated by sampling responses from the trained
+the SFT model as the frozen reference (TIS-DPO's contrast models are trained the same way, with DPO
+on the pairs and on the flipped pairs). Metrics are estimated by sampling responses from the trained
 LM: expected true return, KL(pi || pi_ref), KL(pi || pi*_seq), KL(pi || pi*_tok), each as mean ± 95%
 confidence half-width, since log pi(y) is known exactly for every sampled y.
 """
 
 import copy
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -20,8 +22,9 @@ from torch import nn
 from tokenratio import synthetic
 from tokenratio.baseline import StateBaselineHead
 from tokenratio.data import PreferenceBatch
-from tokenratio.losses import LOSSES, NEEDS_BASELINE, kl_fields, reduce
+from tokenratio.losses import LOSSES, NEEDS_BASELINE, NEEDS_WEIGHTS, kl_fields, reduce
 from tokenratio.modeling import PolicyWithHead, batch_token_logps
+from tokenratio.tisdpo import batch_contrast, importance_weights
 
 
 class ResponseVocabLM(nn.Module):
@@ -110,11 +113,28 @@ def fit_reference(mdp, steps: int = 400, batch: int = 512, lr: float = 3e-3, see
 def _pairs_batch(mdp, pairs) -> PreferenceBatch:
     chosen = _batch(mdp, pairs.prompts, pairs.chosen)
     rejected = _batch(mdp, pairs.prompts, pairs.rejected)
-    return PreferenceBatch(
+    batch = PreferenceBatch(
         *(
             torch.cat([getattr(chosen, f), getattr(rejected, f)])
             for f in ("input_ids", "attention_mask", "positions", "labels")
         )
+    )
+    if pairs.chosen_weight is not None:  # (2B, T) token weights, chosen rows first
+        batch.weights = torch.cat([pairs.chosen_weight, pairs.rejected_weight]).float()
+    return batch
+
+
+def contrast_weighted_lm(mdp, reference, beta, pairs, **train_options):
+    """TIS-DPO's pipeline on the transformer: pi+ and pi- trained with DPO on the pairs and on the
+    flipped pairs, then every pair weighted through the real-model scoring path."""
+    positive = train_lm(mdp, reference, "dpo", beta, pairs, **train_options).model
+    negative = train_lm(mdp, reference, "dpo", beta, pairs.flipped(), **train_options).model
+    contrast = batch_contrast(positive, negative, _pairs_batch(mdp, pairs)).double()  # (2N, T)
+    N = len(pairs)
+    return replace(
+        pairs,
+        chosen_weight=importance_weights(contrast[:N], chosen=True),
+        rejected_weight=importance_weights(contrast[N:], chosen=False),
     )
 
 
@@ -138,7 +158,11 @@ def train_lm(
     for _ in range(steps):
         rows = torch.randint(0, len(pairs), (batch,), generator=g)
         sub = synthetic.PreferencePairs(
-            pairs.prompts[rows], pairs.chosen[rows], pairs.rejected[rows]
+            pairs.prompts[rows],
+            pairs.chosen[rows],
+            pairs.rejected[rows],
+            chosen_weight=None if pairs.chosen_weight is None else pairs.chosen_weight[rows],
+            rejected_weight=None if pairs.rejected_weight is None else pairs.rejected_weight[rows],
         )
         tl = batch_token_logps(
             policy,
@@ -192,7 +216,10 @@ def run_lm_bench(
     pairs = synthetic.sample_pairs(mdp, num_pairs, seed=seed + 1)
     rows = {"sft-reference": sampled_metrics(reference, mdp, beta, num_samples, seed=seed)}
     for loss in tqdm(losses, desc="bench (transformer)", disable=not progress):
-        policy = train_lm(mdp, reference, loss, beta, pairs, steps=train_steps, seed=seed)
+        data = pairs
+        if loss in NEEDS_WEIGHTS:
+            data = contrast_weighted_lm(mdp, reference, beta, pairs, steps=train_steps, seed=seed)
+        policy = train_lm(mdp, reference, loss, beta, data, steps=train_steps, seed=seed)
         rows[loss] = sampled_metrics(policy, mdp, beta, num_samples, seed=seed)
     return {"beta": beta, "reference_fit_kl": rows["sft-reference"]["kl_ref"], "rows": rows}
 

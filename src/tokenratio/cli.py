@@ -460,7 +460,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["tiny", "cpu20m", "smollm2-135m", "llama3-vocab"],
         help="tiny (CI), cpu20m (~17M, CPU), smollm2-135m (GPU), llama3-vocab (128k)",
     )
-    perf.add_argument("--rows", nargs="+", help="dpo tbpo-a tbpo-q tdpo2 bpo trl (default: all)")
+    perf.add_argument(
+        "--rows", nargs="+", help="dpo tbpo-a tbpo-q tdpo2 bpo tisdpo trl (default: all)"
+    )
     perf.add_argument("--steps", type=int, default=8, help="timed steps per row and repeat")
     perf.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     perf.add_argument("--batch", type=int, default=8, help="pairs per step")

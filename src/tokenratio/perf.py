@@ -5,7 +5,7 @@ token batches (a word-level tokenizer built in memory: one token per synthetic w
 response lengths are exact for both libraries) and the same batch size. Rows are repeated in
 alternation (A B C A B C ...) and medians reported, as the machine is shared and noisy.
 
-Rows: ours with `dpo`, `tbpo-a`, `tbpo-q`, `tdpo2`, `bpo` (the training loop's own step: policy
+Rows: ours with `dpo`, `tbpo-a`, `tbpo-q`, `tdpo2`, `bpo`, `tisdpo` (the training loop's own step: policy
 forward with the LM head on response positions only, reference forward without autograd, chunked
 log-probs/KL, loss, backward, AdamW), and TRL's `DPOTrainer` (`sigmoid`) when TRL is installed.
 MFU counts the FLOPs the step needs (`required_flops`: 8 per non-embedding parameter per token, and
@@ -29,7 +29,7 @@ MODELS = {  # name: (vocab, hidden, layers, heads, kv_heads, intermediate)
     "smollm2-135m": (49152, 576, 30, 9, 3, 1536),  # SmolLM2-135M's architecture, random weights
     "llama3-vocab": (128256, 256, 2, 4, 2, 512),  # a 128k vocabulary: the full-vocabulary KL test
 }
-OUR_ROWS = ("dpo", "tbpo-a", "tbpo-q", "tdpo2", "bpo")
+OUR_ROWS = ("dpo", "tbpo-a", "tbpo-q", "tdpo2", "bpo", "tisdpo")
 
 
 def word_tokenizer(vocab_size: int):
@@ -118,7 +118,7 @@ def _peak_memory(device: str) -> int:
 def run_ours(loss: str, args) -> list[float]:
     """Step times of our training step (the loop's functions, without Accelerate's wrapper)."""
     from tokenratio.data import collate
-    from tokenratio.losses import LOSSES, NEEDS_BASELINE, kl_fields, reduce
+    from tokenratio.losses import LOSSES, NEEDS_BASELINE, NEEDS_WEIGHTS, kl_fields, reduce
     from tokenratio.modeling import PolicyWithHead, batch_token_logps
 
     dtype = torch.bfloat16 if args["dtype"] == "bf16" else torch.float32
@@ -143,6 +143,12 @@ def run_ours(loss: str, args) -> list[float]:
         }
         for p in pairs
     ]
+    if loss in NEEDS_WEIGHTS:  # TIS-DPO's token weights come with the data: any values will do
+        g = torch.Generator().manual_seed(0)
+        for row in rows:
+            for side in ("chosen", "rejected"):
+                n = len(row[f"{side}_ids"])
+                row[f"{side}_weight"] = (0.5 + torch.rand(n, generator=g)).tolist()
     batch = collate(rows, 0).to(args["device"])
     optimizer = torch.optim.AdamW(
         policy.parameters(), lr=1e-6, fused=args["device"].startswith("cuda")

@@ -7,6 +7,7 @@ response pair drawn from pi_ref and over the label, so the minimiser is the loss
 data models:
 
 - "sequence": one label per pair, Bradley-Terry on the sequence return, sigma(R(y1) - R(y2)).
+  TIS-DPO's token weights come from exact contrast models (`exact_contrast_weighted`).
 - "position": the TBPO theorem's own model (METHOD.md "TBPO" point 1): an independent label at every
   position t, sigma(S(s1_t, y1_t) - S(s2_t, y2_t)), S = Q_ref (the TBPO-Q form) or A_ref (TBPO-A).
   A pair is expanded into its 2^T orientation patterns (which response wins at each step), weighted
@@ -14,12 +15,13 @@ data models:
 """
 
 import itertools
+from dataclasses import replace
 
 import torch
 
 from tokenratio import synthetic
-from tokenratio.bench import tabular_token_logps
-from tokenratio.losses import LOSSES, kl_fields
+from tokenratio.bench import contrast_weighted, tabular_token_logps
+from tokenratio.losses import LOSSES, NEEDS_WEIGHTS, kl_fields
 
 
 def position_pairs(mdp: synthetic.TokenMDP, score: str) -> synthetic.PreferencePairs:
@@ -61,6 +63,14 @@ def position_pairs(mdp: synthetic.TokenMDP, score: str) -> synthetic.PreferenceP
     return synthetic.PreferencePairs(
         cat["prompts"], cat["chosen"], cat["rejected"], cat["weights"], cat["cprev"], cat["rprev"]
     )
+
+
+def exact_contrast_weighted(mdp, pairs, beta: float) -> synthetic.PreferencePairs:
+    """TIS-DPO's weights with exact contrast models: DPO's population minimiser is pi*_seq (a known
+    result, tested), and on flipped labels, Bradley-Terry on -R, it is pi*_seq of the reward -R."""
+    positive = synthetic.sequence_optimum(mdp, beta)
+    negative = synthetic.sequence_optimum(replace(mdp, reward=-mdp.reward), beta)
+    return contrast_weighted(positive, negative, mdp, pairs)
 
 
 def fit(mdp, pairs, loss, beta, options=None, max_steps=3000, lr=0.05, tol=1e-7, window=100):
@@ -130,10 +140,13 @@ def run_population(losses, beta=0.5, seed=0, max_steps=3000, progress=True) -> l
     jobs = [("sequence", loss, {}) for loss in losses]
     jobs += [(d, loss, o) for d, runs in CONTROLS.items() for loss, o in runs if loss in losses]
     data = {"sequence": synthetic.population_pairs(mdp)}
+    if NEEDS_WEIGHTS & set(losses):
+        data["sequence", "weighted"] = exact_contrast_weighted(mdp, data["sequence"], beta)
     for data_name, loss, options in tqdm(jobs, desc="population", disable=not progress):
         if data_name not in data:
             data[data_name] = position_pairs(mdp, data_name[-1].lower())
-        logps, info = fit(mdp, data[data_name], loss, beta, options, max_steps=max_steps)
+        pairs = data[data_name, "weighted"] if loss in NEEDS_WEIGHTS else data[data_name]
+        logps, info = fit(mdp, pairs, loss, beta, options, max_steps=max_steps)
         metrics = synthetic.exact_metrics(logps, mdp, targets)
         rows.append({"data": data_name, "method": loss, "options": options, **metrics, **info})
     return rows

@@ -13,7 +13,7 @@ A policy is a (P, T, V+1, V) table of log-probabilities; `exact_metrics` compute
 sequence KLs and entropy through the state occupancy d_t(x, prev), with no sampling.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -169,9 +169,24 @@ class PreferencePairs:
     # None: the row's own previous token (states_of).
     chosen_prev: Tensor | None = None
     rejected_prev: Tensor | None = None
+    # TIS-DPO's per-token weights (N, T), when a loss needs them (bench.contrast_weighted).
+    chosen_weight: Tensor | None = None
+    rejected_weight: Tensor | None = None
 
     def __len__(self) -> int:
         return self.prompts.shape[0]
+
+    def flipped(self) -> "PreferencePairs":
+        """The same pairs with every label reversed (chosen and rejected exchanged)."""
+        return replace(
+            self,
+            chosen=self.rejected,
+            rejected=self.chosen,
+            chosen_prev=self.rejected_prev,
+            rejected_prev=self.chosen_prev,
+            chosen_weight=self.rejected_weight,
+            rejected_weight=self.chosen_weight,
+        )
 
 
 def all_responses(vocab_size: int, length: int) -> Tensor:

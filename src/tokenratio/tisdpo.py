@@ -57,6 +57,17 @@ def importance_weights(
     return scale * torch.exp(mu * contrast.clamp(lower, upper))
 
 
+def batch_contrast(positive, negative, batch) -> torch.Tensor:
+    """(2B, T): log pi+(y_t|s_t) - log pi-(y_t|s_t) of each response token of a PreferenceBatch
+    (0 beyond the responses); `positive` and `negative` are causal LMs."""
+    from tokenratio.modeling import response_logits
+
+    with torch.no_grad():
+        plus = token_logps(response_logits(positive, batch)[0].float(), batch.labels)
+        minus = token_logps(response_logits(negative, batch)[0].float(), batch.labels)
+    return plus - minus
+
+
 def token_contrasts(positive, negative, dataset, pad_id: int, batch_size: int, progress=True):
     """log pi+(y_t|s_t) - log pi-(y_t|s_t) of every response token of every tokenized pair.
 
@@ -65,8 +76,6 @@ def token_contrasts(positive, negative, dataset, pad_id: int, batch_size: int, p
     """
     from tqdm.auto import tqdm
 
-    from tokenratio.modeling import response_logits
-
     device = next(positive.parameters()).device
     out = []
     for start in tqdm(
@@ -74,10 +83,7 @@ def token_contrasts(positive, negative, dataset, pad_id: int, batch_size: int, p
     ):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = collate(rows, pad_id).to(device)
-        with torch.no_grad():
-            plus = token_logps(response_logits(positive, batch)[0].float(), batch.labels)
-            minus = token_logps(response_logits(negative, batch)[0].float(), batch.labels)
-        contrast = (plus - minus).cpu()  # (2B, T)
+        contrast = batch_contrast(positive, negative, batch).cpu()  # (2B, T)
         B = len(rows)
         for i, row in enumerate(rows):
             out.append(
