@@ -11,11 +11,12 @@ from tokenratio.cli import main
 def test_bench_quick_writes_table_json_and_plots(tmp_path, capsys):
     assert main(["bench", "--quick", "--no-progress", "--out", str(tmp_path)]) == 0
     table = capsys.readouterr().out
-    for method in ("dpo", "tbpo-q", "tbpo-a", "opt-seq", "opt-tok"):
+    for method in ("dpo", "tbpo-q", "tbpo-a", "tisdpo", "opt-seq", "opt-tok"):
         assert method in table
+    assert (tmp_path / "table.txt").read_text() in table
     results = json.loads((tmp_path / "results.json").read_text())
     methods = {row["method"] for row in results["summary"]}
-    assert {"dpo", "ipo", "bpo", "tdpo1", "tdpo2", "tbpo-q", "tbpo-a"} <= methods
+    assert {"dpo", "ipo", "bpo", "tdpo1", "tdpo2", "tisdpo", "tbpo-q", "tbpo-a"} <= methods
     for run in results["runs"]:  # every method learns something from pi_ref
         assert run["final"]["kl_ref"] > 0.01
         assert run["final"]["heldout_acc"] > 0.6

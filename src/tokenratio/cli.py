@@ -17,11 +17,14 @@ Train every loss on a token-level MDP whose optimal policies are known exactly (
 and report how close each method gets: expected return, KL(pi||pi_ref), KL to the sequence-level
 optimum pi*_seq (what DPO targets) and to the token-level optimum pi*_tok (what TBPO targets), token
 entropy, distinct responses, held-out preference accuracy and spread across seeds (each seed redraws
-the training data). Writes results.json, frontier.png and curves.png to --out.
+the training data). Writes results.json, table.txt, frontier.png and curves.png to --out.
 
-presets: default ~2.5 min on 2 CPU cores; --quick ~15 s (CI); --full the whole sweep (7 losses x 6
-betas x 5 seeds with a 4-point lr grid: 336 runs of 8000 pairs, well over an hour on 2 cores).
---population: the exact population regime (~4.5 min). --transformer: a tiny transformer policy.
+Each method's learning rate comes from a grid (0.005 0.01 0.02 0.05): seed 0 of every (loss, beta)
+tries each, and the lowest early-stopped validation loss wins for all seeds (--lr-grid to change it,
+--lr X for one lr for every method). presets: default ~2 min on 2 CPU cores (8 losses x 3 betas x 3
+seeds); --quick ~10 s (CI, one lr); --full the whole sweep (9 losses x 6 betas x 5 seeds, 8000 pairs,
+600 steps: well over an hour on 2 cores). --population: the exact population regime (~3 min).
+--transformer: a tiny transformer policy (~40 s per loss).
 """
 
 
@@ -34,6 +37,8 @@ def _bench(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             overrides[name] = value
+    if args.lr is not None and args.lr_grid is None:
+        overrides["lr_grid"] = ()  # one lr for every method
     try:
         cfg = bench.config_for(preset, **overrides)
         for loss in cfg.losses:
@@ -48,10 +53,12 @@ def _bench(args: argparse.Namespace) -> int:
     if args.transformer:
         return _transformer(cfg, out, args, started)
     results = bench.run_bench(cfg, out, progress=not args.no_progress)
-    print(bench.format_table(results))
+    table = bench.format_table(results)
+    (out / "table.txt").write_text(table + "\n")
+    print(table)
     print(
         f"\n{preset} preset, {time.perf_counter() - started:.0f} s; wrote {out}/results.json, "
-        f"{out}/frontier.png, {out}/curves.png"
+        f"{out}/table.txt, {out}/frontier.png, {out}/curves.png"
     )
     return 0
 
@@ -164,18 +171,18 @@ def _convert_gguf(args: argparse.Namespace) -> int:
 
 
 def _population(cfg, out: Path, args, started: float) -> int:
-    import json
-
     from tokenratio import population
 
     beta = cfg.betas[0] if args.betas else 0.5
     rows = population.run_population(cfg.losses, beta=beta, progress=not args.no_progress)
     out.mkdir(parents=True, exist_ok=True)
     (out / "population.json").write_text(json.dumps({"beta": beta, "rows": rows}, indent=1))
-    print(population.format_population(rows))
+    table = population.format_population(rows)
+    (out / "population.txt").write_text(table + "\n")
+    print(table)
     print(
         f"\npopulation regime, beta {beta:g}, {time.perf_counter() - started:.0f} s; "
-        f"wrote {out}/population.json"
+        f"wrote {out}/population.json and {out}/population.txt"
     )
     return 0
 
@@ -274,8 +281,6 @@ def _perf(args: argparse.Namespace) -> int:
 
 
 def _transformer(cfg, out: Path, args, started: float) -> int:
-    import json
-
     from tokenratio.bench_lm import format_lm, run_lm_bench
 
     beta = cfg.betas[0] if args.betas else 1.0
@@ -330,14 +335,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", nargs="+", type=int, help="data seeds")
     bench.add_argument("--steps", type=int, help="optimizer steps per run")
     bench.add_argument("--train-pairs", dest="train_pairs", type=int, help="training pairs")
-    bench.add_argument("--lr", type=float, help="Adam learning rate on the logit table")
+    bench.add_argument("--lr", type=float, help="one Adam learning rate for every method (no grid)")
     bench.add_argument(
         "--lr-grid",
         dest="lr_grid",
         nargs="+",
         type=float,
         help="per-method lr: seed 0 of each (loss, beta) tries each, the lowest early-stopped "
-        "validation loss wins for all seeds (--full: 0.005 0.01 0.02 0.05)",
+        "validation loss wins for all seeds (default and --full: 0.005 0.01 0.02 0.05)",
     )
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(run=_bench)

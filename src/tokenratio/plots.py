@@ -41,7 +41,7 @@ def bench_frontier(results: dict, path: Path) -> None:
     ax.set_xlabel("KL(pi || pi_ref), nats per sequence")
     ax.set_ylabel("expected true return")
     ax.set_title("Reward-KL frontier (all betas and seeds; exact metrics)")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
