@@ -171,7 +171,7 @@ def test_transformer_policy_class_fits_the_reference_and_learns():
     from tokenratio.bench_lm import run_lm_bench
 
     result = run_lm_bench(
-        ["dpo", "tbpo-a"], sft_steps=200, train_steps=40, num_samples=1000, progress=False
+        ["dpo", "tbpo-a", "tisdpo"], sft_steps=200, train_steps=40, num_samples=1000, progress=False
     )
     fit, half_width = result["reference_fit_kl"]
     assert fit < 0.3 and half_width > 0
@@ -179,6 +179,7 @@ def test_transformer_policy_class_fits_the_reference_and_learns():
     assert dpo["return"][0] > reference["return"][0] + 1.0
     assert dpo["kl_seq"][0] < reference["kl_seq"][0] - 0.5
     assert result["rows"]["tbpo-a"]["kl_tok"][0] < reference["kl_tok"][0]
+    assert result["rows"]["tisdpo"]["return"][0] > reference["return"][0] + 0.5  # weighted, learns
 
 
 @pytest.mark.parametrize("kl", [None, "exact"])
@@ -211,3 +212,25 @@ def test_table_kernels_equal_per_pair_kernels(kl):
     for a, b in zip(ours, direct, strict=True):
         assert_close(a, b)
     assert_close(torch.autograd.grad(total, logits)[0], torch.autograd.grad(expected, logits)[0])
+
+
+def test_contrast_weights_follow_the_contrast_models():
+    """pi+ raises token 0 at every state by log 2 over pi-: every chosen token 0 gets weight
+    exp(clamp(log pi+ - log pi-)) > 1, every rejected token 0 the reciprocal, others below 1."""
+    mdp = synthetic.make_mdp()
+    negative = mdp.ref_logps.clone()
+    positive = negative.clone()
+    positive[..., 0] += math.log(2.0)
+    pairs = synthetic.sample_pairs(mdp, 200, seed=5)
+    weighted = bench.contrast_weighted(positive, negative, mdp, pairs)
+    contrast = positive.log_softmax(-1) - negative.log_softmax(-1)  # (P, T, S, V)
+    steps = torch.arange(mdp.length)[None]
+    prev = synthetic.states_of(pairs.chosen, mdp.vocab_size)
+    expected = contrast[pairs.prompts[:, None], steps, prev, pairs.chosen].clamp(-1, 1).exp()
+    assert_close(weighted.chosen_weight, expected)
+    assert (weighted.chosen_weight[pairs.chosen == 0] > 1).all()
+    assert (weighted.rejected_weight[pairs.rejected == 0] < 1).all()
+    assert (weighted.chosen_weight[pairs.chosen != 0] < 1).all()
+    flipped = weighted.flipped()
+    assert torch.equal(flipped.chosen, pairs.rejected)
+    assert torch.equal(flipped.chosen_weight, weighted.rejected_weight)
