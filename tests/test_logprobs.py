@@ -195,3 +195,17 @@ def test_peak_memory_at_128k_vocabulary():
     # Backward: one gradient buffer (1x) for ours; naive keeps p, q.exp() and more alive.
     assert ours_bw < 1.35, ours_bw
     assert naive_bw > ours_bw + 1, (naive_bw, ours_bw)
+
+
+def test_fused_pass_returns_the_reference_log_probs_without_gradient():
+    """return_ref_logps: token_logps(ref_logits) from the same sweep, a constant for autograd."""
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 5, 50, generator=g, requires_grad=True)
+    ref = torch.randn(3, 5, 50, generator=g)
+    labels = torch.randint(0, 50, (3, 5), generator=g)
+    labels[0, 3:] = IGNORE_INDEX
+    logps, kl, ref_logps = token_logps_and_kl(logits, labels, ref, return_ref_logps=True)
+    assert_close(ref_logps, naive_logps(ref, labels))
+    assert not ref_logps.requires_grad
+    assert_close(logps, naive_logps(logits.detach(), labels))
+    assert_close(kl, naive_kl(logits.detach(), ref))

@@ -37,8 +37,17 @@ def _rows_per_chunk(vocab_size: int, chunk_elements: int) -> int:
 class _LogpsAndKL(torch.autograd.Function):
     """Label log-probs and/or KL(ref || policy) from one set of logits, with one gradient buffer.
 
-    d logp / dz = onehot(y) - p and d KL / dz = p - q, so the combined gradient
-    g_lp (onehot - p) + g_kl (p - q) is written chunk by chunk into a single (N, V) tensor.
+    Forward, a chunk of rows at a time: the policy's log-normaliser lse_p and its labels' log-probs;
+    with reference logits r also lse_q, the reference's label log-probs (returned, without
+    gradient: the reference pass needs no second sweep) and
+        KL = sum_v q_v (log q_v - log p_v) = sum_v q_v (r_v - z_v) - lse_q + lse_p    (sum_v q_v = 1),
+    one dot product per row. (Expanding the KL as sum q log q - sum q z cancels badly in float32
+    at large vocabularies; sum q (r - z) does not: it is 0 when r = z and small when they are close.)
+
+    Backward: d logp / dz = onehot(y) - p and d KL / dz = p - q, so the gradient
+    g_lp (onehot - p) + g_kl (p - q) = (g_kl - g_lp) p - g_kl q + g_lp onehot is written chunk by
+    chunk straight into the one (N, V) gradient buffer, with p = exp(z - lse_p) and q = exp(r - lse_q)
+    rebuilt from the two saved log-normalisers (N floats each) rather than by softmax again.
     """
 
     @staticmethod
@@ -48,42 +57,56 @@ class _LogpsAndKL(torch.autograd.Function):
         N = flat.shape[0]
         ref = None if ref_logits is None else ref_logits.reshape(-1, V)
         dtype = _compute_dtype(logits)
-        safe_labels = valid = None
-        logps = kl = None
+
+        def per_row():
+            return torch.empty(N, dtype=dtype, device=logits.device)
+
+        lse_p, lse_q = per_row(), None if ref is None else per_row()
+        safe_labels = valid = logps = ref_logps = kl = None
         if labels is not None:
             flat_labels = labels.reshape(-1)
             valid = flat_labels != ignore_index
             safe_labels = torch.where(valid, flat_labels, torch.zeros_like(flat_labels))
-            logps = torch.empty(N, dtype=dtype, device=logits.device)
+            logps = per_row()
+            ref_logps = None if ref is None else per_row()
         if ref is not None:
-            kl = torch.empty(N, dtype=dtype, device=logits.device)
+            kl = per_row()
         step = _rows_per_chunk(V, chunk_elements)
         for start in range(0, N, step):
             rows = slice(start, start + step)
             z = flat[rows].to(dtype)  # (n, V); no copy when already in the compute dtype
-            log_norm = torch.logsumexp(z, dim=-1, keepdim=True)  # (n, 1)
+            if ref is None:
+                lse_p[rows] = torch.logsumexp(z, dim=-1)
+                if logps is not None:
+                    logps[rows] = z.gather(1, safe_labels[rows, None]).squeeze(1) - lse_p[rows]
+                continue
+            r = ref[rows].to(dtype)
+            log_p = torch.log_softmax(z, dim=-1)  # (n, V); the same kernel gives lse for free:
+            log_q = torch.log_softmax(r, dim=-1)  # lse = z_0 - log p_0
+            lse_p[rows] = z[:, 0] - log_p[:, 0]
+            lse_q[rows] = r[:, 0] - log_q[:, 0]
             if logps is not None:
-                logps[rows] = (z.gather(1, safe_labels[rows, None]) - log_norm).squeeze(1)
-            if kl is not None:
-                log_q = torch.log_softmax(ref[rows].to(dtype), dim=-1)
-                q = log_q.exp()
-                # sum_v q (log q - log p), with log p formed first: folding log_norm in after the
-                # sum cancels badly in float32 at large vocabularies (KL(p||p) came out -1e-2).
-                # Three (n, V) temporaries per chunk.
-                kl[rows] = q.mul_(log_q.sub_(z - log_norm)).sum(-1)
+                logps[rows] = log_p.gather(1, safe_labels[rows, None]).squeeze(1)
+                ref_logps[rows] = log_q.gather(1, safe_labels[rows, None]).squeeze(1)
+            q = log_q.exp_()  # two (n, V) temporaries per chunk: q and r - z (in log_p's buffer)
+            kl[rows] = (
+                torch.linalg.vecdot(q, torch.sub(r, z, out=log_p)) - lse_q[rows] + lse_p[rows]
+            )
         if logps is not None:
             logps = logps.masked_fill(~valid, 0.0)
-        ctx.save_for_backward(logits, safe_labels, valid, ref_logits)
+        if ref_logps is not None:
+            ref_logps = ref_logps.masked_fill(~valid, 0.0)
+        ctx.save_for_backward(logits, safe_labels, valid, ref_logits, lse_p, lse_q)
         ctx.chunk_elements = chunk_elements
         shape = logits.shape[:-1]
-        return (
-            None if logps is None else logps.view(shape),
-            None if kl is None else kl.view(shape),
-        )
+        outputs = [None if t is None else t.view(shape) for t in (logps, kl, ref_logps)]
+        if outputs[2] is not None:
+            ctx.mark_non_differentiable(outputs[2])
+        return tuple(outputs)
 
     @staticmethod
-    def backward(ctx, grad_logps, grad_kl):
-        logits, safe_labels, valid, ref_logits = ctx.saved_tensors
+    def backward(ctx, grad_logps, grad_kl, _grad_ref_logps):
+        logits, safe_labels, valid, ref_logits, lse_p, lse_q = ctx.saved_tensors
         V = logits.shape[-1]
         flat = logits.reshape(-1, V)
         N = flat.shape[0]
@@ -92,21 +115,26 @@ class _LogpsAndKL(torch.autograd.Function):
         g_lp = None if grad_logps is None else (grad_logps.reshape(-1).to(dtype) * valid)[:, None]
         g_kl = None if (grad_kl is None or ref is None) else grad_kl.reshape(-1, 1).to(dtype)
         grad = torch.empty_like(flat)
+        in_place = grad.dtype == dtype  # half-precision logits: compute in float32, then cast
         step = _rows_per_chunk(V, ctx.chunk_elements)
         for start in range(0, N, step):
             rows = slice(start, start + step)
-            p = torch.softmax(flat[rows].to(dtype), dim=-1)  # (n, V)
-            coef = torch.zeros(p.shape[0], 1, dtype=dtype, device=p.device)
+            z = flat[rows].to(dtype)
+            out = grad[rows] if in_place else torch.empty_like(z)  # (n, V)
+            torch.sub(z, lse_p[rows, None], out=out).exp_()  # p
+            coef = torch.zeros_like(out[:, :1])
             if g_kl is not None:
                 coef = coef + g_kl[rows]
             if g_lp is not None:
                 coef = coef - g_lp[rows]
-            chunk = p.mul_(coef)  # (g_kl - g_lp) p
+            out.mul_(coef)  # (g_kl - g_lp) p
             if g_kl is not None:
-                chunk -= g_kl[rows] * torch.softmax(ref[rows].to(dtype), dim=-1)
+                q = torch.sub(ref[rows].to(dtype), lse_q[rows, None]).exp_()
+                out.sub_(q.mul_(g_kl[rows]))
             if g_lp is not None:
-                chunk.scatter_add_(1, safe_labels[rows, None], g_lp[rows])
-            grad[rows] = chunk
+                out.scatter_add_(1, safe_labels[rows, None], g_lp[rows])
+            if not in_place:
+                grad[rows] = out
         return grad.view_as(logits), None, None, None, None
 
 
@@ -117,16 +145,24 @@ def token_logps_and_kl(
     *,
     ignore_index: int = IGNORE_INDEX,
     chunk_elements: int = CHUNK_ELEMENTS,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_ref_logps: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """`token_logps(logits, labels)` and `token_kl(logits, ref_logits)` in one pass and one gradient
     buffer: what TDPO and TBPO-A need from the same policy logits.
 
+    Args:
+        return_ref_logps: also return `token_logps(ref_logits, labels)` (no gradient), computed in
+            the same pass over the reference logits.
+
     Returns:
-        ((...) float32 log-probs, (...) float32 KL values).
+        ((...) float32 log-probs, (...) float32 KL values[, (...) reference log-probs]).
     """
     _check_labels(logits, labels)
     _check_ref(logits, ref_logits)
-    return _LogpsAndKL.apply(logits, labels, ref_logits.detach(), ignore_index, chunk_elements)
+    logps, kl, ref_logps = _LogpsAndKL.apply(
+        logits, labels, ref_logits.detach(), ignore_index, chunk_elements
+    )
+    return (logps, kl, ref_logps) if return_ref_logps else (logps, kl)
 
 
 def _check_labels(logits, labels):

@@ -77,6 +77,30 @@ def adapter_disabled(policy: PolicyWithHead):
         yield
 
 
+def label_logps_and_kl(logits, ref_logits, labels, *, kl: str | None, chunk_elements: int):
+    """Policy and reference log-probs of the labels, and what `kl` asks for in the KL fields.
+
+    Args:
+        logits, ref_logits: (N, T, V) response-aligned logits of the policy and the reference.
+        labels: (N, T) response tokens, IGNORE_INDEX beyond the response.
+        kl: "exact" (full-vocabulary KL(ref || policy)), "k3" (a one-sample estimate) or None.
+
+    Returns:
+        (logps, ref_logps, kl values or None), each (N, T) float32.
+    """
+    if kl == "exact":  # one sweep over the reference logits gives its log-probs and the KL
+        logps, kl_values, ref_logps = token_logps_and_kl(
+            logits, labels, ref_logits, chunk_elements=chunk_elements, return_ref_logps=True
+        )
+        return logps, ref_logps, kl_values
+    logps = token_logps(logits, labels, chunk_elements=chunk_elements)
+    ref_logps = token_logps(ref_logits, labels, chunk_elements=chunk_elements)
+    kl_values = None
+    if kl == "k3":
+        kl_values = sampled_k3(logits, ref_logits, chunk_elements=chunk_elements)
+    return logps, ref_logps, kl_values
+
+
 def batch_token_logps(
     policy,
     reference,
@@ -107,16 +131,9 @@ def batch_token_logps(
         else:
             ref_logits, _ = reference(batch)
     labels = batch.labels
-    if kl == "exact":
-        logps, kl_values = token_logps_and_kl(
-            logits, labels, ref_logits, chunk_elements=chunk_elements
-        )
-    else:
-        logps = token_logps(logits, labels, chunk_elements=chunk_elements)
-        kl_values = None
-        if kl == "k3":
-            kl_values = sampled_k3(logits, ref_logits, chunk_elements=chunk_elements)
-    ref_logps = token_logps(ref_logits, labels, chunk_elements=chunk_elements)
+    logps, ref_logps, kl_values = label_logps_and_kl(
+        logits, ref_logits, labels, kl=kl, chunk_elements=chunk_elements
+    )
     mask = labels != IGNORE_INDEX
     B = batch.num_pairs
 

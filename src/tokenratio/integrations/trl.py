@@ -29,7 +29,7 @@ except ImportError as err:  # pragma: no cover - exercised by the missing-extra 
 import torch
 
 from tokenratio.baseline import StateBaselineHead
-from tokenratio.logprobs import IGNORE_INDEX, sampled_k3, token_logps, token_logps_and_kl
+from tokenratio.logprobs import IGNORE_INDEX
 from tokenratio.losses import (
     LOSSES,
     NEEDS_BASELINE,
@@ -38,6 +38,7 @@ from tokenratio.losses import (
     kl_fields,
     reduce,
 )
+from tokenratio.modeling import label_logps_and_kl
 
 HEAD_ATTRIBUTE = "tbpo_baseline_head"
 
@@ -171,14 +172,13 @@ class TBPOTrainer(DPOTrainer):
         ref_logits = self._reference_logits(
             model, inputs["input_ids"], inputs["attention_mask"], positions
         )
-        chunk = config.logprob_chunk_elements
-        kl = kl_fields(name, options)
-        if kl == "exact":
-            logps, kl_values = token_logps_and_kl(logits, labels, ref_logits, chunk_elements=chunk)
-        else:
-            logps = token_logps(logits, labels, chunk_elements=chunk)
-            kl_values = sampled_k3(logits, ref_logits, chunk_elements=chunk) if kl == "k3" else None
-        ref_logps = token_logps(ref_logits, labels, chunk_elements=chunk)
+        logps, ref_logps, kl_values = label_logps_and_kl(
+            logits,
+            ref_logits,
+            labels,
+            kl=kl_fields(name, options),
+            chunk_elements=config.logprob_chunk_elements,
+        )
         baseline = self._head(model)(hidden).float() if with_head else None
         B = labels.shape[0] // 2
 
