@@ -209,3 +209,31 @@ def test_fused_pass_returns_the_reference_log_probs_without_gradient():
     assert not ref_logps.requires_grad
     assert_close(logps, naive_logps(logits.detach(), labels))
     assert_close(kl, naive_kl(logits.detach(), ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_consuming_the_reference_logits_gives_the_same_gradient(dtype):
+    """consume_ref_logits builds the policy gradient in the reference logits' memory: the values and
+    gradients are those of the default path, and (same dtype) ref_logits holds that gradient."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(2, 7, 300, generator=g).to(dtype)
+    ref = torch.randn(2, 7, 300, generator=g).to(dtype)
+    labels = torch.randint(0, 300, (2, 7), generator=g)
+    labels[1, 5:] = IGNORE_INDEX
+    weights = torch.randn(2, 2, 7, generator=g)
+    grads, outputs = [], []
+    for consume in (False, True):
+        logits = base.clone().requires_grad_()
+        reference = ref.clone()
+        logps, kl, ref_logps = token_logps_and_kl(
+            logits, labels, reference, chunk_elements=600, return_ref_logps=True,
+            consume_ref_logits=consume,
+        )  # fmt: skip
+        (weights[0] * logps + weights[1] * kl).sum().backward()
+        grads.append(logits.grad)
+        outputs.append((logps, kl, ref_logps))
+    assert_close(grads[1], grads[0])
+    for a, b in zip(*outputs, strict=True):
+        assert_close(a, b)
+    if dtype == torch.float32:
+        assert torch.equal(reference, grads[1])  # the memory was reused, as documented

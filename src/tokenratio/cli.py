@@ -78,14 +78,32 @@ Writes to train.output_dir: metrics.jsonl, data_report.json, config.json, checkp
 """
 
 
-def _train(args: argparse.Namespace) -> int:
+def _load_config(args: argparse.Namespace, command: str, extra: list[str] = ()):
+    """The config file plus --set overrides (and `extra` after them), or None after printing why."""
     from tokenratio.config import ConfigError, load_config
-    from tokenratio.data import DataError
 
     try:
-        cfg = load_config(args.config, args.set or [])
+        return load_config(args.config, [*(args.set or []), *extra])
     except ConfigError as err:
-        print(f"tokenratio train: {err}", file=sys.stderr)
+        print(f"tokenratio {command}: {err}", file=sys.stderr)
+        return None
+
+
+def _add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="TOML config file")
+    parser.add_argument(
+        "--set",
+        action="append",
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from tokenratio.data import DataError
+
+    cfg = _load_config(args, "train")
+    if cfg is None:
         return 2
     from tokenratio.trainer import TrainingError, train
 
@@ -126,17 +144,15 @@ rejected_weight (one number per response token, EOS included) and the raw contra
 
 
 def _tisdpo(args: argparse.Namespace) -> int:
-    from tokenratio.config import ConfigError, load_config
     from tokenratio.data import DataError
 
-    overrides = list(args.set or [])
-    for side in ("positive", "negative"):
-        if getattr(args, side):
-            overrides.append(f"tisdpo.{side}_model={json.dumps(getattr(args, side))}")
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as err:
-        print(f"tokenratio tisdpo: {err}", file=sys.stderr)
+    models = [
+        f"tisdpo.{side}_model={json.dumps(getattr(args, side))}"
+        for side in ("positive", "negative")
+        if getattr(args, side)
+    ]
+    cfg = _load_config(args, "tisdpo", models)
+    if cfg is None:
         return 2
     from tokenratio.tisdpo import run_tisdpo
     from tokenratio.trainer import TrainingError
@@ -275,8 +291,10 @@ def _perf(args: argparse.Namespace) -> int:
     except RuntimeError as err:
         print(f"tokenratio perf: {err}", file=sys.stderr)
         return 1
-    print(format_report(report))
-    print(f"\nwrote {args.out}/perf.json")
+    text = format_report(report)
+    (Path(args.out) / "perf.txt").write_text(text + "\n")
+    print(text)
+    print(f"\nwrote {args.out}/perf.json and {args.out}/perf.txt")
     return 0
 
 
@@ -353,13 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=TRAIN_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    train.add_argument("config", nargs="?", help="TOML config file")
-    train.add_argument(
-        "--set",
-        action="append",
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
+    _add_config_arguments(train)
     train.add_argument(
         "--resume",
         action="store_true",
@@ -374,10 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=TISDPO_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    tis.add_argument("config", nargs="?", help="TOML config file (the same as for train)")
-    tis.add_argument(
-        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override (repeatable)"
-    )
+    _add_config_arguments(tis)
     tis.add_argument("--positive", help="an existing pi+ (DPO-trained) instead of training one")
     tis.add_argument("--negative", help="an existing pi- (flipped DPO) instead of training one")
     tis.add_argument("--score-only", action="store_true", help="stop after writing the scored data")

@@ -47,11 +47,14 @@ class _LogpsAndKL(torch.autograd.Function):
     Backward: d logp / dz = onehot(y) - p and d KL / dz = p - q, so the gradient
     g_lp (onehot - p) + g_kl (p - q) = (g_kl - g_lp) p - g_kl q + g_lp onehot is written chunk by
     chunk straight into the one (N, V) gradient buffer, with p = exp(z - lse_p) and q = exp(r - lse_q)
-    rebuilt from the two saved log-normalisers (N floats each) rather than by softmax again.
+    rebuilt from the two saved log-normalisers (N floats each) rather than by softmax again. With
+    `consume_ref`, that buffer is the reference logits' own memory (each chunk of r is read, then
+    overwritten by its gradient): the reference logits must stay alive until the backward for q,
+    and this way they are all the backward needs, as in DPO, instead of one more (N, V) buffer.
     """
 
     @staticmethod
-    def forward(ctx, logits, labels, ref_logits, ignore_index, chunk_elements):
+    def forward(ctx, logits, labels, ref_logits, ignore_index, chunk_elements, consume_ref):
         V = logits.shape[-1]
         flat = logits.reshape(-1, V)  # (N, V), a view
         N = flat.shape[0]
@@ -98,6 +101,12 @@ class _LogpsAndKL(torch.autograd.Function):
             ref_logps = ref_logps.masked_fill(~valid, 0.0)
         ctx.save_for_backward(logits, safe_labels, valid, ref_logits, lse_p, lse_q)
         ctx.chunk_elements = chunk_elements
+        ctx.consume_ref = (
+            consume_ref
+            and ref_logits is not None
+            and ref_logits.dtype == logits.dtype
+            and ref_logits.is_contiguous()
+        )
         shape = logits.shape[:-1]
         outputs = [None if t is None else t.view(shape) for t in (logps, kl, ref_logps)]
         if outputs[2] is not None:
@@ -114,12 +123,15 @@ class _LogpsAndKL(torch.autograd.Function):
         dtype = _compute_dtype(logits)
         g_lp = None if grad_logps is None else (grad_logps.reshape(-1).to(dtype) * valid)[:, None]
         g_kl = None if (grad_kl is None or ref is None) else grad_kl.reshape(-1, 1).to(dtype)
-        grad = torch.empty_like(flat)
+        grad = ref if ctx.consume_ref else torch.empty_like(flat)  # (N, V)
         in_place = grad.dtype == dtype  # half-precision logits: compute in float32, then cast
         step = _rows_per_chunk(V, ctx.chunk_elements)
         for start in range(0, N, step):
             rows = slice(start, start + step)
             z = flat[rows].to(dtype)
+            q = None
+            if g_kl is not None:  # read r before its memory (with consume_ref) is overwritten
+                q = torch.sub(ref[rows].to(dtype), lse_q[rows, None]).exp_()
             out = grad[rows] if in_place else torch.empty_like(z)  # (n, V)
             torch.sub(z, lse_p[rows, None], out=out).exp_()  # p
             coef = torch.zeros_like(out[:, :1])
@@ -128,14 +140,13 @@ class _LogpsAndKL(torch.autograd.Function):
             if g_lp is not None:
                 coef = coef - g_lp[rows]
             out.mul_(coef)  # (g_kl - g_lp) p
-            if g_kl is not None:
-                q = torch.sub(ref[rows].to(dtype), lse_q[rows, None]).exp_()
+            if q is not None:
                 out.sub_(q.mul_(g_kl[rows]))
             if g_lp is not None:
                 out.scatter_add_(1, safe_labels[rows, None], g_lp[rows])
             if not in_place:
                 grad[rows] = out
-        return grad.view_as(logits), None, None, None, None
+        return grad.view_as(logits), None, None, None, None, None
 
 
 def token_logps_and_kl(
@@ -146,6 +157,7 @@ def token_logps_and_kl(
     ignore_index: int = IGNORE_INDEX,
     chunk_elements: int = CHUNK_ELEMENTS,
     return_ref_logps: bool = False,
+    consume_ref_logits: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """`token_logps(logits, labels)` and `token_kl(logits, ref_logits)` in one pass and one gradient
     buffer: what TDPO and TBPO-A need from the same policy logits.
@@ -153,6 +165,9 @@ def token_logps_and_kl(
     Args:
         return_ref_logps: also return `token_logps(ref_logits, labels)` (no gradient), computed in
             the same pass over the reference logits.
+        consume_ref_logits: build the gradient of `logits` in the memory of `ref_logits` (same dtype,
+            contiguous): peak memory as without the KL, but `ref_logits` holds that gradient after
+            the backward. Only for callers that own `ref_logits` and are done with it.
 
     Returns:
         ((...) float32 log-probs, (...) float32 KL values[, (...) reference log-probs]).
@@ -160,7 +175,7 @@ def token_logps_and_kl(
     _check_labels(logits, labels)
     _check_ref(logits, ref_logits)
     logps, kl, ref_logps = _LogpsAndKL.apply(
-        logits, labels, ref_logits.detach(), ignore_index, chunk_elements
+        logits, labels, ref_logits.detach(), ignore_index, chunk_elements, consume_ref_logits
     )
     return (logps, kl, ref_logps) if return_ref_logps else (logps, kl)
 
@@ -197,7 +212,7 @@ def token_logps(
         (...) float32 log-probabilities, 0 at ignored positions.
     """
     _check_labels(logits, labels)
-    return _LogpsAndKL.apply(logits, labels, None, ignore_index, chunk_elements)[0]
+    return _LogpsAndKL.apply(logits, labels, None, ignore_index, chunk_elements, False)[0]
 
 
 def token_kl(
@@ -223,7 +238,7 @@ def token_kl(
     """
     _check_ref(policy_logits, ref_logits)
     return _LogpsAndKL.apply(
-        policy_logits, None, ref_logits.detach(), IGNORE_INDEX, chunk_elements
+        policy_logits, None, ref_logits.detach(), IGNORE_INDEX, chunk_elements, False
     )[1]
 
 

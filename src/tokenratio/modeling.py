@@ -80,6 +80,8 @@ def adapter_disabled(policy: PolicyWithHead):
 def label_logps_and_kl(logits, ref_logits, labels, *, kl: str | None, chunk_elements: int):
     """Policy and reference log-probs of the labels, and what `kl` asks for in the KL fields.
 
+    With kl = "exact", `ref_logits` is consumed: after the backward it holds the policy's gradient.
+
     Args:
         logits, ref_logits: (N, T, V) response-aligned logits of the policy and the reference.
         labels: (N, T) response tokens, IGNORE_INDEX beyond the response.
@@ -88,9 +90,15 @@ def label_logps_and_kl(logits, ref_logits, labels, *, kl: str | None, chunk_elem
     Returns:
         (logps, ref_logps, kl values or None), each (N, T) float32.
     """
-    if kl == "exact":  # one sweep over the reference logits gives its log-probs and the KL
+    if kl == "exact":  # one sweep over the reference logits gives its log-probs and the KL;
+        # the backward builds the policy's gradient in their memory (nothing else reads them).
         logps, kl_values, ref_logps = token_logps_and_kl(
-            logits, labels, ref_logits, chunk_elements=chunk_elements, return_ref_logps=True
+            logits,
+            labels,
+            ref_logits,
+            chunk_elements=chunk_elements,
+            return_ref_logps=True,
+            consume_ref_logits=True,
         )
         return logps, ref_logps, kl_values
     logps = token_logps(logits, labels, chunk_elements=chunk_elements)
