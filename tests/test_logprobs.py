@@ -13,6 +13,7 @@ from tokenratio.logprobs import (
     token_logps,
     token_logps_and_kl,
 )
+from tokenratio.perf import peak_tensor_bytes
 
 
 def naive_logps(logits, labels):
@@ -148,20 +149,6 @@ def test_shift_labels():
 # existed before (autograd's saved tensors included). Naive log_softmax builds at least one more
 # (B, T, V) float32 tensor (and its backward another); ours only the gradient autograd needs anyway.
 # (An earlier version read the process's resident set, which this VM reports late or not at all.)
-
-
-def peak_tensor_bytes(fn) -> int:
-    """Largest number of bytes allocated by `fn` and not yet freed at any moment while it runs."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
-    live = peak = 0
-    for event in sorted(events, key=lambda e: e.start_ns()):
-        live += event.nbytes()  # + on allocation, - on free
-        peak = max(peak, live)
-    return peak
 
 
 def _growth(mode: str, backward: bool) -> float:

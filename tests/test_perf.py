@@ -43,6 +43,8 @@ def test_perf_harness_reports_every_row(tmp_path, capsys):
     assert set(by_row) == set(rows)
     assert by_row["dpo"]["step_vs_dpo"] == pytest.approx(1.0)
     assert by_row["trl"]["speed_vs_trl"] == pytest.approx(1.0)
+    assert by_row["trl"]["tensor_mib"] is None  # measured for our rows only
+    assert by_row["tbpo-a"]["tensor_vs_dpo"] > 0
     for r in report["rows"]:
         assert r["step_s"] > 0 and r["peak_mib"] > 0 and 0 < r["mfu"] < 1
         assert r["tokens_per_s"] == pytest.approx(report["config"]["tokens_per_step"] / r["step_s"])

@@ -10,7 +10,9 @@ forward with the LM head on response positions only, reference forward without a
 log-probs/KL, loss, backward, AdamW), and TRL's `DPOTrainer` (`sigmoid`) when TRL is installed.
 MFU counts the FLOPs the step needs (`required_flops`: 8 per non-embedding parameter per token, and
 the LM head only at response positions, the same count for every row) against a matmul peak measured
-on the same machine (fp32 on CPU, bf16 on GPU).
+on the same machine (fp32 on CPU, bf16 on GPU). Memory: the peak resident set (CPU) or
+`max_memory_allocated` (GPU) of each row's process, and on CPU, for our rows, the exact peak of
+tensor memory one step allocates (`peak_tensor_bytes`, from the profiler's allocator events).
 """
 
 import json
@@ -154,9 +156,8 @@ def run_ours(loss: str, args) -> list[float]:
         policy.parameters(), lr=1e-6, fused=args["device"].startswith("cuda")
     )
     kl = kl_fields(loss, {})
-    times = []
-    for _ in range(args["warmup"] + args["steps"]):
-        start = time.perf_counter()
+
+    def step():
         tl = batch_token_logps(
             policy, reference, batch, kl=kl, with_baseline=head is not None, chunk_elements=1 << 22
         )
@@ -165,8 +166,35 @@ def run_ours(loss: str, args) -> list[float]:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(args["device"])
+
+    times = []
+    for _ in range(args["warmup"] + args["steps"]):
+        start = time.perf_counter()
+        step()
         times.append(time.perf_counter() - start)
-    return times[args["warmup"] :]
+    # One more step under the profiler: the exact peak of tensor memory it allocates on top of what
+    # is resident (weights, optimizer state); the resident set is the issue's metric, but noisy here.
+    tensor_peak = None if args["device"].startswith("cuda") else peak_tensor_bytes(step)
+    return times[args["warmup"] :], tensor_peak
+
+
+def peak_tensor_bytes(fn) -> int:
+    """Largest number of bytes `fn` has allocated and not yet freed at any moment while it runs.
+
+    Exact and deterministic: the profiler records every allocation and free of torch's CPU
+    allocator in order (autograd's saved tensors included), and their running sum is the live
+    tensor memory beyond what existed before the call.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):
+        live += event.nbytes()  # + on allocation, - on free
+        peak = max(peak, live)
+    return peak
 
 
 def run_trl(args) -> list[float]:
@@ -229,7 +257,10 @@ def run_trl(args) -> list[float]:
 def worker(args: dict) -> dict:
     """One row in this process; returns its timings, throughput and peak memory."""
     torch.set_num_threads(args["threads"])
-    times = run_trl(args) if args["row"] == "trl" else run_ours(args["row"], args)
+    if args["row"] == "trl":
+        times, tensor_peak = run_trl(args), None
+    else:
+        times, tensor_peak = run_ours(args["row"], args)
     tokens = 2 * args["batch"] * (args["prompt_len"] + args["response_len"] + 1)
     step = statistics.median(times)
     return {
@@ -237,6 +268,7 @@ def worker(args: dict) -> dict:
         "step_s": step,
         "tokens_per_s": tokens / step,
         "peak_bytes": _peak_memory(args["device"]),
+        "tensor_peak_bytes": tensor_peak,
         "times": times,
     }
 
@@ -299,6 +331,7 @@ def run_perf(
     for row in rows:
         step = statistics.median(m["step_s"] for m in measured[row])
         memory = statistics.median(m["peak_bytes"] for m in measured[row])
+        tensor = measured[row][0]["tensor_peak_bytes"]  # deterministic: the same every repeat
         flops = required_flops(model, batch, prompt_len, response_len)
         summary.append(
             {
@@ -306,6 +339,7 @@ def run_perf(
                 "step_s": step,
                 "tokens_per_s": tokens / step,
                 "peak_mib": memory / 2**20,
+                "tensor_mib": None if tensor is None else tensor / 2**20,
                 "mfu": flops / step / peak,
             }
         )
@@ -313,6 +347,9 @@ def run_perf(
     for r in summary:
         r["step_vs_dpo"] = r["step_s"] / base["dpo"]["step_s"] if "dpo" in base else None
         r["memory_vs_dpo"] = r["peak_mib"] / base["dpo"]["peak_mib"] if "dpo" in base else None
+        r["tensor_vs_dpo"] = None
+        if "dpo" in base and r["tensor_mib"] is not None and base["dpo"]["tensor_mib"]:
+            r["tensor_vs_dpo"] = r["tensor_mib"] / base["dpo"]["tensor_mib"]
         if "trl" in base:
             r["speed_vs_trl"] = r["tokens_per_s"] / base["trl"]["tokens_per_s"]
             r["memory_vs_trl"] = r["peak_mib"] / base["trl"]["peak_mib"]
@@ -372,7 +409,8 @@ def format_report(report: dict) -> str:
         f"{cfg['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; medians of {cfg['repeats']} "
         f"alternating repeats x {cfg['steps']} steps",
         f"{'row':>8} {'s/step':>8} {'tok/s':>9} {'peak MiB':>9} {'MFU':>6} "
-        f"{'step/dpo':>9} {'mem/dpo':>8} {'speed/TRL':>10} {'mem/TRL':>8}",
+        f"{'step/dpo':>9} {'mem/dpo':>8} {'speed/TRL':>10} {'mem/TRL':>8} "
+        f"{'tensor MiB':>11} {'tensor/dpo':>11}",
     ]
 
     def ratio(row, key):
@@ -380,11 +418,17 @@ def format_report(report: dict) -> str:
         return f"{value:.2f}x" if value is not None else "-"
 
     for r in report["rows"]:
+        tensor = "-" if r.get("tensor_mib") is None else f"{r['tensor_mib']:.0f}"
         lines.append(
             f"{r['row']:>8} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} {r['peak_mib']:>9.0f} "
             f"{100 * r['mfu']:>5.1f}% {ratio(r, 'step_vs_dpo'):>9} {ratio(r, 'memory_vs_dpo'):>8} "
-            f"{ratio(r, 'speed_vs_trl'):>10} {ratio(r, 'memory_vs_trl'):>8}"
+            f"{ratio(r, 'speed_vs_trl'):>10} {ratio(r, 'memory_vs_trl'):>8} {tensor:>11} "
+            f"{ratio(r, 'tensor_vs_dpo'):>11}"
         )
+    lines.append(
+        "peak MiB: the process's resident set (the issue's metric; noisy on this VM); tensor MiB: "
+        "the exact peak of tensor memory one step allocates beyond what is resident (profiler)"
+    )
     return "\n".join(lines)
 
 
