@@ -160,9 +160,13 @@ def score_file(cfg, data_path: str, models, tokenizer, target: Path, meta: dict,
     """Score one data file into `target` (skipped when it exists with the same settings)."""
     from tokenratio.data import load_raw, tokenize_dataset
 
-    meta_path = target.with_suffix(".meta.json")
-    if meta_path.exists() and json.loads(meta_path.read_text()).get("settings") == meta:
-        print(f"tisdpo: weights found in {target}")  # the meta is written after the scores
+    meta_path = target.with_suffix(".meta.json")  # written after the scores: both or neither
+    if (
+        target.exists()
+        and meta_path.exists()
+        and json.loads(meta_path.read_text()).get("settings") == meta
+    ):
+        print(f"tisdpo: weights found in {target}")
         return
     raw = load_raw(data_path, cfg.data.split, cfg.data.limit)
     tokenized, report = tokenize_dataset(raw, tokenizer, replace(cfg.data, swap_preferences=False))
