@@ -234,3 +234,23 @@ def test_contrast_weights_follow_the_contrast_models():
     flipped = weighted.flipped()
     assert torch.equal(flipped.chosen, pairs.rejected)
     assert torch.equal(flipped.chosen_weight, weighted.rejected_weight)
+
+
+def test_weight_summary_hand_values():
+    """Two pairs with probabilities 0.75 and 0.25. Chosen weights [[1/e, 1], [e, e]]: mean
+    0.75 (1/e + 1)/2 + 0.25 e; at a bound (1/e or e): 0.75 * 1/2 + 0.25 * 2/2 = 0.625."""
+    from tokenratio.population import weight_summary
+
+    e = math.e
+    pairs = synthetic.PreferencePairs(
+        prompts=torch.zeros(2, dtype=torch.long),
+        chosen=torch.zeros(2, 2, dtype=torch.long),
+        rejected=torch.ones(2, 2, dtype=torch.long),
+        weights=torch.tensor([0.75, 0.25], dtype=torch.float64),
+        chosen_weight=torch.tensor([[1 / e, 1.0], [e, e]], dtype=torch.float64),
+        rejected_weight=torch.ones(2, 2, dtype=torch.float64),
+    )
+    summary = weight_summary(pairs)
+    assert summary["mean_chosen"] == pytest.approx(0.75 * (1 / e + 1) / 2 + 0.25 * e)
+    assert summary["at_bound_chosen"] == pytest.approx(0.625)
+    assert summary["mean_rejected"] == pytest.approx(1.0)

@@ -73,6 +73,19 @@ def exact_contrast_weighted(mdp, pairs, beta: float) -> synthetic.PreferencePair
     return contrast_weighted(positive, negative, mdp, pairs)
 
 
+def weight_summary(pairs: synthetic.PreferencePairs) -> dict:
+    """TIS-DPO's token weights over the data distribution: their pair-weighted means and the share
+    of tokens at a clamp bound (the smallest or largest weight)."""
+    share = pairs.weights[:, None] / pairs.weights.sum()  # (N, 1), each pair's probability
+    out = {}
+    for side in ("chosen", "rejected"):
+        w = getattr(pairs, f"{side}_weight")  # (N, T)
+        at_bound = (w <= w.min() + 1e-12) | (w >= w.max() - 1e-12)
+        out[f"mean_{side}"] = float((share * w).sum() / w.shape[1])
+        out[f"at_bound_{side}"] = float((share * at_bound).sum() / w.shape[1])
+    return out
+
+
 def fit(mdp, pairs, loss, beta, options=None, max_steps=3000, lr=0.05, tol=1e-7, window=100):
     """Full-batch Adam on the exact expected loss until it is flat.
 
@@ -149,6 +162,8 @@ def run_population(losses, beta=0.5, seed=0, max_steps=3000, progress=True) -> l
         logps, info = fit(mdp, pairs, loss, beta, options, max_steps=max_steps)
         metrics = synthetic.exact_metrics(logps, mdp, targets)
         rows.append({"data": data_name, "method": loss, "options": options, **metrics, **info})
+        if loss in NEEDS_WEIGHTS:
+            rows[-1]["token_weights"] = weight_summary(pairs)
     return rows
 
 
@@ -166,4 +181,13 @@ def format_population(rows: list[dict]) -> str:
             f"{r['data']:>11} {r['method']:>7} {options:>36} {r['return']:>7.3f} "
             f"{r['kl_ref']:>7.3f} {r['kl_seq']:>8.4f} {r['kl_tok']:>8.4f} {tail}"
         )
+    for r in rows:
+        if "token_weights" in r:
+            w = r["token_weights"]
+            lines.append(
+                f"{r['method']} token weights (exact contrast models), pair-weighted: mean "
+                f"{w['mean_chosen']:.2f} on chosen, {w['mean_rejected']:.2f} on rejected tokens; "
+                f"at a clamp bound: {100 * w['at_bound_chosen']:.0f}% of chosen, "
+                f"{100 * w['at_bound_rejected']:.0f}% of rejected tokens"
+            )
     return "\n".join(lines)
