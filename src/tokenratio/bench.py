@@ -136,14 +136,22 @@ def contrast_weighted(
     (default bounds: those of `tokenratio tisdpo`)."""
     plus = tabular_token_logps(positive.log_softmax(-1), mdp, pairs)
     minus = tabular_token_logps(negative.log_softmax(-1), mdp, pairs)
+    return with_contrast_weights(
+        pairs,
+        plus.policy_chosen - minus.policy_chosen,
+        plus.policy_rejected - minus.policy_rejected,
+        **bounds,
+    )
+
+
+def with_contrast_weights(
+    pairs: synthetic.PreferencePairs, chosen: torch.Tensor, rejected: torch.Tensor, **bounds
+) -> synthetic.PreferencePairs:
+    """`pairs` carrying TIS-DPO's weights of their (N, T) chosen and rejected token contrasts."""
     return replace(
         pairs,
-        chosen_weight=importance_weights(
-            plus.policy_chosen - minus.policy_chosen, chosen=True, **bounds
-        ),
-        rejected_weight=importance_weights(
-            plus.policy_rejected - minus.policy_rejected, chosen=False, **bounds
-        ),
+        chosen_weight=importance_weights(chosen, chosen=True, **bounds),
+        rejected_weight=importance_weights(rejected, chosen=False, **bounds),
     )
 
 
@@ -309,10 +317,10 @@ def run_bench(cfg: BenchConfig, out_dir: Path, progress: bool = True) -> dict:
     }
     jobs = [(loss, beta) for beta in cfg.betas for loss in cfg.losses]
     runs = []
-    weighted = [loss for loss in cfg.losses if loss in NEEDS_WEIGHTS]
+    needs_contrast = any(loss in NEEDS_WEIGHTS for loss in cfg.losses)
     bar = tqdm(
         total=len(jobs) * (len(cfg.seeds) + max(0, len(cfg.lr_grid) - 1))
-        + 2 * len(cfg.betas) * len(cfg.seeds) * bool(weighted),
+        + 2 * len(cfg.betas) * len(cfg.seeds) * needs_contrast,
         desc="bench",
         disable=not progress,
     )

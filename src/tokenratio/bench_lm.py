@@ -14,17 +14,17 @@ confidence half-width, since log pi(y) is known exactly for every sampled y.
 
 import copy
 import math
-from dataclasses import replace
 
 import torch
 from torch import nn
 
 from tokenratio import synthetic
 from tokenratio.baseline import StateBaselineHead
+from tokenratio.bench import with_contrast_weights
 from tokenratio.data import PreferenceBatch
 from tokenratio.losses import LOSSES, NEEDS_BASELINE, NEEDS_WEIGHTS, kl_fields, reduce
 from tokenratio.modeling import PolicyWithHead, batch_token_logps
-from tokenratio.tisdpo import batch_contrast, importance_weights
+from tokenratio.tisdpo import batch_contrast
 
 
 class ResponseVocabLM(nn.Module):
@@ -131,11 +131,7 @@ def contrast_weighted_lm(mdp, reference, beta, pairs, **train_options):
     negative = train_lm(mdp, reference, "dpo", beta, pairs.flipped(), **train_options).model
     contrast = batch_contrast(positive, negative, _pairs_batch(mdp, pairs)).double()  # (2N, T)
     N = len(pairs)
-    return replace(
-        pairs,
-        chosen_weight=importance_weights(contrast[:N], chosen=True),
-        rejected_weight=importance_weights(contrast[N:], chosen=False),
-    )
+    return with_contrast_weights(pairs, contrast[:N], contrast[N:])
 
 
 def train_lm(
