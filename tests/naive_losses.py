@@ -1,5 +1,5 @@
 """An independent, deliberately naive implementation of every loss: Python loops over pairs and tokens
-with `math` on floats, written from METHOD.md without reading tokenratio.losses. Tests compare the
+with `math` on floats, written from docs/method.md without reading tokenratio.losses. Tests compare the
 library against it on random inputs.
 """
 

@@ -8,7 +8,7 @@ import torch
 from torch.testing import assert_close
 
 from naive_losses import naive_loss
-from tokenratio.losses import GENERATORS, LOSSES, TokenLogps, k3, reduce
+from tokenratio.losses import GENERATORS, LOSSES, Needs, TokenLogps, k3, reduce
 from tokenratio.tisdpo import importance_weights
 
 FIELDS = [f.name for f in fields(TokenLogps)]
@@ -501,3 +501,67 @@ def test_reduce_accumulation_invariance(name):
     (acc_grad,) = torch.autograd.grad(accumulated, pc)
     assert_close(accumulated, full)
     assert_close(acc_grad, full_grad)
+
+
+@pytest.mark.parametrize(
+    "name, options, expected",
+    [
+        ("dpo", {}, Needs()),
+        ("ipo", {}, Needs()),
+        ("bpo", {"generator": "lr"}, Needs()),
+        ("tdpo1", {}, Needs(kl="exact")),
+        ("tdpo2", {"alpha": 0.3}, Needs(kl="exact")),
+        ("tbpo-q", {}, Needs(baseline=True)),
+        ("tbpo-a", {}, Needs(kl="exact")),
+        ("tbpo-a", {"kl_estimator": "k3"}, Needs(kl="k3")),
+        ("tbpo-a", {"kl_estimator": "k3-response"}, Needs()),
+        ("sft", {}, Needs(reference=False)),
+        ("tisdpo", {}, Needs(weights=True)),
+        ("tisdpo", {"kl_coef": 0.5}, Needs(kl="exact", weights=True)),
+    ],
+)
+def test_registry_entries_declare_what_their_forward_pass_needs(name, options, expected):
+    assert LOSSES[name].needs(options) == expected
+
+
+def test_every_needed_field_is_read_and_nothing_else_is_required():
+    """A loss given exactly what its entry declares runs; the declared fields are really read."""
+    full = random_batch()
+    for name in ALL:
+        needs = LOSSES[name].needs()
+        batch = replace(
+            full,
+            chosen_kl=full.chosen_kl if needs.kl else None,
+            rejected_kl=full.rejected_kl if needs.kl else None,
+            chosen_baseline=full.chosen_baseline if needs.baseline else None,
+            rejected_baseline=full.rejected_baseline if needs.baseline else None,
+            chosen_weight=full.chosen_weight if needs.weights else None,
+            rejected_weight=full.rejected_weight if needs.weights else None,
+        )
+        losses, _ = LOSSES[name](batch, beta=0.5)
+        assert torch.isfinite(losses).all(), name
+
+
+def test_unknown_options_name_the_loss_and_its_real_options_before_any_work():
+    with pytest.raises(ValueError, match=r"for loss 'tbpo-a'; valid options: \['generator'"):
+        LOSSES["tbpo-a"].needs({"kl_estimatr": "k3"})
+    assert "beta" not in LOSSES["tbpo-a"].options
+
+
+def test_no_caller_tests_a_loss_name():
+    """What a loss needs comes from its registry entry: nothing outside losses.py branches on a
+    loss name (the issue found eight places that did)."""
+    import re
+    from pathlib import Path
+
+    names = "|".join(re.escape(n) for n in LOSSES)
+    branch = re.compile(rf"""(==|!=|\bin)\s*[\(\[{{]?\s*["']({names})["']""")
+    root = Path(__file__).resolve().parents[1] / "src" / "tokenratio"
+    offenders = [
+        f"{path.relative_to(root)}:{number}: {line.strip()}"
+        for path in root.rglob("*.py")
+        if path.name != "losses.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if branch.search(line)
+    ]
+    assert not offenders, offenders

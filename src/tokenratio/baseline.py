@@ -1,6 +1,6 @@
 """TBPO-Q's state-baseline head b_phi(s_t): the only learnable part beside the policy.
 
-METHOD.md "TBPO" point 2: log w_t ~ b_phi(s^l_t) - b_phi(s^w_t), an estimate of the soft value gap
+docs/method.md §3.2: log w_t ~ b_phi(s^l_t) - b_phi(s^w_t), an estimate of the soft value gap
 log Z(s^l_t) - log Z(s^w_t). The head reads the policy's final hidden state at the position whose logits
 predict y_t, detached from the backbone, so it trains only through the TBPO-Q loss and never moves the
 policy. Authors' architecture: Linear(H, 1024) -> GELU -> Linear(1024, 1), its own AdamW at lr 1e-3.

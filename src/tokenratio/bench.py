@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from tokenratio import synthetic
 from tokenratio.logprobs import sampled_k3, token_logps, token_logps_and_kl
-from tokenratio.losses import LOSSES, NEEDS_WEIGHTS, TokenLogps, kl_fields, reduce
+from tokenratio.losses import LOSSES, TokenLogps, reduce
 from tokenratio.tisdpo import importance_weights
 
 METRICS = (
@@ -181,7 +181,7 @@ def train_tabular(
         "seq": synthetic.sequence_optimum(mdp, beta),
         "tok": synthetic.token_optimum(mdp, beta),
     }
-    kl = kl_fields(loss, options)
+    kl = LOSSES[loss].needs(options).kl
 
     def loss_on(pairs):
         batch = tabular_token_logps(policy, mdp, pairs, baseline, kl)
@@ -317,7 +317,7 @@ def run_bench(cfg: BenchConfig, out_dir: Path, progress: bool = True) -> dict:
     }
     jobs = [(loss, beta) for beta in cfg.betas for loss in cfg.losses]
     runs = []
-    needs_contrast = any(loss in NEEDS_WEIGHTS for loss in cfg.losses)
+    needs_contrast = any(LOSSES[loss].weights for loss in cfg.losses)
     bar = tqdm(
         total=len(jobs) * (len(cfg.seeds) + max(0, len(cfg.lr_grid) - 1))
         + 2 * len(cfg.betas) * len(cfg.seeds) * needs_contrast,
@@ -326,12 +326,12 @@ def run_bench(cfg: BenchConfig, out_dir: Path, progress: bool = True) -> dict:
     )
     weighted_splits = {}  # (beta, seed) -> splits with TIS-DPO token weights
     for loss, beta in jobs:
-        if loss in NEEDS_WEIGHTS and (beta, cfg.seeds[0]) not in weighted_splits:
+        if LOSSES[loss].weights and (beta, cfg.seeds[0]) not in weighted_splits:
             for seed in cfg.seeds:
                 weighted_splits[beta, seed] = _contrast_splits(cfg, mdp, beta, seed, splits[seed])
                 bar.update(2)
         data = {
-            s: weighted_splits[beta, s] if loss in NEEDS_WEIGHTS else splits[s] for s in cfg.seeds
+            s: weighted_splits[beta, s] if LOSSES[loss].weights else splits[s] for s in cfg.seeds
         }
         first, *rest = cfg.seeds
         tried = [

@@ -22,9 +22,10 @@ from tokenratio import synthetic
 from tokenratio.baseline import StateBaselineHead
 from tokenratio.bench import with_contrast_weights
 from tokenratio.data import PreferenceBatch
-from tokenratio.losses import LOSSES, NEEDS_BASELINE, NEEDS_WEIGHTS, kl_fields, reduce
-from tokenratio.modeling import PolicyWithHead, batch_token_logps
-from tokenratio.tisdpo import batch_contrast
+from tokenratio.losses import LOSSES, reduce
+from tokenratio.modeling import PolicyWithHead
+from tokenratio.scoring import frozen_reference, score_pairs
+from tokenratio.tisdpo import batch_contrasts
 
 
 class ResponseVocabLM(nn.Module):
@@ -129,7 +130,8 @@ def contrast_weighted_lm(mdp, reference, beta, pairs, **train_options):
     flipped pairs, then every pair weighted through the real-model scoring path."""
     positive = train_lm(mdp, reference, "dpo", beta, pairs, **train_options).model
     negative = train_lm(mdp, reference, "dpo", beta, pairs.flipped(), **train_options).model
-    contrast = batch_contrast(positive, negative, _pairs_batch(mdp, pairs)).double()  # (2N, T)
+    _, contrast = next(batch_contrasts(positive, negative, [_pairs_batch(mdp, pairs)]))
+    contrast = contrast.double()  # (2N, T)
     N = len(pairs)
     return with_contrast_weights(pairs, contrast[:N], contrast[N:])
 
@@ -146,11 +148,11 @@ def train_lm(
     seed: int = 0,
 ) -> PolicyWithHead:
     """A copy of the SFT reference trained with `loss` on sampled pairs (mini-batch AdamW)."""
-    head = StateBaselineHead(reference.model.config.hidden_size) if loss in NEEDS_BASELINE else None
+    needs = LOSSES[loss].needs()
+    head = StateBaselineHead(reference.model.config.hidden_size) if needs.baseline else None
     policy = PolicyWithHead(copy.deepcopy(reference.model).requires_grad_(True), head).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
-    kl = kl_fields(loss, {})
     for _ in range(steps):
         rows = torch.randint(0, len(pairs), (batch,), generator=g)
         sub = synthetic.PreferencePairs(
@@ -160,12 +162,11 @@ def train_lm(
             chosen_weight=None if pairs.chosen_weight is None else pairs.chosen_weight[rows],
             rejected_weight=None if pairs.rejected_weight is None else pairs.rejected_weight[rows],
         )
-        tl = batch_token_logps(
+        tl = score_pairs(
             policy,
-            reference,
+            frozen_reference(reference),
             _pairs_batch(mdp, sub),
-            kl=kl,
-            with_baseline=head is not None,
+            needs,
             chunk_elements=1 << 20,
         )
         total = reduce(LOSSES[loss](tl, beta=beta)[0])
@@ -213,7 +214,7 @@ def run_lm_bench(
     rows = {"sft-reference": sampled_metrics(reference, mdp, beta, num_samples, seed=seed)}
     for loss in tqdm(losses, desc="bench (transformer)", disable=not progress):
         data = pairs
-        if loss in NEEDS_WEIGHTS:
+        if LOSSES[loss].weights:
             data = contrast_weighted_lm(mdp, reference, beta, pairs, steps=train_steps, seed=seed)
         policy = train_lm(mdp, reference, loss, beta, data, steps=train_steps, seed=seed)
         rows[loss] = sampled_metrics(policy, mdp, beta, num_samples, seed=seed)

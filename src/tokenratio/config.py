@@ -8,7 +8,7 @@
 
 Overrides look like `--set train.lr=1e-6` or `loss.options.kl_estimator=k3`; a value must parse as
 the default's type (TOML syntax: strings may be bare), and unknown keys are errors with a suggestion.
-Defaults cite METHOD.md ("the paper's training recipe") where the paper sets them.
+Defaults cite docs/method.md §4 (the paper's training recipe) where the paper sets them.
 """
 
 import difflib

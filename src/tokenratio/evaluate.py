@@ -21,10 +21,11 @@ import torch
 
 from tokenratio import metrics
 from tokenratio.config import DataConfig
-from tokenratio.data import collate, collate_rows, load_raw, tokenize_dataset
+from tokenratio.data import collate_rows, load_raw, tokenize_dataset
 from tokenratio.formats import to_text
 from tokenratio.logprobs import IGNORE_INDEX, token_kl, token_logps
-from tokenratio.modeling import response_logits
+from tokenratio.modeling import load_pretrained
+from tokenratio.scoring import batches, score_batches
 
 
 @dataclass(frozen=True)
@@ -59,25 +60,13 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / n)
 
 
-def _load(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(path).eval(), tokenizer
-
-
 @torch.no_grad()
 def preference_metrics(model, reference, pairs, pad_id: int, beta: float, batch_size: int) -> dict:
     """Implicit-reward accuracy and margin, and KL(pi || pi_ref) per response, on held-out pairs."""
     accuracy, margin, kl = [], [], []
-    for start in range(0, len(pairs), batch_size):
-        batch = collate(
-            [pairs[i] for i in range(start, min(start + batch_size, len(pairs)))], pad_id
-        )
-        logits, _ = response_logits(model, batch)
-        ref_logits, _ = response_logits(reference, batch)
+    scored = score_batches([model, reference], batches(pairs, pad_id, batch_size))
+    for batch, ((logits, _), (ref_logits, _)) in scored:
+        logits, ref_logits = logits.float(), ref_logits.float()
         mask = batch.labels != IGNORE_INDEX
         ratio = token_logps(logits, batch.labels) - token_logps(ref_logits, batch.labels)
         reward = beta * (ratio * mask).sum(-1)  # (2B,)
@@ -115,7 +104,11 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig) -> lis
         width = max(len(p) for p in chunk)
         ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(p)) + p for p in chunk])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
-        sequences = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen)
+        sequences = model.generate(
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+            generation_config=gen,
+        ).cpu()
         new = sequences[:, width:].tolist()
         for i in range(len(chunk)):
             samples = []
@@ -132,9 +125,10 @@ def entropy_per_prompt(model, prompts, samples, pad_id: int, batch_size: int) ->
     """Predictive entropy (top-20, renormalised) of each prompt's samples, teacher-forced."""
     rows = [(p, s) for p, group in zip(prompts, samples, strict=True) for s in group if s]
     per_row = []
-    for start in range(0, len(rows), batch_size):
-        batch = collate_rows(rows[start : start + batch_size], pad_id)
-        logits, _ = response_logits(model, batch)
+    for batch, [(logits, _)] in score_batches(
+        [model], batches(rows, pad_id, batch_size, collate_rows)
+    ):
+        logits = logits.float()
         mask = batch.labels != IGNORE_INDEX
         per_row += [metrics.predictive_entropy(logits[i], mask[i]) for i in range(len(mask))]
     k = len(samples[0]) if samples else 1
@@ -143,7 +137,7 @@ def entropy_per_prompt(model, prompts, samples, pad_id: int, batch_size: int) ->
 
 def evaluate_model(name, path, reference, raw, cfg: EvalConfig) -> dict:
     """Everything but the judge for one model; keeps the texts for judging."""
-    model, tokenizer = _load(path)
+    model, tokenizer, _ = load_pretrained(path)
     data_cfg = DataConfig(
         path=cfg.data,
         format=cfg.data_format,
@@ -235,7 +229,7 @@ def markdown_table(results: list[dict]) -> str:
 
 def run_eval(cfg: EvalConfig, out: Path) -> list[dict]:
     raw = load_raw(cfg.data, limit=max(cfg.num_prompts, cfg.num_pairs))
-    reference = _load(cfg.reference)[0] if cfg.reference else None
+    reference = load_pretrained(cfg.reference)[0] if cfg.reference else None
     results = [evaluate_model(name, path, reference, raw, cfg) for name, path in cfg.models]
     if cfg.judge:
         judge_all(results, cfg)

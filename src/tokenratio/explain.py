@@ -14,7 +14,8 @@ import torch
 from tokenratio.data import collate, load_raw, tokenize_record
 from tokenratio.formats import detect_format, to_text
 from tokenratio.logprobs import IGNORE_INDEX, token_logps
-from tokenratio.modeling import response_logits
+from tokenratio.modeling import load_pretrained
+from tokenratio.scoring import score_batches
 
 
 @torch.no_grad()
@@ -31,10 +32,12 @@ def token_credits(
     """Per-token implicit rewards (and baseline values) of both responses of one pair."""
     ids = tokenize_record(record, fmt, tokenizer, max_length, max_length - 1)
     batch = collate([ids], tokenizer.pad_token_id)
-    logits, hidden = response_logits(model, batch)
-    ref_logits, _ = response_logits(reference, batch)
-    credit = beta * (token_logps(logits, batch.labels) - token_logps(ref_logits, batch.labels))
-    baseline = head(hidden) if head is not None else None
+    batch, ((logits, hidden), (ref_logits, _)) = next(score_batches([model, reference], [batch]))
+    labels = batch.labels
+    credit = beta * (token_logps(logits.float(), labels) - token_logps(ref_logits.float(), labels))
+    baseline = head(hidden.to(next(head.parameters()).dtype)) if head is not None else None
+    batch, credit = batch.to("cpu"), credit.cpu()
+    baseline = None if baseline is None else baseline.cpu()
     out = {"prompt": to_text(record, fmt, tokenizer)[0], "beta": beta}
     for row, name in enumerate(("chosen", "rejected")):
         mask = batch.labels[row] != IGNORE_INDEX
@@ -142,18 +145,8 @@ def explain(
     model_path: str, reference_path: str, data: str, index: int, beta: float, out: Path
 ) -> dict:
     """Load, compute, write explain.html and explain.png into `out`; return the credits."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from tokenratio.baseline import CONFIG_NAME, StateBaselineHead
-
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(model_path).eval()
-    reference = AutoModelForCausalLM.from_pretrained(reference_path).eval()
-    head = None
-    if (Path(model_path) / CONFIG_NAME).exists():
-        head = StateBaselineHead.from_pretrained(model_path).eval()
+    model, tokenizer, head = load_pretrained(model_path)
+    reference = load_pretrained(reference_path)[0]
     raw = load_raw(data, limit=index + 1)
     record = raw.dataset[index]
     credits = token_credits(model, reference, tokenizer, record, detect_format(record), beta, head)

@@ -7,7 +7,7 @@ subtracts a logsumexp computed a few rows at a time; the backward pass writes d/
 chunk by chunk straight into the one (B, T, V) gradient buffer autograd needs anyway.
 
 `token_kl(policy_logits, ref_logits)` is KL(pi_ref(.|s_t) || pi_theta(.|s_t)) over the full vocabulary at
-every position (TDPO's sequential KL, TBPO-A's exact correction; METHOD.md "TDPO" and "TBPO" point 2),
+every position (TDPO's sequential KL, TBPO-A's exact correction; docs/method.md §2 TDPO and §3.2),
 with gradient through the policy only: d KL / d z = softmax(z) - softmax(z_ref).
 
 Both compute in float32 for bf16/fp16/fp32 logits (half precision is upcast one chunk at a time) and

@@ -1,7 +1,7 @@
 """Preference losses as pure functions of per-token log-probabilities (the public loss contract).
 
 Every loss takes one `TokenLogps` and keyword hyperparameters and returns `(losses, metrics)`:
-`losses` is (B,) per pair, `metrics` a dict of detached (B,) tensors. Formulas: ../shared/docs/METHOD.md,
+`losses` is (B,) per pair, `metrics` a dict of detached (B,) tensors. Formulas: docs/method.md,
 from "TokenRatio" (arXiv 2605.12288), DPO (2305.18290), BPO (2505.19601), TDPO (2404.11999),
 TIS-DPO (2410.04350).
 
@@ -11,15 +11,14 @@ u = sum_t r_t(y^chosen) - sum_t r_t(y^rejected), the sequence margin.
 Sequence level: dpo, ipo, bpo (Bregman ratio matching on R = exp(-beta u)), tdpo1, tdpo2, sft,
                 tisdpo (DPO with a per-token importance weight on every log-ratio).
 Token level:    tbpo-q, tbpo-a (Bregman ratio matching on R_t, one per aligned position, TBPO eq. in
-                METHOD.md "TBPO" points 2-3).
+                docs/method.md §3.2-3.3).
 Bregman generators (pure functions of log R) are in bregman.py; losses are in `LOSSES` at the bottom.
 This module imports only torch.
 """
 
-import functools
 import inspect
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
@@ -67,11 +66,11 @@ class TokenLogps:
         shape = self.policy_chosen.shape
         if len(shape) != 2:
             raise ValueError(f"TokenLogps tensors must be (B, T); policy_chosen is {tuple(shape)}")
-        for field in fields(self):
-            value = getattr(self, field.name)
+        for item in fields(self):
+            value = getattr(self, item.name)
             if value is not None and value.shape != shape:
                 raise ValueError(
-                    f"TokenLogps.{field.name} has shape {tuple(value.shape)}, expected {tuple(shape)} "
+                    f"TokenLogps.{item.name} has shape {tuple(value.shape)}, expected {tuple(shape)} "
                     "(pad chosen and rejected to the same response length)"
                 )
         for name in ("chosen_mask", "rejected_mask"):
@@ -136,23 +135,6 @@ def _require(batch: TokenLogps, names: tuple[str, ...], loss: str, why: str) -> 
         raise ValueError(f"loss '{loss}' needs TokenLogps.{' and '.join(missing)} ({why})")
 
 
-def _strict_options(fn: Callable) -> Callable:
-    """Turn unknown keyword options into a ValueError that lists the valid ones."""
-    valid = [p.name for p in inspect.signature(fn).parameters.values() if p.kind == p.KEYWORD_ONLY]
-
-    @functools.wraps(fn)
-    def wrapper(batch: TokenLogps, **options):
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ValueError(
-                f"unknown option(s) {unknown} for loss '{fn.__name__}'; valid options: {valid}"
-            )
-        return fn(batch, **options)
-
-    wrapper.options = valid
-    return wrapper
-
-
 def _clamp_log_r(log_r: Tensor, clamp: float | None) -> tuple[Tensor, Tensor]:
     """Clamp log R to [-clamp, clamp] (authors: 30) and report which entries hit the bound."""
     if clamp is None:
@@ -164,7 +146,6 @@ def _clamp_log_r(log_r: Tensor, clamp: float | None) -> tuple[Tensor, Tensor]:
 # Sequence-level losses
 
 
-@_strict_options
 def dpo_loss(batch: TokenLogps, *, beta: float, label_smoothing: float = 0.0):
     """DPO: -log sigma(beta u), with conservative label smoothing eps: (1-eps) l(u) + eps l(-u).
 
@@ -180,7 +161,6 @@ def dpo_loss(batch: TokenLogps, *, beta: float, label_smoothing: float = 0.0):
     return losses, _sequence_metrics(batch, beta)
 
 
-@_strict_options
 def ipo_loss(batch: TokenLogps, *, beta: float):
     """IPO: (u - 1/(2 beta))^2, with u the margin of per-token averaged log-ratios (TRL's convention)."""
     chosen_ratio, rejected_ratio = log_ratios(batch)
@@ -190,7 +170,6 @@ def ipo_loss(batch: TokenLogps, *, beta: float):
     return (u - 1 / (2 * beta)) ** 2, _sequence_metrics(batch, beta)
 
 
-@_strict_options
 def bpo_loss(
     batch: TokenLogps,
     *,
@@ -234,21 +213,18 @@ def _tdpo(batch: TokenLogps, beta: float, kl_term: Tensor, chosen_kl: Tensor):
     return losses, metrics
 
 
-@_strict_options
 def tdpo1_loss(batch: TokenLogps, *, beta: float):
     """TDPO1: -log sigma(beta u - beta (SeqKL(y^l) - SeqKL(y^w))), SeqKL over the full vocabulary."""
     chosen_kl, rejected_kl = _sequence_kl(batch, "tdpo1")
     return _tdpo(batch, beta, rejected_kl - chosen_kl, chosen_kl)
 
 
-@_strict_options
 def tdpo2_loss(batch: TokenLogps, *, beta: float, alpha: float = 0.5):
     """TDPO2: -log sigma(beta u - alpha beta (SeqKL(y^l) - stopgrad SeqKL(y^w))), alpha = 0.5."""
     chosen_kl, rejected_kl = _sequence_kl(batch, "tdpo2")
     return _tdpo(batch, beta, alpha * (rejected_kl - chosen_kl.detach()), chosen_kl)
 
 
-@_strict_options
 def sft_loss(batch: TokenLogps, *, beta: float = 0.0):
     """SFT: mean negative log-likelihood of the chosen response tokens (beta is ignored).
 
@@ -258,7 +234,6 @@ def sft_loss(batch: TokenLogps, *, beta: float = 0.0):
     return losses, {"nll_chosen": losses.detach()}
 
 
-@_strict_options
 def tisdpo_loss(batch: TokenLogps, *, beta: float, kl_coef: float = 0.0):
     """TIS-DPO (Liu et al., arXiv 2410.04350): DPO with an importance weight on every token's log-ratio.
 
@@ -312,7 +287,7 @@ def _tbpo(
     s: float | None,
     clamp: float | None,
 ):
-    """Mean over aligned positions t <= min(|y^w|, |y^l|) of l(R_t), METHOD.md TBPO point 3.
+    """Mean over aligned positions t <= min(|y^w|, |y^l|) of l(R_t), docs/method.md §3.3.
 
     log R_t = beta * (r_t(y^l) - r_t(y^w) + log w_t)   (point 2).
     """
@@ -334,7 +309,6 @@ def aligned_mask(batch: TokenLogps) -> Tensor:
     return batch.chosen_mask & batch.rejected_mask
 
 
-@_strict_options
 def tbpo_q_loss(
     batch: TokenLogps,
     *,
@@ -346,7 +320,7 @@ def tbpo_q_loss(
     center_log_w: bool = True,
     log_w_clamp: float | None = 10.0,
 ):
-    """TBPO-Q: log w_t = b(s^l_t) - b(s^w_t), b the learned state-baseline head (METHOD.md point 2).
+    """TBPO-Q: log w_t = b(s^l_t) - b(s^w_t), b the learned state-baseline head (docs/method.md §3.2).
 
     The authors' code (not the paper) centres log w over each pair's aligned positions and clamps it
     to [-10, 10]; both are on by default (`center_log_w`, `log_w_clamp`; None turns the clamp off).
@@ -366,7 +340,6 @@ def tbpo_q_loss(
 KL_ESTIMATORS = ("exact", "k3", "k3-response")
 
 
-@_strict_options
 def tbpo_a_loss(
     batch: TokenLogps,
     *,
@@ -378,7 +351,7 @@ def tbpo_a_loss(
     kl_estimator: str = "exact",
     detach_kl: bool = False,
 ):
-    """TBPO-A: log w_t = KL(pi_ref||pi_theta)(s^l_t) - KL(pi_ref||pi_theta)(s^w_t) (METHOD.md point 2).
+    """TBPO-A: log w_t = KL(pi_ref||pi_theta)(s^l_t) - KL(pi_ref||pi_theta)(s^w_t) (docs/method.md §3.2).
 
     The KL per position comes from `chosen_kl`/`rejected_kl`, filled by the forward pass according
     to `kl_estimator`: "exact" (default, the authors' code) the full-vocabulary KL; "k3" (the
@@ -408,6 +381,80 @@ def tbpo_a_loss(
 # Registry
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a loss's forward pass must provide beyond the policy's log-probs of the labels.
+
+    Fields:
+        reference: log pi_ref of the labels (False: no reference model is loaded or run).
+        kl: what the KL fields hold: "exact" (full-vocabulary KL(pi_ref || pi_theta) per position),
+            "k3" (one-sample estimate at a ~ pi_ref) or None (not read).
+        baseline: the TBPO-Q head's b(s_t).
+        weights: per-token importance weights carried by the data (TIS-DPO).
+    """
+
+    reference: bool = True
+    kl: str | None = None
+    baseline: bool = False
+    weights: bool = False
+
+
+def _no_kl(options: dict) -> None:
+    return None
+
+
+def _exact_kl(options: dict) -> str:
+    return "exact"
+
+
+def _tisdpo_kl(options: dict) -> str | None:
+    return "exact" if options.get("kl_coef", 0.0) else None
+
+
+def _tbpo_a_kl(options: dict) -> str | None:
+    estimator = options.get("kl_estimator", "exact")
+    return estimator if estimator in ("exact", "k3") else None  # k3-response: computed in-loss
+
+
+@dataclass(frozen=True)
+class Loss:
+    """A registry entry: the loss function and what its forward pass needs.
+
+    Calling the entry calls the function: `LOSSES["dpo"](batch, beta=0.1)`. Unknown options raise
+    ValueError naming the loss and its real options before any tensor is touched.
+    """
+
+    name: str
+    fn: Callable[..., tuple[Tensor, dict[str, Tensor]]]
+    reference: bool = True
+    baseline: bool = False
+    weights: bool = False
+    kl: Callable[[dict], str | None] = field(default=_no_kl)
+
+    @property
+    def options(self) -> list[str]:
+        """Keyword options of the loss (beta excluded: every loss takes it)."""
+        params = inspect.signature(self.fn).parameters.values()
+        return [p.name for p in params if p.kind == p.KEYWORD_ONLY and p.name != "beta"]
+
+    def check_options(self, options: dict) -> None:
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise ValueError(
+                f"unknown option(s) {unknown} for loss '{self.name}'; "
+                f"valid options: {self.options or 'none'}"
+            )
+
+    def needs(self, options: dict | None = None) -> Needs:
+        options = dict(options or {})
+        self.check_options(options)
+        return Needs(self.reference, self.kl(options), self.baseline, self.weights)
+
+    def __call__(self, batch: TokenLogps, **options):
+        self.check_options({k: v for k, v in options.items() if k != "beta"})
+        return self.fn(batch, **options)
+
+
 class _LossRegistry(dict):
     """A plain dict whose unknown keys raise ValueError listing the valid names."""
 
@@ -415,32 +462,16 @@ class _LossRegistry(dict):
         raise ValueError(f"unknown loss '{name}'; valid losses: {sorted(self)}")
 
 
-LOSSES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = _LossRegistry(
+LOSSES: dict[str, Loss] = _LossRegistry(
     {
-        "dpo": dpo_loss,
-        "ipo": ipo_loss,
-        "bpo": bpo_loss,
-        "tdpo1": tdpo1_loss,
-        "tdpo2": tdpo2_loss,
-        "tbpo-q": tbpo_q_loss,
-        "tbpo-a": tbpo_a_loss,
-        "sft": sft_loss,
-        "tisdpo": tisdpo_loss,
+        "dpo": Loss("dpo", dpo_loss),
+        "ipo": Loss("ipo", ipo_loss),
+        "bpo": Loss("bpo", bpo_loss),
+        "tdpo1": Loss("tdpo1", tdpo1_loss, kl=_exact_kl),
+        "tdpo2": Loss("tdpo2", tdpo2_loss, kl=_exact_kl),
+        "tbpo-q": Loss("tbpo-q", tbpo_q_loss, baseline=True),
+        "tbpo-a": Loss("tbpo-a", tbpo_a_loss, kl=_tbpo_a_kl),
+        "sft": Loss("sft", sft_loss, reference=False),
+        "tisdpo": Loss("tisdpo", tisdpo_loss, weights=True, kl=_tisdpo_kl),
     }
 )
-
-# What each loss needs from the model beyond the labels' log-probs; the trainer computes only that.
-NEEDS_BASELINE = {"tbpo-q"}
-NEEDS_REFERENCE = set(LOSSES) - {"sft"}
-NEEDS_WEIGHTS = {"tisdpo"}  # per-token weights carried by the data (chosen_weight/rejected_weight)
-
-
-def kl_fields(name: str, options: dict) -> str | None:
-    """What the forward pass must put in chosen_kl/rejected_kl for loss `name` with `options`:
-    "exact" (full-vocabulary KL), "k3" (sampled estimate) or None (not read)."""
-    if name in ("tdpo1", "tdpo2") or (name == "tisdpo" and options.get("kl_coef", 0.0)):
-        return "exact"
-    if name == "tbpo-a":
-        estimator = options.get("kl_estimator", "exact")
-        return estimator if estimator in ("exact", "k3") else None
-    return None

@@ -1,4 +1,4 @@
-"""Evaluation metrics as pure functions (METHOD.md "Evaluation"): diversity, win rates.
+"""Evaluation metrics as pure functions (docs/method.md §5): diversity, win rates.
 
 - predictive_entropy: mean per-token entropy of the top-20 log-probs, renormalised.
 - self_bleu: BLEU of each sample against the other samples of the same prompt (sacrebleu), averaged;

@@ -1,24 +1,26 @@
-"""Policy, reference and TBPO-Q head around any Hugging Face causal LM, and the forward that fills the
-loss contract (`TokenLogps`) from a `PreferenceBatch`.
+"""Loading models onto the right device, the policy + TBPO-Q head module, the response-only forward.
 
 The LM head is applied only at the positions that predict response tokens, gathered into a
 response-aligned (2B, T, H) tensor: no logits for prompt positions are ever computed, and column j of
-every output is response token j, as the losses expect.
+every output is response token j, as the losses expect. `scoring.py` turns these logits into the loss
+contract.
 """
 
-import contextlib
 import copy
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from tokenratio.baseline import StateBaselineHead
+from tokenratio.baseline import CONFIG_NAME, StateBaselineHead
 from tokenratio.data import PreferenceBatch
-from tokenratio.logprobs import IGNORE_INDEX, sampled_k3, token_logps, token_logps_and_kl
-from tokenratio.losses import TokenLogps
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "auto": "auto",  # as saved (eval and explain load checkpoints this way)
+}
 
 
 def _inner(model) -> nn.Module:
@@ -70,95 +72,44 @@ class PolicyWithHead(nn.Module):
         return logits, baseline
 
 
-@contextlib.contextmanager
-def adapter_disabled(policy: PolicyWithHead):
-    """Run the LoRA policy as its own reference: the same weights with the adapter switched off."""
-    with policy.model.disable_adapter():
-        yield
+def default_device(cpu: bool = False) -> torch.device:
+    """The device Accelerate picks for this process (CPU when there is no accelerator)."""
+    if cpu:
+        return torch.device("cpu")
+    from accelerate import PartialState
+
+    return PartialState().device
 
 
-def label_logps_and_kl(logits, ref_logits, labels, *, kl: str | None, chunk_elements: int):
-    """Policy and reference log-probs of the labels, and what `kl` asks for in the KL fields.
+def check_local_path(path: str) -> None:
+    """A path that looks local and does not exist fails at once, instead of in hub retries."""
+    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    if looks_local and not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"model path {path} does not exist")
 
-    With kl = "exact", `ref_logits` is consumed: after the backward it holds the policy's gradient.
 
-    Args:
-        logits, ref_logits: (N, T, V) response-aligned logits of the policy and the reference.
-        labels: (N, T) response tokens, IGNORE_INDEX beyond the response.
-        kl: "exact" (full-vocabulary KL(ref || policy)), "k3" (a one-sample estimate) or None.
+def load_pretrained(path: str, device=None, dtype: str = "auto"):
+    """A saved model (and its TBPO-Q head, if saved beside it) and tokenizer, in eval mode, on
+    `device` (default: the one Accelerate picks, so eval, explain and scoring use the GPU).
 
     Returns:
-        (logps, ref_logps, kl values or None), each (N, T) float32.
+        (model, tokenizer, head or None)
     """
-    if kl == "exact":  # one sweep over the reference logits gives its log-probs and the KL;
-        # the backward builds the policy's gradient in their memory (nothing else reads them).
-        logps, kl_values, ref_logps = token_logps_and_kl(
-            logits,
-            labels,
-            ref_logits,
-            chunk_elements=chunk_elements,
-            return_ref_logps=True,
-            consume_ref_logits=True,
-        )
-        return logps, ref_logps, kl_values
-    logps = token_logps(logits, labels, chunk_elements=chunk_elements)
-    ref_logps = token_logps(ref_logits, labels, chunk_elements=chunk_elements)
-    kl_values = None
-    if kl == "k3":
-        kl_values = sampled_k3(logits, ref_logits, chunk_elements=chunk_elements)
-    return logps, ref_logps, kl_values
+    from tokenratio.config import ModelConfig
 
-
-def batch_token_logps(
-    policy,
-    reference,
-    batch: PreferenceBatch,
-    *,
-    kl: str | None,
-    with_baseline: bool,
-    chunk_elements: int,
-    unwrapped_policy: PolicyWithHead | None = None,
-) -> TokenLogps:
-    """Policy forward (with grad) and reference forward (without) -> the loss contract's inputs.
-
-    Args:
-        policy: the (possibly Accelerate-wrapped) PolicyWithHead.
-        reference: a frozen PolicyWithHead-like module, or None to use the policy with its LoRA
-            adapter disabled (`unwrapped_policy` must then be given).
-        batch: 2B rows, chosen first.
-        kl: what to put in the KL fields: "exact" full-vocabulary KL(ref || policy) per position
-            (TDPO, TBPO-A), "k3" a one-sample estimate (TBPO-A as in the paper's text), or None.
-        with_baseline: also evaluate the TBPO-Q head.
-        chunk_elements: chunk size of the log-prob / KL kernels.
-    """
-    logits, baseline = policy(batch, with_baseline=with_baseline)
-    with torch.no_grad():
-        if reference is None:
-            with adapter_disabled(unwrapped_policy):
-                ref_logits, _ = policy(batch)
-        else:
-            ref_logits, _ = reference(batch)
-    labels = batch.labels
-    logps, ref_logps, kl_values = label_logps_and_kl(
-        logits, ref_logits, labels, kl=kl, chunk_elements=chunk_elements
-    )
-    mask = labels != IGNORE_INDEX
-    B = batch.num_pairs
-
-    def halves(x):
-        return (None, None) if x is None else (x[:B], x[B:])
-
-    pc, pr = halves(logps)
-    rc, rr = halves(ref_logps)
-    mc, mr = halves(mask)
-    kc, kr = halves(kl_values)
-    bc, br = halves(None if baseline is None else baseline.float())
-    wc, wr = halves(batch.weights)
-    return TokenLogps(pc, pr, rc, rr, mc, mr, kc, kr, bc, br, wc, wr)
+    cfg = ModelConfig(name_or_path=path, dtype=dtype)
+    device = default_device() if device is None else device
+    model = load_causal_lm(cfg).to(device).eval()
+    head = None
+    if (Path(path) / CONFIG_NAME).exists():
+        head = StateBaselineHead.from_pretrained(path).to(device).eval()
+    return model, load_tokenizer(cfg), head
 
 
 def load_tokenizer(cfg):
     from transformers import AutoTokenizer
+
+    check_local_path(cfg.name_or_path)
 
     kwargs = {"trust_remote_code": cfg.trust_remote_code}
     if cfg.gguf_file:
@@ -174,6 +125,7 @@ def load_causal_lm(cfg) -> nn.Module:
     into a plain model (which `save_pretrained` accepts, unlike the GGUF-loaded one)."""
     from transformers import AutoModelForCausalLM
 
+    check_local_path(cfg.name_or_path)
     kwargs = {"dtype": DTYPES[cfg.dtype], "trust_remote_code": cfg.trust_remote_code}
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
@@ -217,13 +169,16 @@ def package_dir(package: str) -> str:
     return spec.submodule_search_locations[0]
 
 
-def build_models(cfg, with_head: bool) -> tuple[PolicyWithHead, PolicyWithHead | None]:
-    """Policy (with LoRA if lora_r > 0, with the head if asked) and its reference.
+def build_models(
+    cfg, needs, model: nn.Module | None = None
+) -> tuple[PolicyWithHead, PolicyWithHead | None]:
+    """Policy (with LoRA if lora_r > 0, with the head if the loss needs it) and its reference.
 
     With LoRA the reference is None: the policy with its adapter disabled, no second copy in memory.
-    Otherwise the reference is a frozen deep copy taken before training.
+    Otherwise the reference is a frozen deep copy taken before training, or None when the loss
+    needs no reference (sft). `model` skips loading (the perf harness's random-weight shapes).
     """
-    model = load_causal_lm(cfg)
+    model = load_causal_lm(cfg) if model is None else model
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -242,11 +197,10 @@ def build_models(cfg, with_head: bool) -> tuple[PolicyWithHead, PolicyWithHead |
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
-    else:
+    elif needs.reference:
         reference = PolicyWithHead(copy.deepcopy(model)).eval().requires_grad_(False)
-    head = (
-        StateBaselineHead(_inner(model).config.hidden_size, cfg.head_width) if with_head else None
-    )
+    hidden = _inner(model).config.hidden_size
+    head = StateBaselineHead(hidden, cfg.head_width) if needs.baseline else None
     return PolicyWithHead(model, head), reference
 
 

@@ -117,26 +117,25 @@ def _peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def run_ours(loss: str, args) -> list[float]:
-    """Step times of our training step (the loop's functions, without Accelerate's wrapper)."""
-    from tokenratio.data import collate
-    from tokenratio.losses import LOSSES, NEEDS_BASELINE, NEEDS_WEIGHTS, kl_fields, reduce
-    from tokenratio.modeling import PolicyWithHead, batch_token_logps
+def perf_config(loss: str, args: dict):
+    """The Config a row's trainer step runs with: the harness's model shape, AdamW, lr 1e-6."""
+    from tokenratio.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
 
-    dtype = torch.bfloat16 if args["dtype"] == "bf16" else torch.float32
-    model = build_model(args["model"], dtype).to(args["device"])
-    head = None
-    if loss in NEEDS_BASELINE:
-        from tokenratio.baseline import StateBaselineHead
-
-        head = StateBaselineHead(model.config.hidden_size).to(args["device"])
-    policy = PolicyWithHead(model, head)
-    reference = PolicyWithHead(build_model(args["model"], dtype).to(args["device"]))
-    reference.eval().requires_grad_(False)
-    tokenizer = word_tokenizer(model.config.vocab_size)
-    pairs = synthetic_pairs(
-        args["batch"], model.config.vocab_size, args["prompt_len"], args["response_len"]
+    return Config(
+        model=ModelConfig(name_or_path=f"random:{args['model']}"),
+        data=DataConfig(path="synthetic"),
+        loss=LossConfig(name=loss, beta=0.1),
+        train=TrainConfig(
+            optimizer="adamw",
+            lr=1e-6,
+            cpu=not args["device"].startswith("cuda"),
+            logprob_chunk_elements=1 << 22,
+        ),
     )
+
+
+def token_rows(tokenizer, pairs: list[dict], with_weights: bool) -> list[dict]:
+    """Tokenized pairs (EOS after each response); TIS-DPO's weights: any values will do."""
     rows = [
         {
             "prompt_ids": tokenizer(p["prompt"])["input_ids"],
@@ -145,36 +144,42 @@ def run_ours(loss: str, args) -> list[float]:
         }
         for p in pairs
     ]
-    if loss in NEEDS_WEIGHTS:  # TIS-DPO's token weights come with the data: any values will do
-        g = torch.Generator().manual_seed(0)
-        for row in rows:
-            for side in ("chosen", "rejected"):
-                n = len(row[f"{side}_ids"])
-                row[f"{side}_weight"] = (0.5 + torch.rand(n, generator=g)).tolist()
-    batch = collate(rows, 0).to(args["device"])
-    optimizer = torch.optim.AdamW(
-        policy.parameters(), lr=1e-6, fused=args["device"].startswith("cuda")
-    )
-    kl = kl_fields(loss, {})
+    g = torch.Generator().manual_seed(0)
+    for row in rows if with_weights else []:
+        for side in ("chosen", "rejected"):
+            n = len(row[f"{side}_ids"])
+            row[f"{side}_weight"] = (0.5 + torch.rand(n, generator=g)).tolist()
+    return rows
 
-    def step():
-        tl = batch_token_logps(
-            policy, reference, batch, kl=kl, with_baseline=head is not None, chunk_elements=1 << 22
-        )
-        total = reduce(LOSSES[loss](tl, beta=0.1)[0])
-        total.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+
+def run_ours(loss: str, args) -> list[float]:
+    """Step times of `trainer.train_step`, the function `tokenratio train` runs every step."""
+    from tokenratio.data import collate
+    from tokenratio.trainer import make_accelerator, prepare_step, train_step
+
+    cfg = perf_config(loss, args)
+    dtype = torch.bfloat16 if args["dtype"] == "bf16" else torch.float32
+    model = build_model(args["model"], dtype)
+    accelerator = make_accelerator(cfg)
+    step = prepare_step(cfg, accelerator, args["warmup"] + args["steps"] + 2, model=model)
+    tokenizer = word_tokenizer(model.config.vocab_size)
+    pairs = synthetic_pairs(
+        args["batch"], model.config.vocab_size, args["prompt_len"], args["response_len"]
+    )
+    batch = collate(token_rows(tokenizer, pairs, step.needs.weights), 0).to(accelerator.device)
+
+    def one_step():
+        train_step(step, [batch])
         _sync(args["device"])
 
     times = []
     for _ in range(args["warmup"] + args["steps"]):
         start = time.perf_counter()
-        step()
+        one_step()
         times.append(time.perf_counter() - start)
     # One more step under the profiler: the exact peak of tensor memory it allocates on top of what
     # is resident (weights, optimizer state); the resident set is the issue's metric, but noisy here.
-    tensor_peak = None if args["device"].startswith("cuda") else peak_tensor_bytes(step)
+    tensor_peak = None if args["device"].startswith("cuda") else peak_tensor_bytes(one_step)
     return times[args["warmup"] :], tensor_peak
 
 

@@ -8,7 +8,7 @@ data models:
 
 - "sequence": one label per pair, Bradley-Terry on the sequence return, sigma(R(y1) - R(y2)).
   TIS-DPO's token weights come from exact contrast models (`exact_contrast_weighted`).
-- "position": the TBPO theorem's own model (METHOD.md "TBPO" point 1): an independent label at every
+- "position": the TBPO theorem's own model (docs/method.md §3.1): an independent label at every
   position t, sigma(S(s1_t, y1_t) - S(s2_t, y2_t)), S = Q_ref (the TBPO-Q form) or A_ref (TBPO-A).
   A pair is expanded into its 2^T orientation patterns (which response wins at each step), weighted
   by their probabilities, so the unchanged losses compute the exact expectation.
@@ -21,7 +21,7 @@ import torch
 
 from tokenratio import synthetic
 from tokenratio.bench import contrast_weighted, tabular_token_logps
-from tokenratio.losses import LOSSES, NEEDS_WEIGHTS, kl_fields
+from tokenratio.losses import LOSSES
 
 
 def position_pairs(mdp: synthetic.TokenMDP, score: str) -> synthetic.PreferencePairs:
@@ -96,7 +96,7 @@ def fit(mdp, pairs, loss, beta, options=None, max_steps=3000, lr=0.05, tol=1e-7,
     policy = mdp.ref_logps.clone().requires_grad_()
     baseline = torch.zeros(mdp.reward.shape[:3], dtype=policy.dtype, requires_grad=True)
     optimizer = torch.optim.Adam([policy, baseline], lr=lr)
-    kl = kl_fields(loss, options)
+    kl = LOSSES[loss].needs(options).kl
     history = []
     for step in range(1, max_steps + 1):
         batch = tabular_token_logps(policy, mdp, pairs, baseline, kl)
@@ -153,16 +153,17 @@ def run_population(losses, beta=0.5, seed=0, max_steps=3000, progress=True) -> l
     jobs = [("sequence", loss, {}) for loss in losses]
     jobs += [(d, loss, o) for d, runs in CONTROLS.items() for loss, o in runs if loss in losses]
     data = {"sequence": synthetic.population_pairs(mdp)}
-    if NEEDS_WEIGHTS & set(losses):
+    if any(LOSSES[loss].weights for loss in losses):
         data["sequence", "weighted"] = exact_contrast_weighted(mdp, data["sequence"], beta)
     for data_name, loss, options in tqdm(jobs, desc="population", disable=not progress):
         if data_name not in data:
             data[data_name] = position_pairs(mdp, data_name[-1].lower())
-        pairs = data[data_name, "weighted"] if loss in NEEDS_WEIGHTS else data[data_name]
+        weighted = LOSSES[loss].weights
+        pairs = data[data_name, "weighted"] if weighted else data[data_name]
         logps, info = fit(mdp, pairs, loss, beta, options, max_steps=max_steps)
         metrics = synthetic.exact_metrics(logps, mdp, targets)
         rows.append({"data": data_name, "method": loss, "options": options, **metrics, **info})
-        if loss in NEEDS_WEIGHTS:
+        if weighted:
             rows[-1]["token_weights"] = weight_summary(pairs)
     return rows
 

@@ -7,7 +7,7 @@ are tables of shape (P, T, V+1, V) and dynamic programming is exact:
     Q_ref(s, a)  = r(s, a) + V_ref(s'),   V_ref(s) = sum_a pi_ref(a|s) Q_ref(s, a)
     Q_soft(s, a) = r(s, a) + V_soft(s'),  V_soft(s) = beta log sum_a pi_ref(a|s) e^{Q_soft(s,a)/beta}
     pi*_seq(a|s) ~ pi_ref(a|s) exp(Q_soft(s,a)/beta)  sequence-level KL-regularised optimum (DPO's target)
-    pi*_tok(a|s) ~ pi_ref(a|s) exp(Q_ref(s,a)/beta)   token-level optimum (TBPO's, METHOD.md point 4)
+    pi*_tok(a|s) ~ pi_ref(a|s) exp(Q_ref(s,a)/beta)   token-level optimum (TBPO's, docs/method.md §3.4)
 
 A policy is a (P, T, V+1, V) table of log-probabilities; `exact_metrics` computes expected return,
 sequence KLs and entropy through the state occupancy d_t(x, prev), with no sampling.
@@ -87,7 +87,7 @@ def sequence_optimum(mdp: TokenMDP, beta: float) -> Tensor:
 
 
 def token_optimum(mdp: TokenMDP, beta: float) -> Tensor:
-    """log pi*_tok = log softmax(log pi_ref + Q_ref / beta): TBPO's target (METHOD.md point 4)."""
+    """log pi*_tok = log softmax(log pi_ref + Q_ref / beta): TBPO's target (docs/method.md §3.4)."""
     q, _ = reference_q(mdp)
     return (mdp.ref_logps + q / beta).log_softmax(-1)
 

@@ -27,8 +27,9 @@ from pathlib import Path
 
 import torch
 
-from tokenratio.data import collate
 from tokenratio.logprobs import token_logps
+from tokenratio.losses import LOSSES
+from tokenratio.scoring import batches, score_batches
 
 
 def importance_weights(
@@ -57,15 +58,17 @@ def importance_weights(
     return scale * torch.exp(mu * contrast.clamp(lower, upper))
 
 
-def batch_contrast(positive, negative, batch) -> torch.Tensor:
-    """(2B, T): log pi+(y_t|s_t) - log pi-(y_t|s_t) of each response token of a PreferenceBatch
-    (0 beyond the responses); `positive` and `negative` are causal LMs."""
-    from tokenratio.modeling import response_logits
-
-    with torch.no_grad():
-        plus = token_logps(response_logits(positive, batch)[0].float(), batch.labels)
-        minus = token_logps(response_logits(negative, batch)[0].float(), batch.labels)
-    return plus - minus
+def batch_contrasts(positive, negative, batch_iter, progress: bool = False):
+    """Per batch: (batch, (2B, T) log pi+(y_t|s_t) - log pi-(y_t|s_t) of each response token, 0
+    beyond the responses); `positive` and `negative` are causal LMs, scored by `score_batches`."""
+    scored = score_batches(
+        [positive, negative], batch_iter, progress=progress, desc="scoring tokens"
+    )
+    for batch, ((plus, _), (minus, _)) in scored:
+        yield (
+            batch,
+            token_logps(plus.float(), batch.labels) - token_logps(minus.float(), batch.labels),
+        )
 
 
 def token_contrasts(positive, negative, dataset, pad_id: int, batch_size: int, progress=True):
@@ -74,23 +77,14 @@ def token_contrasts(positive, negative, dataset, pad_id: int, batch_size: int, p
     Returns:
         A list, one (chosen contrasts, rejected contrasts) pair of float lists per row of `dataset`.
     """
-    from tqdm.auto import tqdm
-
-    device = next(positive.parameters()).device
     out = []
-    for start in tqdm(
-        range(0, len(dataset), batch_size), desc="scoring tokens", disable=not progress
-    ):
-        rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
-        batch = collate(rows, pad_id).to(device)
-        contrast = batch_contrast(positive, negative, batch).cpu()  # (2B, T)
-        B = len(rows)
-        for i, row in enumerate(rows):
+    batch_iter = batches(dataset, pad_id, batch_size)
+    for batch, contrast in batch_contrasts(positive, negative, batch_iter, progress):
+        contrast, lengths = contrast.cpu(), (batch.labels >= 0).sum(-1).tolist()  # (2B, T)
+        B = batch.num_pairs
+        for i in range(B):
             out.append(
-                (
-                    contrast[i, : len(row["chosen_ids"])].tolist(),
-                    contrast[B + i, : len(row["rejected_ids"])].tolist(),
-                )
+                (contrast[i, : lengths[i]].tolist(), contrast[B + i, : lengths[B + i]].tolist())
             )
     return out
 
@@ -182,7 +176,7 @@ def run_tisdpo(cfg, *, score_only: bool = False, progress: bool = True) -> dict:
     """The whole pipeline for a Config; returns the TIS-DPO run's final metrics (or the scored
     files' paths with `score_only`)."""
     from tokenratio.config import with_overrides
-    from tokenratio.modeling import load_causal_lm, load_tokenizer
+    from tokenratio.modeling import default_device, load_pretrained, load_tokenizer
     from tokenratio.trainer import TrainingError, train
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -193,11 +187,8 @@ def run_tisdpo(cfg, *, score_only: bool = False, progress: bool = True) -> dict:
         )
     out = Path(cfg.train.output_dir)
     positive, negative = _contrast_models(cfg, out, progress)
-    device = "cuda" if torch.cuda.is_available() and not cfg.train.cpu else "cpu"
-    models = [
-        load_causal_lm(replace(cfg.model, name_or_path=path, gguf_file=None)).to(device).eval()
-        for path in (positive, negative)
-    ]
+    device = default_device(cfg.train.cpu)
+    models = [load_pretrained(path, device, cfg.model.dtype)[0] for path in (positive, negative)]
     tokenizer = load_tokenizer(cfg.model)
     meta = {
         "positive": positive,
@@ -220,7 +211,8 @@ def run_tisdpo(cfg, *, score_only: bool = False, progress: bool = True) -> dict:
     if (out / "final" / "config.json").exists():
         print(f"tisdpo: {out}/final exists; remove it or pick another train.output_dir to retrain")
         return {"step": None, "final": str(out / "final")}
-    options = dict(cfg.loss.options) if cfg.loss.name == "tisdpo" else {}
+    # The config's loss options carry over when they are TIS-DPO's own (a weighted loss).
+    options = dict(cfg.loss.options) if LOSSES[cfg.loss.name].weights else {}
     final_cfg = with_overrides(
         cfg,
         loss={"name": "tisdpo", "options": options},

@@ -1,6 +1,7 @@
 """`tokenratio train`: one explicit training loop on Hugging Face Accelerate.
 
 batch -> policy forward -> reference forward (no grad) -> LOSSES[name] -> reduce -> backward -> step.
+The optimizer step is one function, `train_step`, which `tokenratio perf` times as it is.
 The same code runs on CPU, one GPU, and under `accelerate launch` / `torchrun` (DDP, FSDP, ZeRO).
 Data order is a seeded permutation per epoch, identical on every process; each process takes every
 n-th micro-batch, so N processes with batch b see the same global batches as one process with N*b.
@@ -10,7 +11,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -18,12 +19,34 @@ from torch.utils.data import DataLoader
 
 from tokenratio import checkpoint
 from tokenratio.data import collate, load_raw, tokenize_dataset
-from tokenratio.losses import LOSSES, NEEDS_BASELINE, NEEDS_WEIGHTS, kl_fields, reduce
-from tokenratio.modeling import batch_token_logps, build_models, load_tokenizer, save_final
+from tokenratio.losses import LOSSES, Loss, Needs, reduce
+from tokenratio.modeling import build_models, load_tokenizer, save_final
+from tokenratio.scoring import adapter_reference, frozen_reference, score_pairs
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, bad setup); the message says what to do."""
+
+
+class NonFiniteStepError(TrainingError):
+    """A non-finite loss or gradient, caught before the update."""
+
+
+@dataclass
+class Step:
+    """Everything one optimizer step touches (built once by `prepare_step`)."""
+
+    accelerator: object
+    policy: object  # the Accelerate-prepared PolicyWithHead
+    reference: object  # a ReferenceForward, or None when the loss needs none
+    optimizers: tuple  # the policy's optimizer, and the TBPO-Q head's when there is one
+    scheduler: object
+    loss: Loss
+    options: dict
+    needs: Needs
+    beta: float
+    chunk_elements: int
+    max_grad_norm: float
 
 
 def prepare_data(cfg, tokenizer, accelerator):
@@ -72,208 +95,261 @@ def _scheduler(cfg, optimizer, total_steps):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
+def prepare_step(cfg, accelerator, total_steps: int, model=None) -> Step:
+    """Models, optimizers and scheduler for `cfg`, prepared by Accelerate (`model`: skip loading)."""
+    loss = LOSSES[cfg.loss.name]
+    needs = loss.needs(cfg.loss.options)
+    policy, reference = build_models(cfg.model, needs, model)
+    optimizer, head_optimizer = _optimizers(cfg, policy)
+    scheduler = _scheduler(cfg, optimizer, total_steps)
+    optimizers = (optimizer, head_optimizer) if head_optimizer else (optimizer,)
+    policy, *optimizers = accelerator.prepare(policy, *optimizers)
+    accelerator.register_for_checkpointing(scheduler)
+    if reference is not None:
+        reference = frozen_reference(accelerator.prepare_model(reference, evaluation_mode=True))
+    elif needs.reference:  # LoRA: the policy with its adapter disabled
+        reference = adapter_reference(policy, accelerator.unwrap_model(policy))
+    return Step(
+        accelerator,
+        policy,
+        reference,
+        tuple(optimizers),
+        scheduler,
+        loss,
+        dict(cfg.loss.options),
+        needs,
+        cfg.loss.beta,
+        cfg.train.logprob_chunk_elements,
+        cfg.train.max_grad_norm or float("inf"),
+    )
+
+
+def _add_metrics(sums: dict, losses, metrics) -> None:
+    """Per-pair sums, kept on the device: read only when logging."""
+    for key, value in {"loss": losses, **metrics}.items():
+        sums[key] = sums.get(key, 0.0) + value.detach().float().sum()
+
+
+def train_step(step: Step, micro_batches: list) -> dict:
+    """One optimizer step over `micro_batches` (gradient accumulation): forward, loss, backward,
+    clip, update. Returns the per-pair metric sums (device tensors) and "pairs".
+
+    Raises NonFiniteStepError before the update, so no checkpoint ever holds non-finite weights.
+    """
+    accelerator, policy = step.accelerator, step.policy
+    sums = {}
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(policy):
+            token_logps = score_pairs(
+                policy, step.reference, batch, step.needs, chunk_elements=step.chunk_elements
+            )
+            losses, metrics = step.loss(token_logps, beta=step.beta, **step.options)
+            accelerator.backward(reduce(losses) / len(micro_batches))
+        _add_metrics(sums, losses, metrics)
+    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), step.max_grad_norm)
+    if not (torch.isfinite(grad_norm) and torch.isfinite(sums["loss"])):
+        raise NonFiniteStepError(f"loss sum {float(sums['loss'])}, grad norm {float(grad_norm)}")
+    for optimizer in step.optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    step.scheduler.step()
+    sums["pairs"] = sum(b.num_pairs for b in micro_batches)
+    return sums
+
+
+def evaluate(step: Step, loader) -> dict:
+    """Held-out loss and pair metrics (implicit-reward accuracy and margins), all processes."""
+    step.policy.eval()
+    sums, count = {}, 0
+    with torch.no_grad():
+        for batch in loader:
+            token_logps = score_pairs(
+                step.policy, step.reference, batch, step.needs, chunk_elements=step.chunk_elements
+            )
+            losses, metrics = step.loss(token_logps, beta=step.beta, **step.options)
+            _add_metrics(sums, losses, metrics)
+            count += losses.shape[0]
+    step.policy.train()
+    return {f"eval_{k}": v for k, v in _mean_metrics(step.accelerator, sums, count).items()}
+
+
 def _mean_metrics(accelerator, sums: dict, count: int) -> dict:
     """Average per-pair metric sums over all processes."""
     if not sums:
         return {}
     keys = sorted(sums)
-    stacked = torch.stack([sums[k] for k in keys] + [torch.tensor(float(count))]).to(
-        accelerator.device
-    )
+    device = accelerator.device
+    values = [torch.as_tensor(sums[k], device=device) for k in keys]
+    stacked = torch.stack([*values, torch.tensor(float(count), device=device)])
     total = accelerator.reduce(stacked, reduction="sum")
     return {k: float(total[i] / total[-1]) for i, k in enumerate(keys)}
 
 
-def evaluate(cfg, accelerator, policy, reference, loader, unwrapped) -> dict:
-    """Held-out loss and pair metrics (implicit-reward accuracy and margins), all processes."""
-    policy.eval()
-    sums, count = {}, 0
-    options = dict(cfg.loss.options)
-    with torch.no_grad():
-        for batch in loader:
-            tl = batch_token_logps(
-                policy,
-                reference,
-                batch,
-                kl=kl_fields(cfg.loss.name, options),
-                with_baseline=cfg.loss.name in NEEDS_BASELINE,
-                chunk_elements=cfg.train.logprob_chunk_elements,
-                unwrapped_policy=unwrapped,
-            )
-            losses, metrics = LOSSES[cfg.loss.name](tl, beta=cfg.loss.beta, **options)
-            for key, value in {"loss": losses, **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float().sum().cpu()
-            count += losses.shape[0]
-    policy.train()
-    return {f"eval_{k}": v for k, v in _mean_metrics(accelerator, sums, count).items()}
+def make_accelerator(cfg, out: Path | None = None):
+    from accelerate import Accelerator
+
+    return Accelerator(
+        cpu=cfg.train.cpu or not _has_accelerator(),
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=list(cfg.train.report_to) or None,
+        project_dir=None if out is None else str(out),
+    )
+
+
+def _total_steps(cfg, num_pairs: int, world: int) -> int:
+    per_step = cfg.train.batch_size * world * cfg.train.grad_accumulation
+    steps_per_epoch = num_pairs // per_step
+    if steps_per_epoch == 0:
+        raise TrainingError(
+            f"{num_pairs} training pairs are fewer than one optimizer step of "
+            f"{per_step}; lower train.batch_size or grad_accumulation"
+        )
+    return cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+
+
+def _check_weights(cfg, needs: Needs, heldout) -> None:
+    if needs.weights and "chosen_weight" not in heldout.column_names:
+        raise TrainingError(
+            f"loss '{cfg.loss.name}' needs per-token weights (chosen_weight/rejected_weight) in "
+            "every record of data.path and data.heldout_path: run `tokenratio tisdpo CONFIG`, "
+            "which scores the data with two contrastive models and trains on it"
+        )
+
+
+def _write_run_files(accelerator, out: Path, cfg, report: dict) -> None:
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=list))
+        (out / "data_report.json").write_text(json.dumps(report, indent=1))
 
 
 def train(cfg, *, resume: bool = False, progress: bool = True) -> dict:
     """Run training from a Config; returns the final metrics. Writes into cfg.train.output_dir:
     metrics.jsonl, data_report.json, config.json, checkpoints/step-N/, final/ (from_pretrained-able).
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    LOSSES[cfg.loss.name]  # unknown loss: fail before loading anything
+    needs = LOSSES[cfg.loss.name].needs(cfg.loss.options)  # bad name/options: fail before loading
     out = Path(cfg.train.output_dir)
-    accelerator = Accelerator(
-        cpu=cfg.train.cpu or not _has_accelerator(),
-        mixed_precision=cfg.train.mixed_precision,
-        log_with=list(cfg.train.report_to) or None,
-        project_dir=str(out),
-    )
+    accelerator = make_accelerator(cfg, out)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     data, heldout, report = prepare_data(cfg, tokenizer, accelerator)
-    if cfg.loss.name in NEEDS_WEIGHTS and "chosen_weight" not in heldout.column_names:
-        raise TrainingError(
-            f"loss '{cfg.loss.name}' needs per-token weights (chosen_weight/rejected_weight) in "
-            "every record of data.path and data.heldout_path: run `tokenratio tisdpo CONFIG`, "
-            "which scores the data with two contrastive models and trains on it"
-        )
-    with_head = cfg.loss.name in NEEDS_BASELINE
-    policy, reference = build_models(cfg.model, with_head)
-    optimizer, head_optimizer = _optimizers(cfg, policy)
-
-    world, accum, b = accelerator.num_processes, cfg.train.grad_accumulation, cfg.train.batch_size
-    steps_per_epoch = len(data) // (b * world * accum)
-    if steps_per_epoch == 0:
-        raise TrainingError(
-            f"{len(data)} training pairs are fewer than one optimizer step of "
-            f"{b * world * accum}; lower train.batch_size or grad_accumulation"
-        )
-    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    scheduler = _scheduler(cfg, optimizer, total_steps)
-    prepared = accelerator.prepare(policy, optimizer, *([head_optimizer] if head_optimizer else []))
-    policy, optimizer = prepared[0], prepared[1]
-    head_optimizer = prepared[2] if head_optimizer else None
-    accelerator.register_for_checkpointing(scheduler)
-    if reference is not None:
-        reference = accelerator.prepare_model(reference, evaluation_mode=True)
-    unwrapped = accelerator.unwrap_model(policy)
+    _check_weights(cfg, needs, heldout)
+    total_steps = _total_steps(cfg, len(data), accelerator.num_processes)
+    step = prepare_step(cfg, accelerator, total_steps)
+    state = {"step": 0, "epoch": 0, "micro_batch": 0}
+    if resume and (found := checkpoint.latest(out / "checkpoints")):
+        state = checkpoint.load(accelerator, found)
+        accelerator.print(f"resumed from {found} (step {state['step']})")
+    _write_run_files(accelerator, out, cfg, report)
+    accelerator.init_trackers("tokenratio", config={"loss": cfg.loss.name, "beta": cfg.loss.beta})
+    accelerator.print(f"data: {json.dumps(report)}")
     pad_id = tokenizer.pad_token_id
     heldout_loader = accelerator.prepare_data_loader(
         _loader(heldout, cfg.train.eval_batch_size, pad_id, drop_last=False)
     )
-
-    state = {"step": 0, "epoch": 0, "micro_batch": 0}
-    ckpt_root = out / "checkpoints"
-    if resume and (found := checkpoint.latest(ckpt_root)):
-        state = checkpoint.load(accelerator, found)
-        accelerator.print(f"resumed from {found} (step {state['step']})")
+    last = _loop(cfg, step, data, heldout_loader, pad_id, state, total_steps, progress)
+    final_eval = evaluate(step, heldout_loader)
+    _log(accelerator, out / "metrics.jsonl", {"step": state["step"], **final_eval})
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=list))
-        (out / "data_report.json").write_text(json.dumps(report, indent=1))
-    accelerator.init_trackers("tokenratio", config={"loss": cfg.loss.name, "beta": cfg.loss.beta})
-    accelerator.print(f"data: {json.dumps(report)}")
+        save_final(accelerator.unwrap_model(step.policy), tokenizer, out / "final")
+    accelerator.end_training()
+    return {**last, **final_eval, "data": report}
 
-    options = dict(cfg.loss.options)
-    kl = kl_fields(cfg.loss.name, options)
-    log_path = out / "metrics.jsonl"
+
+def _epoch_batches(cfg, step: Step, data, pad_id, state):
+    """This epoch's micro-batches, grouped into optimizer steps, from the resume position on."""
+    seed = cfg.train.seed * 1000 + state["epoch"]
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    loader = step.accelerator.prepare_data_loader(
+        _loader(data, cfg.train.batch_size, pad_id, order)
+    )
+    loader = step.accelerator.skip_first_batches(loader, state["micro_batch"])
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == cfg.train.grad_accumulation:
+            yield group
+            group = []
+    # leftover micro-batches (fewer than grad_accumulation) at the epoch's end are dropped
+
+
+def _loop(cfg, step: Step, data, heldout_loader, pad_id, state, total_steps, progress) -> dict:
+    """Optimizer steps until total_steps; logs, evaluates and checkpoints on their cadences."""
+    from tqdm.auto import tqdm
+
+    accelerator, out = step.accelerator, Path(cfg.train.output_dir)
     bar = tqdm(
         total=total_steps,
         initial=state["step"],
         desc=f"train {cfg.loss.name}",
         disable=not (progress and accelerator.is_main_process),
     )
-    sums, pairs, tokens, started, last = {}, 0, 0, time.perf_counter(), {}
-    policy.train()
+    window = {"sums": {}, "tokens": 0, "started": time.perf_counter()}
+    last = {}
+    step.policy.train()
     while state["step"] < total_steps:
-        order = torch.randperm(
-            len(data),
-            generator=torch.Generator().manual_seed(cfg.train.seed * 1000 + state["epoch"]),
-        ).tolist()
-        loader = accelerator.prepare_data_loader(_loader(data, b, pad_id, order))
-        loader = accelerator.skip_first_batches(loader, state["micro_batch"])
-        for batch in loader:
-            state["micro_batch"] += 1
-            sync = state["micro_batch"] % accum == 0
-            with contextlib.nullcontext() if sync else accelerator.no_sync(policy):
-                tl = batch_token_logps(
-                    policy,
-                    reference,
-                    batch,
-                    kl=kl,
-                    with_baseline=with_head,
-                    chunk_elements=cfg.train.logprob_chunk_elements,
-                    unwrapped_policy=unwrapped,
-                )
-                losses, metrics = LOSSES[cfg.loss.name](tl, beta=cfg.loss.beta, **options)
-                loss = reduce(losses) / accum
-                accelerator.backward(loss)
-            for key, value in {"loss": losses, **metrics}.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float().sum().cpu()
-            pairs += losses.shape[0]
-            tokens += int(batch.attention_mask.sum())
-            if not sync:
-                continue
-            grad_norm = accelerator.clip_grad_norm_(
-                policy.parameters(), cfg.train.max_grad_norm or float("inf")
-            )
-            if not (torch.isfinite(grad_norm) and torch.isfinite(sums["loss"])):
-                # Raised before the update, so no checkpoint ever holds non-finite weights.
-                found = checkpoint.latest(ckpt_root)
-                raise TrainingError(
-                    f"non-finite loss or gradient at step {state['step'] + 1} (loss sum "
-                    f"{float(sums['loss'])}, grad norm {float(grad_norm)}); the last good "
-                    f"checkpoint is {found or 'none (set train.save_every)'}: resume from it "
-                    "with a lower train.lr, or check the data"
-                )
-            for opt in (optimizer, head_optimizer):
-                if opt is not None:
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-            scheduler.step()
-            state["step"] += 1
+        for group in _epoch_batches(cfg, step, data, pad_id, state):
+            _guarded_step(step, group, state, out / "checkpoints", window)
             bar.update(1)
-            if state["step"] % cfg.train.log_every == 0 or state["step"] == total_steps:
-                elapsed = time.perf_counter() - started
-                last = {
-                    "step": state["step"],
-                    "epoch": state["epoch"],
-                    "lr": scheduler.get_last_lr()[0],
-                    **_mean_metrics(accelerator, sums, pairs),
-                    "tokens_per_s": tokens * accelerator.num_processes / elapsed,
-                }
-                bar.set_postfix(
-                    loss=f"{last['loss']:.4f}",
-                    acc=f"{last.get('reward_accuracy', float('nan')):.2f}",
-                    tok_s=f"{last['tokens_per_s']:.0f}",
-                )
-                _log(accelerator, log_path, last)
-                sums, pairs, tokens, started = {}, 0, 0, time.perf_counter()
-            if cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0:
-                _log(
-                    accelerator,
-                    log_path,
-                    {
-                        "step": state["step"],
-                        **evaluate(cfg, accelerator, policy, reference, heldout_loader, unwrapped),
-                    },
-                )
-            if cfg.train.save_every and state["step"] % cfg.train.save_every == 0:
-                checkpoint.save(
-                    accelerator, ckpt_root, state["step"], state, cfg.train.keep_checkpoints
-                )
+            last = _after_step(cfg, step, heldout_loader, state, total_steps, window, bar) or last
             if state["step"] >= total_steps:
                 break
-        else:  # epoch finished: leftover micro-batches (fewer than grad_accumulation) are dropped
-            for opt in (optimizer, head_optimizer):
-                if opt is not None:
-                    opt.zero_grad(set_to_none=True)
+        else:
             state["epoch"] += 1
             state["micro_batch"] = 0
     bar.close()
-    final_eval = evaluate(cfg, accelerator, policy, reference, heldout_loader, unwrapped)
-    _log(accelerator, log_path, {"step": state["step"], **final_eval})
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_final(accelerator.unwrap_model(policy), tokenizer, out / "final")
-    accelerator.end_training()
-    return {**last, **final_eval, "data": report}
+    return last
+
+
+def _guarded_step(step: Step, group, state, ckpt_root: Path, window: dict) -> None:
+    try:
+        sums = train_step(step, group)
+    except NonFiniteStepError as err:
+        found = checkpoint.latest(ckpt_root)
+        raise TrainingError(
+            f"non-finite loss or gradient at step {state['step'] + 1} ({err}); the last good "
+            f"checkpoint is {found or 'none (set train.save_every)'}: resume from it "
+            "with a lower train.lr, or check the data"
+        ) from None
+    state["micro_batch"] += len(group)
+    state["step"] += 1
+    for key, value in sums.items():
+        window["sums"][key] = window["sums"].get(key, 0) + value
+    window["tokens"] += sum(int(b.attention_mask.sum()) for b in group)
+
+
+def _after_step(cfg, step: Step, heldout_loader, state, total_steps, window, bar) -> dict | None:
+    """Log, evaluate and checkpoint on their cadences; returns the logged record, if any."""
+    accelerator, out, n = step.accelerator, Path(cfg.train.output_dir), state["step"]
+    record = None
+    if n % cfg.train.log_every == 0 or n == total_steps:
+        sums = dict(window["sums"])
+        pairs = sums.pop("pairs")
+        elapsed = time.perf_counter() - window["started"]
+        record = {
+            "step": n,
+            "epoch": state["epoch"],
+            "lr": step.scheduler.get_last_lr()[0],
+            **_mean_metrics(accelerator, sums, pairs),
+            "tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
+        }
+        bar.set_postfix(
+            loss=f"{record['loss']:.4f}",
+            acc=f"{record.get('reward_accuracy', float('nan')):.2f}",
+            tok_s=f"{record['tokens_per_s']:.0f}",
+        )
+        _log(accelerator, out / "metrics.jsonl", record)
+        window.update(sums={}, tokens=0, started=time.perf_counter())
+    # the final evaluation runs after the loop: not twice when total_steps is on the cadence
+    if cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total_steps:
+        _log(accelerator, out / "metrics.jsonl", {"step": n, **evaluate(step, heldout_loader)})
+    if cfg.train.save_every and n % cfg.train.save_every == 0:
+        checkpoint.save(accelerator, out / "checkpoints", n, state, cfg.train.keep_checkpoints)
+    return record
 
 
 def _has_accelerator() -> bool:

@@ -29,16 +29,10 @@ except ImportError as err:  # pragma: no cover - exercised by the missing-extra 
 import torch
 
 from tokenratio.baseline import StateBaselineHead
+from tokenratio.data import PreferenceBatch
 from tokenratio.logprobs import IGNORE_INDEX
-from tokenratio.losses import (
-    LOSSES,
-    NEEDS_BASELINE,
-    NEEDS_WEIGHTS,
-    TokenLogps,
-    kl_fields,
-    reduce,
-)
-from tokenratio.modeling import label_logps_and_kl
+from tokenratio.losses import LOSSES, reduce
+from tokenratio.scoring import score_pairs
 
 HEAD_ATTRIBUTE = "tbpo_baseline_head"
 
@@ -87,12 +81,16 @@ class TBPOTrainer(DPOTrainer):
 
     def __init__(self, *args, **kwargs):
         config = kwargs["args"] if "args" in kwargs else (args[2] if len(args) > 2 else None)
-        if config is not None and config.tokenratio_loss in NEEDS_WEIGHTS:
+        needs = None
+        if config is not None:
+            loss = LOSSES[config.tokenratio_loss]  # unknown names fail here, listing valid ones
+            needs = loss.needs(config.tokenratio_loss_options)
+        if needs is not None and needs.weights:
             raise ValueError(
                 f"'{config.tokenratio_loss}' needs per-token weights, which TRL's batches do not "
                 "carry; train it with `tokenratio tisdpo` instead"
             )
-        if config is not None and config.tokenratio_loss in NEEDS_BASELINE:
+        if needs is not None and needs.baseline:
             # The head runs after the model's (DDP-wrapped) forward; DDP's unused-parameter search
             # would mark its parameters ready at the end of forward and again in backward. It gets
             # a gradient every step, so the search is not needed.
@@ -104,9 +102,10 @@ class TBPOTrainer(DPOTrainer):
             config.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
         config = self.args
-        LOSSES[config.tokenratio_loss]  # unknown names fail here, listing the valid ones
+        self._loss = LOSSES[config.tokenratio_loss]
         self._loss_options = dict(config.tokenratio_loss_options or {})
-        if config.tokenratio_loss in NEEDS_BASELINE and not hasattr(self.model, HEAD_ATTRIBUTE):
+        self._needs = self._loss.needs(self._loss_options)
+        if self._needs.baseline and not hasattr(self.model, HEAD_ATTRIBUTE):
             hidden = _inner(self.model).config.hidden_size
             head = StateBaselineHead(hidden, config.baseline_head_width)
             setattr(self.model, HEAD_ATTRIBUTE, head.to(next(self.model.parameters()).device))
@@ -131,12 +130,15 @@ class TBPOTrainer(DPOTrainer):
             )
         return optimizer
 
-    def _response_logits(self, model, input_ids, attention_mask, positions, hidden=False):
+    def _response_logits(self, model, batch: PreferenceBatch, hidden: bool = False):
+        """Response-aligned logits (and final hidden states) through the model's own forward
+        (so DDP/FSDP wrappers see the call), keeping logits only from the first response on."""
+        positions = batch.positions
         first = int(positions[positions > 0].min()) if (positions > 0).any() else 0
-        keep = input_ids.shape[1] - first  # logits only from the first response position on
+        keep = batch.input_ids.shape[1] - first
         out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
             use_cache=False,
             logits_to_keep=keep,
             output_hidden_states=hidden,
@@ -149,47 +151,36 @@ class TBPOTrainer(DPOTrainer):
             states = last.gather(1, positions[..., None].expand(-1, -1, last.shape[-1]))
         return logits, states
 
-    def _reference_logits(self, model, input_ids, attention_mask, positions):
-        with torch.no_grad():
+    def _policy_forward(self, model):
+        def forward(batch, with_baseline):
+            logits, hidden = self._response_logits(model, batch, with_baseline)
+            return logits, self._head(model)(hidden) if with_baseline else None
+
+        return forward
+
+    def _reference_forward(self, model):
+        def forward(batch):
             if self.ref_model is not None:
-                return self._response_logits(self.ref_model, input_ids, attention_mask, positions)[
-                    0
-                ]
+                return self._response_logits(self.ref_model, batch)[0]
             unwrapped = self.accelerator.unwrap_model(model)
             if not hasattr(unwrapped, "disable_adapter"):
                 raise ValueError("TBPOTrainer needs a ref_model unless the model is a PEFT model")
             with unwrapped.disable_adapter():  # the reference: same weights, adapter off
-                return self._response_logits(model, input_ids, attention_mask, positions)[0]
+                return self._response_logits(model, batch)[0]
+
+        return forward
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        config = self.args
-        name, options = config.tokenratio_loss, self._loss_options
         positions, labels = response_layout(inputs["input_ids"], inputs["completion_mask"])
-        with_head = name in NEEDS_BASELINE
-        logits, hidden = self._response_logits(
-            model, inputs["input_ids"], inputs["attention_mask"], positions, with_head
+        batch = PreferenceBatch(inputs["input_ids"], inputs["attention_mask"], positions, labels)
+        token_logps = score_pairs(
+            self._policy_forward(model),
+            self._reference_forward(model),
+            batch,
+            self._needs,
+            chunk_elements=self.args.logprob_chunk_elements,
         )
-        ref_logits = self._reference_logits(
-            model, inputs["input_ids"], inputs["attention_mask"], positions
-        )
-        logps, ref_logps, kl_values = label_logps_and_kl(
-            logits,
-            ref_logits,
-            labels,
-            kl=kl_fields(name, options),
-            chunk_elements=config.logprob_chunk_elements,
-        )
-        baseline = self._head(model)(hidden).float() if with_head else None
-        B = labels.shape[0] // 2
-
-        def halves(x):
-            return (None, None) if x is None else (x[:B], x[B:])
-
-        mask = labels != IGNORE_INDEX
-        batch = TokenLogps(
-            *halves(logps), *halves(ref_logps), *halves(mask), *halves(kl_values), *halves(baseline)
-        )
-        losses, metrics = LOSSES[name](batch, beta=self.beta, **options)
+        losses, metrics = self._loss(token_logps, beta=self.beta, **self._loss_options)
         loss = reduce(losses)
         self._record(metrics)
         return (loss, {"losses": losses}) if return_outputs else loss
