@@ -65,7 +65,9 @@ def test_config_is_frozen():
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.loss.name in ("tbpo-a", "tbpo-q")
-    if "paper" in path.name:  # docs/method.md §4: RMSprop 5e-7, beta 0.1, LoRA r=32 alpha=64, clip 10
+    if (
+        "paper" in path.name
+    ):  # docs/method.md §4: RMSprop 5e-7, beta 0.1, LoRA r=32 alpha=64, clip 10
         assert (cfg.train.optimizer, cfg.train.lr, cfg.loss.beta) == ("rmsprop", 5e-7, 0.1)
         assert (cfg.model.lora_r, cfg.model.lora_alpha, cfg.train.max_grad_norm) == (32, 64, 10.0)
         assert cfg.train.warmup_ratio == 0.05 and cfg.data.max_length == 2048

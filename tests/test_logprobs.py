@@ -13,7 +13,7 @@ from tokenratio.logprobs import (
     token_logps,
     token_logps_and_kl,
 )
-from tokenratio.perf import peak_tensor_bytes
+from tokenratio.memory import peak_tensor_bytes
 
 
 def naive_logps(logits, labels):

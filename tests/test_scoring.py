@@ -14,7 +14,7 @@ from tokenratio.scoring import batches, frozen_reference, score_batches, score_p
 def tiny(tiny_model_dir, hh_jsonl):
     from tokenratio.config import DataConfig
 
-    model, tokenizer, head = load_pretrained(str(tiny_model_dir), device="cpu", dtype="float32")
+    model, tokenizer, _ = load_pretrained(str(tiny_model_dir), device="cpu", dtype="float32")
     raw = load_raw(str(hh_jsonl), limit=6)
     data, _ = tokenize_dataset(
         raw, tokenizer, DataConfig(path=str(hh_jsonl), max_length=384, on_invalid="skip")

@@ -1,8 +1,9 @@
 """Bregman generators of BPO and TBPO: per-sample (or per-token) losses as pure functions of log R.
 
-For a strictly convex h, ratio matching minimises l(R) = h'(R) R - h(R) - h'(1/R) (docs/method.md §2, BPO table;
-BPO, arXiv 2505.19601). Each generator here is that l, written as a function of log R for numerical
-range. `bregman_generator` resolves a name and its hyperparameters. Imports only torch.
+For a strictly convex h, ratio matching minimises l(R) = h'(R) R - h(R) - h'(1/R)
+(docs/method.md §2, BPO table; BPO, arXiv 2505.19601). Each generator here is that l, written as a
+function of log R for numerical range. `bregman_generator` resolves a name and its
+hyperparameters. Imports only torch.
 """
 
 import functools

@@ -272,6 +272,32 @@ def tisdpo_loss(batch: TokenLogps, *, beta: float, kl_coef: float = 0.0):
     return -F.logsigmoid(logits), metrics
 
 
+def importance_weights(
+    contrast: torch.Tensor,
+    *,
+    chosen: bool,
+    lower: float = -1.0,
+    upper: float = 1.0,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """TIS-DPO weights w = scale * exp(mu * clamp(contrast, lower, upper)), mu = +1 (chosen) or -1.
+
+    Args:
+        contrast: any shape, log pi+(y_t|s_t) - log pi-(y_t|s_t) of each response token.
+        chosen: whether these tokens are from the chosen response.
+
+    Returns:
+        Weights of the same shape, in [scale e^lower, scale e^upper] (chosen) or
+        [scale e^-upper, scale e^-lower] (rejected).
+    """
+    if lower > upper:
+        raise ValueError(f"TIS-DPO weight bounds: lower ({lower}) must not exceed upper ({upper})")
+    if scale <= 0:
+        raise ValueError(f"TIS-DPO weight scale must be > 0, got {scale}")
+    mu = 1.0 if chosen else -1.0
+    return scale * torch.exp(mu * contrast.clamp(lower, upper))
+
+
 # ---------------------------------------------------------------------------------------------
 # Token-level losses (TBPO)
 

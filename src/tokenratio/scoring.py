@@ -142,3 +142,16 @@ def score_batches(
     for batch in tqdm(batches, desc=desc or "scoring", disable=not progress, leave=False):
         batch = batch.to(device)
         yield batch, [response_logits(model, batch) for model in models]
+
+
+def batch_contrasts(positive, negative, batch_iter, progress: bool = False):
+    """Per batch: (batch, (2B, T) log pi+(y_t|s_t) - log pi-(y_t|s_t) of each response token, 0
+    beyond the responses); `positive` and `negative` are causal LMs, scored by `score_batches`."""
+    scored = score_batches(
+        [positive, negative], batch_iter, progress=progress, desc="scoring tokens"
+    )
+    for batch, ((plus, _), (minus, _)) in scored:
+        yield (
+            batch,
+            token_logps(plus.float(), batch.labels) - token_logps(minus.float(), batch.labels),
+        )

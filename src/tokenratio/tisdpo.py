@@ -27,48 +27,8 @@ from pathlib import Path
 
 import torch
 
-from tokenratio.logprobs import token_logps
-from tokenratio.losses import LOSSES
-from tokenratio.scoring import batches, score_batches
-
-
-def importance_weights(
-    contrast: torch.Tensor,
-    *,
-    chosen: bool,
-    lower: float = -1.0,
-    upper: float = 1.0,
-    scale: float = 1.0,
-) -> torch.Tensor:
-    """TIS-DPO weights w = scale * exp(mu * clamp(contrast, lower, upper)), mu = +1 (chosen) or -1.
-
-    Args:
-        contrast: any shape, log pi+(y_t|s_t) - log pi-(y_t|s_t) of each response token.
-        chosen: whether these tokens are from the chosen response.
-
-    Returns:
-        Weights of the same shape, in [scale e^lower, scale e^upper] (chosen) or
-        [scale e^-upper, scale e^-lower] (rejected).
-    """
-    if lower > upper:
-        raise ValueError(f"TIS-DPO weight bounds: lower ({lower}) must not exceed upper ({upper})")
-    if scale <= 0:
-        raise ValueError(f"TIS-DPO weight scale must be > 0, got {scale}")
-    mu = 1.0 if chosen else -1.0
-    return scale * torch.exp(mu * contrast.clamp(lower, upper))
-
-
-def batch_contrasts(positive, negative, batch_iter, progress: bool = False):
-    """Per batch: (batch, (2B, T) log pi+(y_t|s_t) - log pi-(y_t|s_t) of each response token, 0
-    beyond the responses); `positive` and `negative` are causal LMs, scored by `score_batches`."""
-    scored = score_batches(
-        [positive, negative], batch_iter, progress=progress, desc="scoring tokens"
-    )
-    for batch, ((plus, _), (minus, _)) in scored:
-        yield (
-            batch,
-            token_logps(plus.float(), batch.labels) - token_logps(minus.float(), batch.labels),
-        )
+from tokenratio.losses import LOSSES, importance_weights
+from tokenratio.scoring import batch_contrasts, batches
 
 
 def token_contrasts(positive, negative, dataset, pad_id: int, batch_size: int, progress=True):

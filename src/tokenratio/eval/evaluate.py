@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from tokenratio import metrics
 from tokenratio.config import DataConfig
 from tokenratio.data import collate_rows, load_raw, tokenize_dataset
+from tokenratio.eval import metrics
 from tokenratio.formats import to_text
 from tokenratio.logprobs import IGNORE_INDEX, token_kl, token_logps
 from tokenratio.modeling import load_pretrained
@@ -174,7 +174,7 @@ def evaluate_model(name, path, reference, raw, cfg: EvalConfig) -> dict:
 
 def judge_all(results: list[dict], cfg: EvalConfig) -> None:
     """Win rate and length-controlled win rate of each model's first samples vs the baseline."""
-    from tokenratio.judges import make_judge
+    from tokenratio.eval.judges import make_judge
 
     judge = make_judge(cfg.judge, **cfg.judge_options)
     by_name = {r["name"]: r for r in results}

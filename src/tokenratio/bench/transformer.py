@@ -18,20 +18,20 @@ import math
 import torch
 from torch import nn
 
-from tokenratio import synthetic
 from tokenratio.baseline import StateBaselineHead
-from tokenratio.bench import with_contrast_weights
+from tokenratio.bench import task
+from tokenratio.bench.report import format_table, write_report
+from tokenratio.bench.tabular import with_contrast_weights
 from tokenratio.data import PreferenceBatch
 from tokenratio.losses import LOSSES, reduce
 from tokenratio.modeling import PolicyWithHead
-from tokenratio.scoring import frozen_reference, score_pairs
-from tokenratio.tisdpo import batch_contrasts
+from tokenratio.scoring import batch_contrasts, frozen_reference, score_pairs
 
 
 class ResponseVocabLM(nn.Module):
     """A causal LM whose output distribution is restricted to the V response tokens."""
 
-    def __init__(self, mdp: synthetic.TokenMDP, hidden: int = 64, seed: int = 0):
+    def __init__(self, mdp: task.TokenMDP, hidden: int = 64, seed: int = 0):
         super().__init__()
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -100,7 +100,7 @@ def fit_reference(mdp, steps: int = 400, batch: int = 512, lr: float = 3e-3, see
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         prompts = torch.randint(0, mdp.num_prompts, (batch,), generator=g)
-        responses = synthetic.sample_responses(mdp.ref_logps, prompts, g)
+        responses = task.sample_responses(mdp.ref_logps, prompts, g)
         logits, _ = policy(_batch(mdp, prompts, responses))
         loss = nn.functional.cross_entropy(
             logits.reshape(-1, mdp.vocab_size), responses.reshape(-1)
@@ -146,16 +146,19 @@ def train_lm(
     lr: float = 3e-3,
     batch: int = 256,
     seed: int = 0,
+    options: dict | None = None,
 ) -> PolicyWithHead:
-    """A copy of the SFT reference trained with `loss` on sampled pairs (mini-batch AdamW)."""
-    needs = LOSSES[loss].needs()
+    """A copy of the SFT reference trained with `loss` (and its `options`) on sampled pairs
+    (mini-batch AdamW)."""
+    options = dict(options or {})
+    needs = LOSSES[loss].needs(options)
     head = StateBaselineHead(reference.model.config.hidden_size) if needs.baseline else None
     policy = PolicyWithHead(copy.deepcopy(reference.model).requires_grad_(True), head).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         rows = torch.randint(0, len(pairs), (batch,), generator=g)
-        sub = synthetic.PreferencePairs(
+        sub = task.PreferencePairs(
             pairs.prompts[rows],
             pairs.chosen[rows],
             pairs.rejected[rows],
@@ -169,7 +172,7 @@ def train_lm(
             needs,
             chunk_elements=1 << 20,
         )
-        total = reduce(LOSSES[loss](tl, beta=beta)[0])
+        total = reduce(LOSSES[loss](tl, beta=beta, **options)[0])
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -183,19 +186,18 @@ def sampled_metrics(policy, mdp, beta: float, num_samples: int = 2000, seed: int
     responses = sample(policy, mdp, prompts, g)
     log_pi = sequence_logps(policy, mdp, prompts, responses)
     values = {
-        "return": synthetic.sequence_returns(mdp, prompts, responses),
-        "kl_ref": log_pi - synthetic.sequence_logps(mdp.ref_logps, prompts, responses),
+        "return": task.sequence_returns(mdp, prompts, responses),
+        "kl_ref": log_pi - task.sequence_logps(mdp.ref_logps, prompts, responses),
         "kl_seq": log_pi
-        - synthetic.sequence_logps(synthetic.sequence_optimum(mdp, beta), prompts, responses),
-        "kl_tok": log_pi
-        - synthetic.sequence_logps(synthetic.token_optimum(mdp, beta), prompts, responses),
+        - task.sequence_logps(task.sequence_optimum(mdp, beta), prompts, responses),
+        "kl_tok": log_pi - task.sequence_logps(task.token_optimum(mdp, beta), prompts, responses),
     }
     return {
         k: (float(v.mean()), 1.96 * float(v.std()) / math.sqrt(len(v))) for k, v in values.items()
     }
 
 
-def run_lm_bench(
+def run_transformer(
     losses,
     beta: float = 1.0,
     num_pairs: int = 3000,
@@ -204,30 +206,38 @@ def run_lm_bench(
     train_steps: int = 150,
     num_samples: int = 2000,
     progress: bool = True,
+    loss_options: dict | None = None,
+    out=None,
 ) -> dict:
-    """SFT reference, then each loss; sampled metrics of every policy (and of the reference)."""
+    """SFT reference, then each loss (with its options from `loss_options`); sampled metrics of
+    every policy and of the reference. With `out`, writes transformer.json and transformer.txt."""
     from tqdm.auto import tqdm
 
-    mdp = synthetic.make_mdp()
+    loss_options = loss_options or {}
+    mdp = task.make_mdp()
     reference = fit_reference(mdp, steps=sft_steps, seed=seed)
-    pairs = synthetic.sample_pairs(mdp, num_pairs, seed=seed + 1)
+    pairs = task.sample_pairs(mdp, num_pairs, seed=seed + 1)
     rows = {"sft-reference": sampled_metrics(reference, mdp, beta, num_samples, seed=seed)}
     for loss in tqdm(losses, desc="bench (transformer)", disable=not progress):
         data = pairs
         if LOSSES[loss].weights:
             data = contrast_weighted_lm(mdp, reference, beta, pairs, steps=train_steps, seed=seed)
-        policy = train_lm(mdp, reference, loss, beta, data, steps=train_steps, seed=seed)
+        options = loss_options.get(loss, {})
+        policy = train_lm(mdp, reference, loss, beta, data, train_steps, seed=seed, options=options)
         rows[loss] = sampled_metrics(policy, mdp, beta, num_samples, seed=seed)
-    return {"beta": beta, "reference_fit_kl": rows["sft-reference"]["kl_ref"], "rows": rows}
+    result = {"beta": beta, "reference_fit_kl": rows["sft-reference"]["kl_ref"], "rows": rows}
+    if out is not None:
+        write_report(out, "transformer", result, format_transformer(result))
+    return result
 
 
-def format_lm(result: dict) -> str:
-    lines = [
+def format_transformer(result: dict) -> str:
+    """Sampled metrics per method, mean±95% half-width, under a line on the SFT fit."""
+    fit_kl = result["reference_fit_kl"]
+    title = (
         f"transformer policy, beta {result['beta']:g}; SFT fit KL(LM || pi_ref) = "
-        f"{result['reference_fit_kl'][0]:.3f} ± {result['reference_fit_kl'][1]:.3f}",
-        f"{'method':>14} " + " ".join(f"{k:>16}" for k in ("return", "kl_ref", "kl_seq", "kl_tok")),
-    ]
-    for name, metrics in result["rows"].items():
-        cells = " ".join(f"{m:>8.3f} ± {h:<5.3f}" for m, h in metrics.values())
-        lines.append(f"{name:>14} {cells}")
-    return "\n".join(lines)
+        f"{fit_kl[0]:.3f} ± {fit_kl[1]:.3f}"
+    )
+    rows = [{"method": name, **metrics} for name, metrics in result["rows"].items()]
+    columns = [("method", ""), *((k, ".3f") for k in ("return", "kl_ref", "kl_seq", "kl_tok"))]
+    return title + "\n" + format_table(rows, columns)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from tokenratio.metrics import (
+from tokenratio.eval.metrics import (
     distinct_n,
     length_controlled_win_rate,
     predictive_entropy,

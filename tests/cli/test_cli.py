@@ -13,8 +13,8 @@ def test_bench_quick_writes_table_json_and_plots(tmp_path, capsys):
     table = capsys.readouterr().out
     for method in ("dpo", "tbpo-q", "tbpo-a", "tisdpo", "opt-seq", "opt-tok"):
         assert method in table
-    assert (tmp_path / "table.txt").read_text() in table
-    results = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "finite.txt").read_text() in table
+    results = json.loads((tmp_path / "finite.json").read_text())
     methods = {row["method"] for row in results["summary"]}
     assert {"dpo", "ipo", "bpo", "tdpo1", "tdpo2", "tisdpo", "tbpo-q", "tbpo-a"} <= methods
     for run in results["runs"]:  # every method learns something from pi_ref

@@ -1,0 +1,41 @@
+"""The `tokenratio` command: bench | train | tisdpo | eval | explain | perf | convert-gguf.
+
+One small module per command: it parses, calls the library (which writes every file) and prints.
+`main(argv)` returns an exit code, so tests call it. Heavy imports (transformers, datasets,
+matplotlib) happen inside the commands.
+"""
+
+import argparse
+import contextlib
+
+from tokenratio.cli import bench, convert, eval, explain, perf, tisdpo, train
+
+COMMANDS = (bench, train, tisdpo, eval, explain, perf, convert)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import PackageNotFoundError, version
+
+    parser = argparse.ArgumentParser(
+        prog="tokenratio",
+        description="Token-level preference optimization (TBPO-Q, TBPO-A) and its baselines.",
+    )
+    with contextlib.suppress(PackageNotFoundError):  # a source tree without an install
+        parser.add_argument("--version", action="version", version=version("tokenratio"))
+    sub = parser.add_subparsers(
+        dest="command",
+        required=True,
+        metavar="{bench,train,tisdpo,eval,explain,perf,convert-gguf}",
+    )
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,119 @@
+"""`tokenratio eval`: the paper's metrics on checkpoints, side by side."""
+
+import argparse
+from pathlib import Path
+
+from tokenratio.cli.common import examples, fail, trained_run
+
+HH = "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+EXAMPLES = [
+    f"tokenratio eval --model tbpo-a=runs/demo-tbpo-a --model tbpo-q=runs/demo-tbpo-q --data {HH} "
+    "--num-prompts 4 --num-pairs 16 --out eval_out",
+    f"tokenratio eval --model dpo=runs/demo-dpo --reference models/smollm2-135m --beta 0.1 --data {HH} "
+    "--num-prompts 2 --samples 2 --max-new-tokens 16 --out eval_dpo",
+]
+HELP = f"""\
+Evaluate trained checkpoints side by side, the way the paper does:
+  held-out preference metrics (implicit-reward accuracy, margin, KL(pi||pi_ref)), generation with
+  temperature 1.0, top-p 0.95, 128 new tokens, 5 samples per prompt (seeded), and predictive entropy
+  (top-20), self-BLEU, distinct-1; with --judge, win rate and length-controlled win rate of the
+  first sample against the dataset's chosen response (or --versus MODEL).
+A --model that is a `tokenratio train` output directory (or its final/) brings its own settings:
+beta and the reference model come from the run's config.json; --beta and --reference override.
+Models run on the device Accelerate picks (the GPU when there is one).
+Judges: --judge reward-model:PATH (any AutoModelForSequenceClassification) or
+--judge openai:http://127.0.0.1:8000/v1 (any OpenAI-compatible endpoint).
+Writes --out/results.json and --out/results.md (mean ± standard error).
+
+{examples(EXAMPLES)}
+"""
+
+
+def _name_path(text: str) -> tuple[str, str]:
+    name, sep, path = text.partition("=")
+    if not sep:
+        name, path = Path(text).name, text
+    return name, path
+
+
+def _shared(runs: list[dict], key: str, value, flag: str):
+    """One setting for every model: the flag's, else the one all trained runs agree on."""
+    if value is not None:
+        return value
+    found = {key(run) for run in runs}
+    if len(found) > 1:
+        raise ValueError(f"the runs disagree on {flag.lstrip('-')} ({sorted(found)}): give {flag}")
+    return found.pop() if found else None
+
+
+def resolve_models(args) -> tuple[tuple, str | None, float]:
+    """(name, model dir) pairs, the reference and beta, from the flags and the runs' configs."""
+    models, runs = [], []
+    for name, path in map(_name_path, args.model):
+        directory, settings = trained_run(path)
+        models.append((name, directory))
+        runs += [settings] if settings else []
+    reference = _shared(runs, lambda r: r["model"]["name_or_path"], args.reference, "--reference")
+    beta = _shared(runs, lambda r: r["loss"]["beta"], args.beta, "--beta")
+    return tuple(models), reference, 0.1 if beta is None else beta
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokenratio.eval.evaluate import EvalConfig, markdown_table, run_eval
+    from tokenratio.eval.judges import JudgeError
+
+    try:
+        models, reference, beta = resolve_models(args)
+        cfg = EvalConfig(
+            models=models,
+            data=args.data,
+            reference=reference,
+            num_prompts=args.num_prompts,
+            num_pairs=args.num_pairs,
+            samples_per_prompt=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+            beta=beta,
+            judge=args.judge,
+            versus=args.versus,
+            judge_options={"model": args.judge_model} if args.judge_model else {},
+        )
+        results = run_eval(cfg, Path(args.out))
+    except (JudgeError, ValueError, OSError) as err:
+        return fail("eval", err)
+    print(markdown_table(results))
+    print(f"\nwrote {args.out}/results.json and {args.out}/results.md")
+    return 0
+
+
+def add_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="the paper's metrics on checkpoints, side by side",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    ev.add_argument(
+        "--model", action="append", required=True, metavar="NAME=PATH", help="repeatable"
+    )
+    ev.add_argument("--reference", help="reference policy (default: the runs' own)")
+    ev.add_argument("--data", required=True, help="preference data (any format train reads)")
+    ev.add_argument("--num-prompts", type=int, default=20, help="prompts to generate for (20)")
+    ev.add_argument("--num-pairs", type=int, default=64, help="pairs for preference metrics (64)")
+    ev.add_argument("--samples", type=int, default=5, help="samples per prompt (paper: 5)")
+    ev.add_argument("--max-new-tokens", type=int, default=128, help="paper: 128")
+    ev.add_argument("--temperature", type=float, default=1.0, help="paper: 1.0")
+    ev.add_argument("--top-p", type=float, default=0.95, help="paper: 0.95")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--beta", type=float, help="for implicit rewards (default: the runs', or 0.1)")
+    ev.add_argument("--judge", help="reward-model:PATH or openai:URL")
+    ev.add_argument("--judge-model", help="model name sent to an OpenAI-compatible judge")
+    ev.add_argument(
+        "--versus",
+        default="dataset",
+        help="win rate against 'dataset' (its chosen response) or a model NAME",
+    )
+    ev.add_argument("--out", default="eval_out", help="output directory (eval_out)")
+    ev.set_defaults(run=run)

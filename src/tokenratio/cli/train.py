@@ -1,0 +1,70 @@
+"""`tokenratio train`: preference-optimize a Hugging Face causal LM with any loss of the registry."""
+
+import argparse
+import os
+
+from tokenratio.cli.common import add_config_arguments, examples, fail, load_config
+
+EXAMPLES = [
+    "tokenratio train configs/smollm2_hh_cpu.toml --set train.max_steps=2 "
+    "--set train.output_dir=runs/demo-tbpo-a",
+    "tokenratio train configs/smollm2_hh_cpu.toml --set loss.name=tbpo-q "
+    "--set train.max_steps=2 --set train.output_dir=runs/demo-tbpo-q",
+    "tokenratio train configs/smollm2_hh_cpu.toml --set loss.name=dpo --set train.max_steps=2 "
+    "--set train.output_dir=runs/demo-dpo",
+    "tokenratio train configs/smollm2_hh_cpu.toml --set loss.name=dpo "
+    "--set data.swap_preferences=true --set train.max_steps=2 --set train.output_dir=runs/demo-flipped",
+]
+HELP = f"""\
+Preference-optimize a Hugging Face causal LM with any loss of the registry (dpo, ipo, bpo, tdpo1,
+tdpo2, tbpo-q, tbpo-a, sft, tisdpo). configs/smollm2_hh_cpu.toml trains SmolLM2-135M-Instruct
+(converted by `tokenratio convert-gguf`, see its --help) on HH-RLHF harmless pairs on a CPU.
+
+Overrides: --set section.key=value (repeatable), TOML syntax, e.g. --set train.lr=1e-6
+--set loss.options.kl_estimator=k3 --set 'model.lora_target_modules=["q_proj","v_proj"]'.
+Sections: model, data, loss, train (docs/training.md and src/tokenratio/config.py list every key).
+Several processes: torchrun --nproc_per_node 2 -m tokenratio.cli train CONFIG (CPU, gloo), or
+accelerate launch --config_file configs/accelerate/ddp.yaml -m tokenratio.cli train CONFIG (GPUs:
+DDP, fsdp.yaml, deepspeed_zero3.yaml).
+Writes to train.output_dir: metrics.jsonl, data_report.json, config.json, checkpoints/, final/.
+
+{examples(EXAMPLES)}
+"""
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokenratio.data import DataError
+
+    cfg = load_config(args, "train")
+    if cfg is None:
+        return 2
+    from tokenratio.trainer import TrainingError, train
+
+    try:
+        result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    except (DataError, TrainingError, ValueError, OSError) as err:
+        return fail("train", err)
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary under torchrun / accelerate launch
+        summary = {k: round(v, 4) for k, v in result.items() if k.startswith("eval_")}
+        print(
+            f"done after {result.get('step')} steps: {summary}; "
+            f"model in {cfg.train.output_dir}/final"
+        )
+    return 0
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser(
+        "train",
+        help="preference-optimize a causal LM (dpo, tbpo-a, tbpo-q, ...)",
+        description=HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in train.output_dir",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(run=run)
