@@ -1,4 +1,4 @@
-"""Data loading, formats, validation errors (real HH-RLHF rows and broken copies), collation."""
+"""Data loading, validation errors (real HH-RLHF rows and broken copies), collation."""
 
 import json
 from dataclasses import replace
@@ -9,7 +9,7 @@ import torch
 from tiny import hh_records
 from tokenratio.config import DataConfig
 from tokenratio.data import DataError, collate, load_raw, tokenize_dataset
-from tokenratio.formats import RecordError, detect_format, to_text
+from tokenratio.formats import to_text
 from tokenratio.logprobs import IGNORE_INDEX
 
 
@@ -26,61 +26,6 @@ CFG = DataConfig(path="x", max_length=1024, max_prompt_length=768)
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
-
-
-def test_hh_split_at_the_last_shared_assistant_turn():
-    record = hh_records(1)[0]
-    prompt, chosen, rejected = to_text(record, "hh")
-    assert prompt.endswith("\n\nAssistant:")
-    assert record["chosen"] == prompt + chosen and record["rejected"] == prompt + rejected
-    assert "Human:" not in chosen  # the response is the final assistant turn only
-    assert detect_format(record) == "hh"
-
-
-def test_trl_conversational_and_ultrafeedback_render_with_chat_template(tokenizer):
-    user = [{"role": "user", "content": "What is 2+2?"}]
-    good, bad = [{"role": "assistant", "content": "4"}], [{"role": "assistant", "content": "5"}]
-    prompt, chosen, rejected = to_text(
-        {"prompt": user, "chosen": good, "rejected": bad}, "trl", tokenizer
-    )
-    assert prompt == "<|user|>What is 2+2?</s><|assistant|>"
-    assert (chosen, rejected) == ("4</s>", "5</s>")  # the generation prompt holds the role tag
-    uf = {"prompt": "What is 2+2?", "chosen": user + good, "rejected": user + bad}
-    assert detect_format(uf) == "ultrafeedback"
-    assert to_text(uf, "ultrafeedback", tokenizer) == (prompt, chosen, rejected)
-
-
-def test_trl_plain_and_tldr():
-    assert to_text({"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}, "trl") == (
-        "2+2=",
-        " 4",
-        " 5",
-    )
-    record = {
-        "info": {"subreddit": "cats", "title": "T", "post": "P"},
-        "summaries": [{"text": "a cat"}, {"text": " a dog"}],
-        "choice": 1,
-    }
-    assert detect_format(record) == "tldr"
-    prompt, chosen, rejected = to_text(record, "tldr")
-    assert prompt == "SUBREDDIT: r/cats\nTITLE: T\nPOST: P\nTL;DR:"
-    assert (chosen, rejected) == (" a dog", " a cat")
-
-
-@pytest.mark.parametrize(
-    "record, field, message",
-    [
-        ({"chosen": "\n\nHuman: a\n\nAssistant: b"}, "rejected", "missing"),
-        ({"prompt": "p", "chosen": " ", "rejected": "x"}, "chosen", "empty response"),
-        ({"prompt": "p", "chosen": "x", "rejected": "x"}, "rejected", "identical"),
-        ({"chosen": "no turns here", "rejected": "no turns there"}, "chosen", "Assistant"),
-    ],
-)
-def test_record_errors_name_the_field(record, field, message):
-    fmt = "hh" if "prompt" not in record else "trl"
-    with pytest.raises(RecordError, match=message) as err:
-        to_text(record, fmt)
-    assert err.value.field == field
 
 
 def test_real_rows_tokenize_with_masks_and_counts(tmp_path, tokenizer):

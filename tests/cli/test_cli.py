@@ -34,3 +34,50 @@ def test_help_lists_subcommands(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     assert "bench" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--population", "--seeds", "1"], "--seeds"),
+        (["--transformer", "--quick"], "--quick"),
+        (["--population", "--lr", "0.1", "--steps", "5"], "--steps, --lr"),
+        (["--population", "--transformer"], "separate regimes"),
+        (["--transformer", "--betas", "1", "2"], "one --betas value"),
+        (["--losses", "dpo", "--loss-option", "tbpo-a.kl_estimator=k3"], "does not run"),
+        (["--losses", "tbpo-a", "--loss-option", "tbpo-a.kl_estimatr=k3"], "for loss 'tbpo-a'"),
+        (["--losses", "tbpo-a", "--loss-option", "kl_estimator=k3"], "LOSS.OPTION=VALUE"),
+    ],
+)
+def test_bench_refuses_what_the_regime_would_ignore(argv, named, tmp_path, capsys):
+    assert main(["bench", *argv, "--out", str(tmp_path), "--no-progress"]) == 2
+    assert named in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def fake_run(root, beta, reference):
+    (root / "final").mkdir(parents=True)
+    config = {"model": {"name_or_path": reference}, "loss": {"beta": beta}, "train": {}}
+    (root / "config.json").write_text(json.dumps(config))
+    return root
+
+
+def test_eval_reads_beta_and_reference_from_the_runs_and_flags_override(tmp_path):
+    import argparse
+
+    from tokenratio.cli.eval import resolve_models
+
+    a = fake_run(tmp_path / "a", 0.25, "models/base")
+    b = fake_run(tmp_path / "b", 0.25, "models/base")
+
+    def args(*models, reference=None, beta=None):
+        return argparse.Namespace(model=list(models), reference=reference, beta=beta)
+
+    models, reference, beta = resolve_models(args(f"x={a}", f"y={b}/final"))
+    assert models == (("x", str(a / "final")), ("y", str(b / "final")))
+    assert (reference, beta) == ("models/base", 0.25)
+    assert resolve_models(args(f"x={a}", reference="other", beta=0.5))[1:] == ("other", 0.5)
+    assert resolve_models(args("plain/dir"))[1:] == (None, 0.1)  # not a run: defaults
+    fake_run(tmp_path / "c", 1.0, "models/base")
+    with pytest.raises(ValueError, match="disagree on beta"):
+        resolve_models(args(f"x={a}", f"z={tmp_path / 'c'}"))

@@ -1,11 +1,11 @@
 """`tokenratio eval` end to end, with both judges, on a tiny model and on SmolLM2."""
 
 import json
-from pathlib import Path
 
 import pytest
 
 from judge_stub import StubJudge
+from tiny import HH_PATH
 from tokenratio.cli import main
 
 
@@ -76,13 +76,7 @@ def test_eval_end_to_end_with_both_judges(
     assert (tmp_path / "chat" / "results.md").read_text().startswith("| model |")
 
 
-HH = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "data"
-    / "hh-rlhf"
-    / ("harmless-base-test.jsonl.gz")
-)
+HH = HH_PATH
 
 
 @pytest.mark.slow

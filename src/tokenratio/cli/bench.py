@@ -8,7 +8,8 @@ from tokenratio.cli.common import examples, fail
 
 EXAMPLES = [
     "tokenratio bench --quick --losses dpo tdpo1 tbpo-a --out bench_out",
-    "tokenratio bench --quick --losses tbpo-a --loss-option tbpo-a.kl_estimator=k3 --out bench_k3",
+    "tokenratio bench --quick --steps 30 --losses tbpo-a --loss-option tbpo-a.kl_estimator=k3 "
+    "--out bench_k3",
     "tokenratio bench --population --losses dpo tdpo1 --betas 0.5 --out bench_population",
 ]
 HELP = f"""\

@@ -167,7 +167,7 @@ DDP_SCRIPT = textwrap.dedent(
 def test_two_cpu_processes(tiny_model_dir, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    tests = str(__import__("pathlib").Path(__file__).parent)
+    tests = str(__import__("pathlib").Path(__file__).parents[1])  # tests/, for tiny.py
     result = subprocess.run(
         [
             sys.executable,
