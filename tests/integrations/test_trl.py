@@ -147,8 +147,8 @@ def test_tbpo_trains_with_and_without_lora_and_loads_back(loss, lora, tiny_model
 
 DDP_SCRIPT = textwrap.dedent(
     """
-    import copy, json, sys
-    sys.path.insert(0, sys.argv[3])
+    import copy, json, pathlib, sys
+    sys.path[:0] = [sys.argv[3], str(pathlib.Path(sys.argv[3]).parent)]  # test_trl.py, tiny.py
     from test_trl import config, hh_dataset, load
     from tokenratio.integrations.trl import TBPOTrainer
     import pathlib
@@ -167,7 +167,7 @@ DDP_SCRIPT = textwrap.dedent(
 def test_two_cpu_processes(tiny_model_dir, tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(DDP_SCRIPT)
-    tests = str(__import__("pathlib").Path(__file__).parents[1])  # tests/, for tiny.py
+    tests = str(__import__("pathlib").Path(__file__).parent)
     result = subprocess.run(
         [
             sys.executable,
