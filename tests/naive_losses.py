@@ -52,7 +52,11 @@ def naive_loss(name, pair, beta, **o):
         kc = sum(pair["chosen_kl"][: pair["len_chosen"]])
         kr = sum(pair["rejected_kl"][: pair["len_rejected"]])
         alpha = 1.0 if name == "tdpo1" else o.get("alpha", 0.5)
-        return _softplus(-(beta * u - alpha * beta * (kr - kc)))
+        z = beta * u - alpha * beta * (kr - kc)
+        if name == "tdpo2" or (o.get("generator", "lr") == "lr" and "clamp" not in o):
+            return _softplus(-z)  # TDPO's own form, unclamped
+        log_r = max(-30.0, min(30.0, -z))  # Bregman form: l(R), log R = -z (clamped)
+        return _generator(o.get("generator", "lr"), log_r, o.get("lam", 0.0), o.get("s", 4.0))
     if name == "sft":
         n = pair["len_chosen"]
         return -sum(pair["policy_chosen"][:n]) / n

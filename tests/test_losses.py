@@ -97,6 +97,12 @@ def test_tdpo_hand_values():
     """TDPO1: -log sigma(1 - (0.5 - 0.3)) = log(1 + e^-0.8); TDPO2 (alpha 0.5): log(1 + e^-0.9)."""
     batch = make_batch(**PAIR, **KL)
     assert_close(LOSSES["tdpo1"](batch, beta=1.0)[0].item(), math.log1p(math.exp(-0.8)))
+    # The Bregman form: log R = -z = -0.8; SBA(0, 4): (R + log R)/4; KLIEP: R + log R.
+    sba = LOSSES["tdpo1"](batch, beta=1.0, generator="sba")[0].item()
+    assert_close(sba, (math.exp(-0.8) - 0.8) / 4)
+    assert_close(
+        LOSSES["tdpo1"](batch, beta=1.0, generator="kliep")[0].item(), math.exp(-0.8) - 0.8
+    )
     assert_close(LOSSES["tdpo2"](batch, beta=1.0)[0].item(), math.log1p(math.exp(-0.9)))
 
 
@@ -201,7 +207,7 @@ OPTION_GRID = {
     "dpo": [{}, {"label_smoothing": 0.2}],
     "ipo": [{}],
     "bpo": [{"generator": g} for g in GENERATORS] + [{"generator": "sba", "lam": 0.5, "s": 2.0}],
-    "tdpo1": [{}],
+    "tdpo1": [{}, {"generator": "sba"}, {"generator": "kliep"}, {"generator": "lsif"}],
     "tdpo2": [{}, {"alpha": 0.3}],
     "tbpo-q": [{}, {"center_log_w": False, "log_w_clamp": None}, {"generator": "lr"}],
     "tbpo-a": [
@@ -565,3 +571,36 @@ def test_no_caller_tests_a_loss_name():
         if branch.search(line)
     ]
     assert not offenders, offenders
+
+
+def test_tdpo1_with_the_lr_generator_is_todays_tdpo1():
+    """-log sigma(z) computed directly, against the Bregman form with generator "lr"."""
+    batch = random_batch(seed=3)
+    losses, _ = LOSSES["tdpo1"](batch, beta=0.7)
+    chosen_ratio = torch.where(batch.chosen_mask, batch.policy_chosen - batch.ref_chosen, 0)
+    rejected_ratio = torch.where(batch.rejected_mask, batch.policy_rejected - batch.ref_rejected, 0)
+    u = chosen_ratio.sum(-1) - rejected_ratio.sum(-1)
+    seq_kl = [
+        torch.where(m, k, 0).sum(-1)
+        for m, k in ((batch.chosen_mask, batch.chosen_kl), (batch.rejected_mask, batch.rejected_kl))
+    ]
+    z = 0.7 * u - 0.7 * (seq_kl[1] - seq_kl[0])
+    assert_close(losses, -torch.nn.functional.logsigmoid(z))
+
+
+def test_parse_method_reads_options_and_checks_them():
+    from tokenratio.losses import parse_method
+
+    assert parse_method("tdpo1") == ("tdpo1", {})
+    assert parse_method("tdpo1[generator=sba,clamp=20]") == (
+        "tdpo1",
+        {"generator": "sba", "clamp": 20},
+    )
+    assert parse_method("tbpo-q[center_log_w=false,log_w_clamp=none]") == (
+        "tbpo-q",
+        {"center_log_w": False, "log_w_clamp": None},
+    )
+    with pytest.raises(ValueError, match="valid options"):
+        parse_method("tdpo1[generatr=sba]")
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method("tdpo1[generator]")

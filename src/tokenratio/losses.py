@@ -105,6 +105,38 @@ def k3(log_ratio: Tensor) -> Tensor:
     return torch.expm1(log_ratio) - log_ratio
 
 
+def parse_method(spec: str) -> tuple[str, dict]:
+    """A method: a loss name with optional options, "tdpo1[generator=sba,clamp=20]" -> ("tdpo1",
+    {"generator": "sba", "clamp": 20.0}). Values: int, float, true/false, none, else a string.
+    The benchmark and the study name their rows this way; the options are checked by `needs`."""
+    name, _, rest = spec.partition("[")
+    options = {}
+    if rest:
+        if not rest.endswith("]"):
+            raise ValueError(f"method {spec!r}: write options as LOSS[key=value,key=value]")
+        for item in filter(None, rest[:-1].split(",")):
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"method {spec!r}: option {item!r} needs a value (key=value)")
+            options[key.strip()] = _option_value(value.strip())
+    LOSSES[name].needs(options)  # unknown names or options fail here
+    return name, options
+
+
+def _option_value(text: str):
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def reduce(losses: Tensor, num_pairs: int | None = None) -> Tensor:
     """Mean of per-pair losses; with `num_pairs`, sum / num_pairs.
 
@@ -202,21 +234,46 @@ def _sequence_kl(batch: TokenLogps, loss: str) -> tuple[Tensor, Tensor]:
     )
 
 
-def _tdpo(batch: TokenLogps, beta: float, kl_term: Tensor, chosen_kl: Tensor):
+def _tdpo_logit(batch: TokenLogps, beta: float, kl_term: Tensor) -> Tensor:
+    """z = beta (u - kl_term), (B,): the logit of TDPO's Bradley-Terry model."""
     chosen_ratio, rejected_ratio = log_ratios(batch)
     u = masked_sum(chosen_ratio, batch.chosen_mask) - masked_sum(
         rejected_ratio, batch.rejected_mask
     )
-    losses = -F.logsigmoid(beta * (u - kl_term))
+    return beta * (u - kl_term)
+
+
+def _tdpo(batch: TokenLogps, beta: float, kl_term: Tensor, chosen_kl: Tensor):
+    losses = -F.logsigmoid(_tdpo_logit(batch, beta, kl_term))
     metrics = _sequence_metrics(batch, beta)
     metrics["seq_kl_chosen"] = chosen_kl.detach()
     return losses, metrics
 
 
-def tdpo1_loss(batch: TokenLogps, *, beta: float):
-    """TDPO1: -log sigma(beta u - beta (SeqKL(y^l) - SeqKL(y^w))), SeqKL over the full vocabulary."""
+def tdpo1_loss(
+    batch: TokenLogps,
+    *,
+    beta: float,
+    generator: str = "lr",
+    lam: float | None = None,
+    s: float | None = None,
+    clamp: float | None = 30.0,
+):
+    """TDPO1 as Bregman ratio matching: l(R) with log R = -z, z = beta u - beta (SeqKL(y^l) -
+    SeqKL(y^w)), SeqKL over the full vocabulary (docs/method.md §2 and §6).
+
+    `generator="lr"` (default) is TDPO1: l(R) = log(1 + R) = -log sigma(z). Every strictly convex
+    generator has the same population minimiser under sequence-level Bradley-Terry labels: the
+    token-level optimum pi*_tok (docs/method.md §6); `clamp` bounds log R as in `bpo`.
+    Hand value: u = 1, SeqKL(y^w) = 0.3, SeqKL(y^l) = 0.5, beta = 1: z = 0.8, lr: log(1 + e^-0.8).
+    """
     chosen_kl, rejected_kl = _sequence_kl(batch, "tdpo1")
-    return _tdpo(batch, beta, rejected_kl - chosen_kl, chosen_kl)
+    loss_of_log_r = bregman_generator(generator, lam, s)
+    log_r, at_clamp = _clamp_log_r(-_tdpo_logit(batch, beta, rejected_kl - chosen_kl), clamp)
+    metrics = _sequence_metrics(batch, beta)
+    metrics["seq_kl_chosen"] = chosen_kl.detach()
+    metrics["clamp_fraction"] = at_clamp.float()
+    return loss_of_log_r(log_r), metrics
 
 
 def tdpo2_loss(batch: TokenLogps, *, beta: float, alpha: float = 0.5):

@@ -57,3 +57,23 @@ def test_weight_summary_hand_values():
     assert summary["mean_chosen"] == pytest.approx(0.75 * (1 / e + 1) / 2 + 0.25 * e)
     assert summary["at_bound_chosen"] == pytest.approx(0.625)
     assert summary["mean_rejected"] == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("generator", ["lr", "sba"])
+def test_tdpo1_reaches_the_token_optimum_under_sequence_labels_with_any_generator(tiny, generator):
+    """docs/method.md §6: TDPO1's logit is the sequence-level Bradley-Terry logit in the token-optimal
+    parametrisation, so its population minimiser under sequence labels is pi*_tok, for the logistic
+    loss and for any strictly convex Bregman generator (tolerance KL < 1e-3; pi_ref is > 0.5 away),
+    while DPO's is pi*_seq."""
+    from tokenratio.bench.population import fit_population
+
+    beta = 0.5
+    targets = {"seq": task.sequence_optimum(tiny, beta), "tok": task.token_optimum(tiny, beta)}
+    pairs = task.population_pairs(tiny)
+    options = {"generator": generator}
+    logps, info = fit_population(tiny, pairs, "tdpo1", beta, options, max_steps=4000)
+    metrics = task.exact_metrics(logps, tiny, targets)
+    assert task.exact_metrics(tiny.ref_logps, tiny, targets)["kl_tok"] > 0.5
+    assert metrics["kl_tok"] < 1e-3, (metrics, info)
+    assert metrics["kl_seq"] > 10 * metrics["kl_tok"]  # pi*_seq is a different policy

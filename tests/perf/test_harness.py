@@ -10,7 +10,7 @@ from tokenratio.cli import main
 
 @pytest.mark.slow
 def test_perf_harness_reports_every_row(tmp_path, capsys):
-    rows = ["dpo", "tbpo-a", "tbpo-q", "tdpo2", "bpo", "tisdpo", "trl"]
+    rows = ["dpo", "tbpo-a", "tbpo-q", "tdpo2", "tdpo1[generator=sba]", "bpo", "tisdpo", "trl"]
     assert (
         main(
             [

@@ -22,6 +22,7 @@ from tokenratio.bench.tabular import (
     contrast_weighted,
     fit,
     pair_objective,
+    resolve,
     tabular_params,
     tabular_token_logps,
 )
@@ -46,7 +47,9 @@ METRICS = (
 class BenchConfig:
     """What `tokenratio bench` runs. Presets: `quick` (CI), default, `full`."""
 
-    losses: tuple[str, ...] = ("dpo", "ipo", "bpo", "tdpo1", "tdpo2", "tisdpo", "tbpo-q", "tbpo-a")
+    losses: tuple[str, ...] = (
+        "dpo", "ipo", "bpo", "tdpo1", "tdpo1[generator=sba]", "tdpo2", "tisdpo", "tbpo-q", "tbpo-a",
+    )  # fmt: skip
     betas: tuple[float, ...] = (0.25, 1.0, 4.0)
     seeds: tuple[int, ...] = (0, 1, 2)
     num_prompts: int = 4
@@ -78,7 +81,7 @@ PRESETS = {
     # ~2 min on 2 cores: 8 losses x 3 betas x 3 seeds, each method's lr from the grid
     "default": BenchConfig(lr_grid=LR_GRID),
     "full": BenchConfig(
-        losses=tuple(sorted(set(LOSSES) - {"sft"})),
+        losses=(*sorted(set(LOSSES) - {"sft"}), "tdpo1[generator=sba]"),
         betas=(0.1, 0.25, 0.5, 1.0, 2.0, 4.0),
         seeds=(0, 1, 2, 3, 4),
         train_pairs=8000,
@@ -256,7 +259,8 @@ def _train_with_lr_grid(cfg: BenchConfig, mdp, loss: str, beta: float, data: dic
 
 
 def _progress_total(cfg: BenchConfig) -> int:
-    contrasts = 2 * len(cfg.betas) * len(cfg.seeds) * any(LOSSES[n].weights for n in cfg.losses)
+    weighted = any(resolve(m)[0].weights for m in cfg.losses)
+    contrasts = 2 * len(cfg.betas) * len(cfg.seeds) * weighted
     per_job = len(cfg.seeds) + max(0, len(cfg.lr_grid) - 1)
     return len(cfg.betas) * len(cfg.losses) * per_job + contrasts
 
@@ -267,11 +271,12 @@ def train_all(cfg: BenchConfig, mdp, splits: dict, progress: bool) -> list[dict]
     bar = tqdm(total=_progress_total(cfg), desc="bench", disable=not progress)
     for beta in cfg.betas:
         for loss in cfg.losses:
-            if LOSSES[loss].weights and (beta, cfg.seeds[0]) not in weighted:
+            needs_weights = resolve(loss)[0].weights
+            if needs_weights and (beta, cfg.seeds[0]) not in weighted:
                 for seed in cfg.seeds:
                     weighted[beta, seed] = _contrast_splits(cfg, mdp, beta, seed, splits[seed])
                     bar.update(2)
-            data = {s: weighted[beta, s] if LOSSES[loss].weights else splits[s] for s in cfg.seeds}
+            data = {s: weighted[beta, s] if needs_weights else splits[s] for s in cfg.seeds}
             runs += _train_with_lr_grid(cfg, mdp, loss, beta, data, bar)
     bar.close()
     return runs
@@ -281,7 +286,7 @@ def run_finite(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
     """Train every (loss, beta, seed); write finite.json, finite.txt, frontier.png and curves.png
     into `out`; return the results."""
     for loss in cfg.losses:
-        LOSSES[loss]  # unknown names fail before any work, listing the valid ones
+        resolve(loss, cfg.loss_options.get(loss))  # unknown names or options fail before any work
     mdp = task.make_mdp(cfg.num_prompts, cfg.vocab_size, cfg.length, cfg.reward_scale)
     splits = _seed_splits(cfg, mdp)
     runs = train_all(cfg, mdp, splits, progress)

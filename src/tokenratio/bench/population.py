@@ -21,8 +21,13 @@ import torch
 
 from tokenratio.bench import task
 from tokenratio.bench.report import format_table, write_report
-from tokenratio.bench.tabular import contrast_weighted, fit, pair_objective, tabular_params
-from tokenratio.losses import LOSSES
+from tokenratio.bench.tabular import (
+    contrast_weighted,
+    fit,
+    pair_objective,
+    resolve,
+    tabular_params,
+)
 
 
 def position_pairs(mdp: task.TokenMDP, score: str) -> task.PreferencePairs:
@@ -115,12 +120,20 @@ def fit_population(
 
 # Which losses each data model is run with: every loss on sequence labels; the per-position
 # controls with the loss they are the theorem's data model for, in each variant of that loss.
+# TDPO1 also runs with the other Bregman generators under sequence labels (docs/method.md §6: every
+# strictly convex generator has the same minimiser) and under the per-position labels.
 CONTROLS = {
-    "position-Q": [("tbpo-q", {}), ("tbpo-q", {"center_log_w": False, "log_w_clamp": None})],
+    "sequence": [("tdpo1", {"generator": g}) for g in ("sba", "kliep", "lsif")],
+    "position-Q": [
+        ("tbpo-q", {}),
+        ("tbpo-q", {"center_log_w": False, "log_w_clamp": None}),
+        ("tdpo1", {}),
+    ],
     "position-A": [
         ("tbpo-a", {}),
         ("tbpo-a", {"kl_estimator": "k3-response"}),
         ("tbpo-a", {"detach_kl": True}),
+        ("tdpo1", {}),
     ],
 }
 
@@ -152,14 +165,14 @@ def run_population(
     targets = {"seq": task.sequence_optimum(mdp, beta), "tok": task.token_optimum(mdp, beta)}
     rows = _reference_rows(mdp, targets)
     data = {"sequence": task.population_pairs(mdp)}
-    if any(LOSSES[loss].weights for loss in losses):
+    if any(resolve(method)[0].weights for method in losses):
         data["sequence", "weighted"] = exact_contrast_weighted(mdp, data["sequence"], beta)
     for data_name, loss, options in tqdm(
         _jobs(losses, loss_options or {}), desc="population", disable=not progress
     ):
         if data_name not in data:
             data[data_name] = position_pairs(mdp, data_name[-1].lower())
-        weighted = LOSSES[loss].weights
+        weighted = resolve(loss)[0].weights
         pairs = data[data_name, "weighted"] if weighted else data[data_name]
         logps, info = fit_population(mdp, pairs, loss, beta, options, max_steps=max_steps)
         metrics = task.exact_metrics(logps, mdp, targets)

@@ -13,7 +13,7 @@ import torch
 
 from tokenratio.bench import task
 from tokenratio.logprobs import sampled_k3, token_logps, token_logps_and_kl
-from tokenratio.losses import LOSSES, TokenLogps, importance_weights, reduce
+from tokenratio.losses import LOSSES, Loss, TokenLogps, importance_weights, parse_method, reduce
 
 
 def tabular_token_logps(
@@ -93,10 +93,17 @@ def tabular_params(mdp: task.TokenMDP) -> tuple[torch.Tensor, torch.Tensor]:
     return policy, baseline
 
 
-def pair_objective(policy, baseline, mdp, loss: str, beta: float, options: dict) -> Callable:
+def resolve(method: str, extra: dict | None = None) -> tuple[Loss, dict]:
+    """A benchmark method ("tdpo1" or "tdpo1[generator=sba]") -> its registry entry and options
+    (`extra`, e.g. from --loss-option, on top of the spec's own)."""
+    name, options = parse_method(method)
+    return LOSSES[name], {**options, **(extra or {})}
+
+
+def pair_objective(policy, baseline, mdp, method: str, beta: float, options: dict) -> Callable:
     """pairs -> (loss, share of pairs/tokens at the log R clamp): the mean over pairs, or, for
     weighted pairs (the population regime's exact distribution), the weighted sum."""
-    entry = LOSSES[loss]
+    entry, options = resolve(method, options)
     kl = entry.needs(options).kl
 
     def objective(pairs: task.PreferencePairs) -> tuple[torch.Tensor, float]:

@@ -21,9 +21,9 @@ from torch import nn
 from tokenratio.baseline import StateBaselineHead
 from tokenratio.bench import task
 from tokenratio.bench.report import format_table, write_report
-from tokenratio.bench.tabular import with_contrast_weights
+from tokenratio.bench.tabular import resolve, with_contrast_weights
 from tokenratio.data import PreferenceBatch
-from tokenratio.losses import LOSSES, reduce
+from tokenratio.losses import reduce
 from tokenratio.modeling import PolicyWithHead
 from tokenratio.scoring import batch_contrasts, frozen_reference, score_pairs
 
@@ -150,8 +150,8 @@ def train_lm(
 ) -> PolicyWithHead:
     """A copy of the SFT reference trained with `loss` (and its `options`) on sampled pairs
     (mini-batch AdamW)."""
-    options = dict(options or {})
-    needs = LOSSES[loss].needs(options)
+    entry, options = resolve(loss, options)
+    needs = entry.needs(options)
     head = StateBaselineHead(reference.model.config.hidden_size) if needs.baseline else None
     policy = PolicyWithHead(copy.deepcopy(reference.model).requires_grad_(True), head).train()
     optimizer = torch.optim.AdamW(policy.parameters(), lr=lr)
@@ -172,7 +172,7 @@ def train_lm(
             needs,
             chunk_elements=1 << 20,
         )
-        total = reduce(LOSSES[loss](tl, beta=beta, **options)[0])
+        total = reduce(entry(tl, beta=beta, **options)[0])
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         optimizer.step()
@@ -220,7 +220,7 @@ def run_transformer(
     rows = {"sft-reference": sampled_metrics(reference, mdp, beta, num_samples, seed=seed)}
     for loss in tqdm(losses, desc="bench (transformer)", disable=not progress):
         data = pairs
-        if LOSSES[loss].weights:
+        if resolve(loss)[0].weights:
             data = contrast_weighted_lm(mdp, reference, beta, pairs, steps=train_steps, seed=seed)
         options = loss_options.get(loss, {})
         policy = train_lm(mdp, reference, loss, beta, data, train_steps, seed=seed, options=options)

@@ -78,7 +78,7 @@ def parse_loss_options(texts: list[str] | None) -> dict[str, dict]:
 
 def _config(args, regime: str):
     from tokenratio.bench.finite import config_for
-    from tokenratio.losses import LOSSES
+    from tokenratio.bench.tabular import resolve
 
     preset = "quick" if args.quick else "full" if args.full else "default"
     names = ("losses", "betas", "seeds", "steps", "train_pairs", "lr", "lr_grid")
@@ -88,7 +88,8 @@ def _config(args, regime: str):
     overrides["loss_options"] = parse_loss_options(args.loss_option)
     cfg = config_for(preset, **overrides)
     for loss in cfg.losses:
-        LOSSES[loss].needs(cfg.loss_options.get(loss, {}))  # bad names or options fail here
+        entry, options = resolve(loss, cfg.loss_options.get(loss))
+        entry.needs(options)  # bad names or options fail here
     stray = sorted(set(cfg.loss_options) - set(cfg.losses))
     if stray:
         raise ValueError(f"--loss-option names {stray}, which --losses does not run")

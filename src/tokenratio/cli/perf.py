@@ -55,7 +55,12 @@ def add_parser(sub) -> None:
         choices=["tiny", "cpu20m", "smollm2-135m", "llama3-vocab"],
         help="tiny (CI), cpu20m (~16M, CPU), smollm2-135m (GPU), llama3-vocab (128k)",
     )
-    perf.add_argument("--rows", nargs="+", help="dpo tbpo-a tbpo-q tdpo2 bpo tisdpo trl (all)")
+    perf.add_argument(
+        "--rows",
+        nargs="+",
+        help="losses, or losses with options (quote them: 'tdpo1[generator=sba]'), and trl; "
+        "default: dpo tbpo-a tbpo-q tdpo2 tdpo1[generator=sba] bpo tisdpo trl",
+    )
     perf.add_argument("--steps", type=int, default=8, help="timed steps per row and repeat")
     perf.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     perf.add_argument("--batch", type=int, default=8, help="pairs per step")

@@ -197,7 +197,7 @@ def format_report(report: dict) -> str:
         f"{cfg['device']} {cfg['dtype']}, {cfg['threads']} threads; matmul peak "
         f"{cfg['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; medians of {cfg['repeats']} "
         f"alternating repeats x {cfg['steps']} steps",
-        f"{'row':>8} {'s/step':>8} {'tok/s':>9} {'peak MiB':>9} {'MFU':>6} "
+        f"{'row':>20} {'s/step':>8} {'tok/s':>9} {'peak MiB':>9} {'MFU':>6} "
         f"{'step/dpo':>9} {'mem/dpo':>8} {'speed/TRL':>10} {'mem/TRL':>8} "
         f"{'tensor MiB':>11} {'tensor/dpo':>11}",
     ]
@@ -209,7 +209,7 @@ def format_report(report: dict) -> str:
     for r in report["rows"]:
         tensor = "-" if r.get("tensor_mib") is None else f"{r['tensor_mib']:.0f}"
         lines.append(
-            f"{r['row']:>8} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} {r['peak_mib']:>9.0f} "
+            f"{r['row']:>20} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} {r['peak_mib']:>9.0f} "
             f"{100 * r['mfu']:>5.1f}% {ratio(r, 'step_vs_dpo'):>9} {ratio(r, 'memory_vs_dpo'):>8} "
             f"{ratio(r, 'speed_vs_trl'):>10} {ratio(r, 'memory_vs_trl'):>8} {tensor:>11} "
             f"{ratio(r, 'tensor_vs_dpo'):>11}"

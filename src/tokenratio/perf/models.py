@@ -12,7 +12,7 @@ MODELS = {  # name: (vocab, hidden, layers, heads, kv_heads, intermediate)
     "smollm2-135m": (49152, 576, 30, 9, 3, 1536),  # SmolLM2-135M's architecture, random weights
     "llama3-vocab": (128256, 256, 2, 4, 2, 512),  # a 128k vocabulary: the full-vocabulary KL test
 }
-OUR_ROWS = ("dpo", "tbpo-a", "tbpo-q", "tdpo2", "bpo", "tisdpo")
+OUR_ROWS = ("dpo", "tbpo-a", "tbpo-q", "tdpo2", "tdpo1[generator=sba]", "bpo", "tisdpo")
 
 
 def word_tokenizer(vocab_size: int):

@@ -28,14 +28,17 @@ def _peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def perf_config(loss: str, args: dict):
-    """The Config a row's trainer step runs with: the harness's model shape, AdamW, lr 1e-6."""
+def perf_config(method: str, args: dict):
+    """The Config a row's trainer step runs with: the harness's model shape, AdamW, lr 1e-6; the
+    row is a loss name, or a loss with options ("tdpo1[generator=sba]")."""
     from tokenratio.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
+    from tokenratio.losses import parse_method
 
+    loss, options = parse_method(method)
     return Config(
         model=ModelConfig(name_or_path=f"random:{args['model']}"),
         data=DataConfig(path="synthetic"),
-        loss=LossConfig(name=loss, beta=0.1),
+        loss=LossConfig(name=loss, beta=0.1, options=options),
         train=TrainConfig(
             optimizer="adamw",
             lr=1e-6,
