@@ -158,7 +158,7 @@ def _check_type(where: str, value, annotation):
     )
 
 
-def _build(cls, table: dict, where: str):
+def build_section(cls, table: dict, where: str):
     hints = typing.get_type_hints(cls)
     valid = {f.name for f in fields(cls)}
     values = {}
@@ -169,7 +169,7 @@ def _build(cls, table: dict, where: str):
         if is_dataclass(hint):
             if not isinstance(value, dict):
                 raise ConfigError(f"[{where}{key}] must be a table")
-            values[key] = _build(hint, value, f"{where}{key}.")
+            values[key] = build_section(hint, value, f"{where}{key}.")
         else:
             values[key] = _check_type(f"{where}{key}", value, hint)
             choices = CHOICES.get((where.rstrip("."), key))
@@ -178,7 +178,7 @@ def _build(cls, table: dict, where: str):
     return cls(**values)
 
 
-def _parse_override(text: str) -> tuple[list[str], object]:
+def parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
     key, raw = text.split("=", 1)
@@ -189,7 +189,7 @@ def _parse_override(text: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
-def _set_dotted(table: dict, path: list[str], value) -> None:
+def set_dotted(table: dict, path: list[str], value) -> None:
     for part in path[:-1]:
         table = table.setdefault(part, {})
     table[path[-1]] = value
@@ -207,9 +207,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: invalid TOML: {err}") from None
     for text in overrides:
-        keys, value = _parse_override(text)
-        _set_dotted(table, keys, value)
-    config = _build(Config, table, "")
+        set_dotted(table, *parse_override(text))
+    return build_config(table)
+
+
+def build_config(table: dict) -> Config:
+    """A Config from a TOML-shaped table, validated, with its required keys checked."""
+    config = build_section(Config, table, "")
     for section, key in (("model", "name_or_path"), ("data", "path")):
         if not getattr(getattr(config, section), key):
             raise ConfigError(

@@ -242,8 +242,9 @@ def _seed_splits(cfg: BenchConfig, mdp) -> dict:
     }
 
 
-def _train_with_lr_grid(cfg: BenchConfig, mdp, loss: str, beta: float, data: dict, bar) -> list:
-    """Seed 0 at every lr of the grid, the lowest validation loss wins; the other seeds at it."""
+def _train_with_lr_grid(cfg: BenchConfig, mdp, loss: str, beta: float, data: dict, bar):
+    """Seed 0 at every lr of the grid, the lowest validation loss wins; the other seeds at it.
+    Returns the runs kept (chosen lr, every seed) and seed 0's final metrics at every lr tried."""
     first, *rest = cfg.seeds
     tried = [
         train_tabular(cfg, mdp, loss, beta, first, data[first], lr)
@@ -255,7 +256,8 @@ def _train_with_lr_grid(cfg: BenchConfig, mdp, loss: str, beta: float, data: dic
     for seed in rest:
         runs.append(train_tabular(cfg, mdp, loss, beta, seed, data[seed], chosen["final"]["lr"]))
         bar.update(1)
-    return runs
+    grid = [{"loss": loss, "beta": beta, "seed": first, "final": r["final"]} for r in tried]
+    return runs, grid
 
 
 def _progress_total(cfg: BenchConfig) -> int:
@@ -265,9 +267,10 @@ def _progress_total(cfg: BenchConfig) -> int:
     return len(cfg.betas) * len(cfg.losses) * per_job + contrasts
 
 
-def train_all(cfg: BenchConfig, mdp, splits: dict, progress: bool) -> list[dict]:
-    """Every (loss, beta, seed) run; TIS-DPO's splits are weighted by contrast models first."""
-    runs, weighted = [], {}  # (beta, seed) -> splits with TIS-DPO token weights
+def train_all(cfg: BenchConfig, mdp, splits: dict, progress: bool) -> tuple[list, list]:
+    """Every (loss, beta, seed) run, and seed 0's final metrics at every lr of the grid; TIS-DPO's
+    splits are weighted by contrast models first."""
+    runs, grid, weighted = [], [], {}  # weighted: (beta, seed) -> splits with TIS-DPO weights
     bar = tqdm(total=_progress_total(cfg), desc="bench", disable=not progress)
     for beta in cfg.betas:
         for loss in cfg.losses:
@@ -277,9 +280,11 @@ def train_all(cfg: BenchConfig, mdp, splits: dict, progress: bool) -> list[dict]
                     weighted[beta, seed] = _contrast_splits(cfg, mdp, beta, seed, splits[seed])
                     bar.update(2)
             data = {s: weighted[beta, s] if needs_weights else splits[s] for s in cfg.seeds}
-            runs += _train_with_lr_grid(cfg, mdp, loss, beta, data, bar)
+            kept, tried = _train_with_lr_grid(cfg, mdp, loss, beta, data, bar)
+            runs += kept
+            grid += tried
     bar.close()
-    return runs
+    return runs, grid
 
 
 def run_finite(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
@@ -289,7 +294,7 @@ def run_finite(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
         resolve(loss, cfg.loss_options.get(loss))  # unknown names or options fail before any work
     mdp = task.make_mdp(cfg.num_prompts, cfg.vocab_size, cfg.length, cfg.reward_scale)
     splits = _seed_splits(cfg, mdp)
-    runs = train_all(cfg, mdp, splits, progress)
+    runs, grid = train_all(cfg, mdp, splits, progress)
     test = splits[cfg.seeds[0]]["test"]
     rows = [
         r for beta in cfg.betas for r in reference_rows(mdp, beta, test, cfg.samples_per_prompt)
@@ -299,6 +304,7 @@ def run_finite(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
         "bayes_heldout_acc": task.bayes_accuracy(mdp, test),
         "summary": rows + summarise(runs),
         "runs": runs,
+        "lr_grid": grid,  # seed 0 at every lr tried: how sensitive each method is to its lr
         "frontier": frontier(mdp),
     }
     write_report(out, "finite", results, format_finite(results))

@@ -147,10 +147,20 @@ def _reference_rows(mdp, targets) -> list[dict]:
 
 
 def _jobs(losses, loss_options: dict) -> list[tuple[str, str, dict]]:
+    """The methods under sequence labels, then the controls of every loss that runs; a control
+    that repeats a method already run ("tdpo1[generator=sba]") is not run twice."""
     jobs = [("sequence", loss, loss_options.get(loss, {})) for loss in losses]
-    return jobs + [
-        (d, loss, o) for d, runs in CONTROLS.items() for loss, o in runs if loss in losses
-    ]
+    seen = {(data, *_key(method, options)) for data, method, options in jobs}
+    for data, runs in CONTROLS.items():
+        for loss, options in runs:
+            if loss in losses and (data, *_key(loss, options)) not in seen:
+                jobs.append((data, loss, options))
+    return jobs
+
+
+def _key(method: str, options: dict) -> tuple[str, str]:
+    entry, merged = resolve(method, options)
+    return entry.name, repr(sorted(merged.items()))
 
 
 def run_population(

@@ -5,7 +5,7 @@ like a real model. Token ids: response tokens 0..V-1, prompt x is the single tok
 2-layer Llama whose next-token distribution is read on the V response tokens only. It is first
 fitted to pi_ref by SFT on responses sampled from pi_ref (the fit is reported as KL(LM || pi_ref)),
 then a copy is trained with each loss through the same code a real model uses
-(`modeling.batch_token_logps`: response-only LM head, chunked log-probs and KL, the TBPO-Q head), with
+(`scoring.score_pairs`: response-only LM head, chunked log-probs and KL, the TBPO-Q head), with
 the SFT model as the frozen reference (TIS-DPO's contrast models are trained the same way, with DPO
 on the pairs and on the flipped pairs). Metrics are estimated by sampling responses from the trained
 LM: expected true return, KL(pi || pi_ref), KL(pi || pi*_seq), KL(pi || pi*_tok), each as mean ± 95%

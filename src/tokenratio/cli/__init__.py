@@ -1,4 +1,4 @@
-"""The `tokenratio` command: bench | train | tisdpo | eval | explain | perf | convert-gguf.
+"""The `tokenratio` command: bench | train | tisdpo | study | eval | explain | perf | convert-gguf.
 
 One small module per command: it parses, calls the library (which writes every file) and prints.
 `main(argv)` returns an exit code, so tests call it. Heavy imports (transformers, datasets,
@@ -8,9 +8,9 @@ matplotlib) happen inside the commands.
 import argparse
 import contextlib
 
-from tokenratio.cli import bench, convert, eval, explain, perf, tisdpo, train
+from tokenratio.cli import bench, convert, eval, explain, perf, study, tisdpo, train
 
-COMMANDS = (bench, train, tisdpo, eval, explain, perf, convert)
+COMMANDS = (bench, train, tisdpo, study, eval, explain, perf, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{bench,train,tisdpo,eval,explain,perf,convert-gguf}",
+        metavar="{bench,train,tisdpo,study,eval,explain,perf,convert-gguf}",
     )
     for command in COMMANDS:
         command.add_parser(sub)

@@ -63,7 +63,7 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 @torch.no_grad()
 def preference_metrics(model, reference, pairs, pad_id: int, beta: float, batch_size: int) -> dict:
     """Implicit-reward accuracy and margin, and KL(pi || pi_ref) per response, on held-out pairs."""
-    accuracy, margin, kl = [], [], []
+    accuracy, margin, kl, kl_token = [], [], [], []
     scored = score_batches([model, reference], batches(pairs, pad_id, batch_size))
     for batch, ((logits, _), (ref_logits, _)) in scored:
         logits, ref_logits = logits.float(), ref_logits.float()
@@ -74,11 +74,14 @@ def preference_metrics(model, reference, pairs, pad_id: int, beta: float, batch_
         accuracy += ((reward[:B] > reward[B:]).float() + 0.5 * (reward[:B] == reward[B:])).tolist()
         margin += (reward[:B] - reward[B:]).tolist()
         # KL(pi || pi_ref) = token_kl with the roles swapped (token_kl(p, q) = KL(q || p)).
-        kl += (token_kl(ref_logits, logits) * mask).sum(-1).tolist()
+        per_response = (token_kl(ref_logits, logits) * mask).sum(-1)  # (2B,)
+        kl += per_response.tolist()
+        kl_token += (per_response / mask.sum(-1).clamp_min(1)).tolist()
     return {
         "pref_accuracy": mean_se(accuracy),
         "reward_margin": mean_se(margin),
         "kl_to_ref": mean_se(kl),
+        "kl_per_token": mean_se(kl_token),
     }
 
 
@@ -154,22 +157,31 @@ def evaluate_model(name, path, reference, raw, cfg: EvalConfig) -> dict:
                 model, reference, held_out, tokenizer.pad_token_id, cfg.beta, cfg.batch_size
             )
         )
+    if cfg.num_prompts:
+        result.update(generation_metrics(model, tokenizer, pairs, raw, report, cfg))
+    return result
+
+
+def generation_metrics(model, tokenizer, pairs, raw, report: dict, cfg: EvalConfig) -> dict:
+    """Samples with the paper's settings, their diversity and length; keeps the texts (and the
+    dataset's prompt and chosen response) for judging."""
     prompts = [pairs[i]["prompt_ids"] for i in range(min(cfg.num_prompts, len(pairs)))]
     samples = generate(model, tokenizer, prompts, cfg)
     texts = [[tokenizer.decode(s, skip_special_tokens=True) for s in group] for group in samples]
-    result["entropy"] = mean_se(
-        entropy_per_prompt(model, prompts, samples, tokenizer.pad_token_id, cfg.batch_size)
-    )
-    result["self_bleu"] = mean_se([metrics.self_bleu(group) for group in texts])
-    result["distinct_1"] = mean_se([metrics.distinct_n(group[0]) for group in texts])
-    result["samples"] = texts
+    pad_id = tokenizer.pad_token_id
     rendered = [
         to_text(raw.dataset[pairs[i]["record"]], report["format"], tokenizer)
         for i in range(len(prompts))
     ]
-    result["prompt_texts"] = [r[0] for r in rendered]
-    result["reference_texts"] = [r[1] for r in rendered]  # the dataset's chosen response
-    return result
+    return {
+        "entropy": mean_se(entropy_per_prompt(model, prompts, samples, pad_id, cfg.batch_size)),
+        "self_bleu": mean_se([metrics.self_bleu(group) for group in texts]),
+        "distinct_1": mean_se([metrics.distinct_n(group[0]) for group in texts]),
+        "response_tokens": mean_se([sum(map(len, group)) / len(group) for group in samples]),
+        "samples": texts,
+        "prompt_texts": [r[0] for r in rendered],
+        "reference_texts": [r[1] for r in rendered],  # the dataset's chosen response
+    }
 
 
 def judge_all(results: list[dict], cfg: EvalConfig) -> None:
@@ -204,7 +216,9 @@ COLUMNS = [
     ("pref_accuracy", "pref. acc.", 3),
     ("reward_margin", "margin", 3),
     ("kl_to_ref", "KL(pi||ref)", 2),
+    ("kl_per_token", "KL/token", 4),
     ("entropy", "entropy", 3),
+    ("response_tokens", "length", 1),
     ("self_bleu", "self-BLEU", 1),
     ("distinct_1", "distinct-1", 3),
     ("win_rate", "win %", 1),

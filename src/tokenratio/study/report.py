@@ -1,0 +1,153 @@
+"""The study's report: report.json, report.md (mean and 95% interval over seeds, n shown, the
+reference row first, the exact command and config) and three plots.
+
+Intervals are Student-t over seeds: mean ± t_{0.975, n-1} s / sqrt(n). With two seeds t is 12.7, so
+an interval is honest about how little two seeds say. With one seed (n = 1) the interval is 1.96
+standard errors over the test pairs or prompts instead, which leaves out seed noise.
+"""
+
+import json
+import math
+import statistics
+from dataclasses import asdict
+from pathlib import Path
+
+METRICS = [  # key, column header, digits
+    ("pref_accuracy", "test acc.", 3),
+    ("reward_margin", "margin", 3),
+    ("kl_per_token", "KL/token", 4),
+    ("response_tokens", "length", 1),
+    ("entropy", "entropy", 3),
+    ("self_bleu", "self-BLEU", 1),
+    ("distinct_1", "distinct-1", 3),
+    ("win_rate", "win %", 1),
+    ("lc_win_rate", "LC win %", 1),
+]
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def interval(pairs: list[tuple[float, float]]) -> dict:
+    """(mean, standard error) per seed -> mean, 95% half-width (Student t over seeds; for one seed,
+    1.96 of its own standard error) and n."""
+    pairs = [(m, se) for m, se in pairs if not math.isnan(m)]
+    if not pairs:
+        return {"mean": float("nan"), "half_width": None, "n": 0}
+    values = [m for m, _ in pairs]
+    n = len(values)
+    if n > 1:
+        half = T_975.get(n - 1, 1.96) * statistics.stdev(values) / math.sqrt(n)
+    else:
+        half = None if math.isnan(pairs[0][1]) else 1.96 * pairs[0][1]
+    return {"mean": statistics.fmean(values), "half_width": half, "n": n}
+
+
+def summarise(tested: dict) -> list[dict]:
+    """One row per method (the reference first): each metric's interval over that method's seeds."""
+    rows = []
+    for name, results in tested.items():
+        row = {"method": name, "n": len(results)}
+        for key, _, _ in METRICS:
+            if any(key in r for r in results):
+                row[key] = interval([tuple(r[key]) for r in results if key in r])
+        rows.append(row)
+    return rows
+
+
+def _cell(stat: dict | None, digits: int) -> str:
+    if stat is None or stat["n"] == 0:
+        return "-"
+    text = f"{stat['mean']:.{digits}f}"
+    return text if stat["half_width"] is None else f"{text} ± {stat['half_width']:.{digits}f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    present = [m for m in METRICS if any(m[0] in r for r in rows)]
+    lines = [
+        "| method | n | " + " | ".join(h for _, h, _ in present) + " |",
+        "|---|---|" + "---|" * len(present),
+    ]
+    for r in rows:
+        cells = [_cell(r.get(key), digits) for key, _, digits in present]
+        lines.append(f"| {r['method']} | {r['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict]) -> str:
+    """Whether DPO learned (test accuracy above 0.5 by more than its interval), said plainly."""
+    dpo = next((r for r in rows if r["method"].split(" ")[0] == "dpo"), None)
+    if dpo is None or "pref_accuracy" not in dpo:
+        return "DPO is not in this study, so no check that the recipe trains."
+    stat = dpo["pref_accuracy"]
+    half = stat["half_width"] or 0.0
+    if stat["mean"] - half > 0.5:
+        return (
+            f"The recipe trains: DPO's test accuracy {_cell(stat, 3)} (n = {stat['n']}) is above "
+            "0.5 by more than its 95% interval."
+        )
+    return (
+        f"The recipe did NOT measurably train: DPO's test accuracy {_cell(stat, 3)} (n = {stat['n']}) "
+        "is not above 0.5 by more than its 95% interval. Differences between methods below are "
+        "within the noise of this run; more steps, pairs or seeds are needed to separate them."
+    )
+
+
+def selection_table(chosen: dict) -> str:
+    lines = ["| method | beta | lr tried: validation accuracy | chosen lr |", "|---|---|---|---|"]
+    for (method, beta), selection in chosen.items():
+        tried = ", ".join(f"{r['lr']:g}: {r['valid_accuracy']:.3f}" for r in selection["tried"])
+        lines.append(f"| {method} | {beta:g} | {tried} | {selection['lr']:g} |")
+    return "\n".join(lines)
+
+
+def write_report(study, base, chosen: dict, tested: dict, out: Path, command: str) -> dict:
+    from tokenratio.study import plots
+
+    rows = summarise(tested)
+    report = {
+        "command": command,
+        "study": asdict(study),
+        "base_config": asdict(base),
+        "selection": [
+            {"method": m, "beta": b, "lr": s["lr"], "tried": s["tried"]}
+            for (m, b), s in chosen.items()
+        ],
+        "rows": rows,
+        "results": tested,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=1, default=list))
+    plots.accuracy_vs_kl(rows, out / "accuracy_vs_kl.png")
+    plots.entropy_vs_self_bleu(rows, out / "entropy_vs_self_bleu.png")
+    plots.training_curves(chosen, out / "runs", out / "training_curves.png")
+    (out / "report.md").write_text(_markdown(report, study, chosen, rows))
+    return report
+
+
+def _markdown(report: dict, study, chosen: dict, rows: list[dict]) -> str:
+    config = json.dumps(report["study"], indent=1)
+    return f"""# tokenratio study
+
+Command: `{report["command"]}`
+
+Test split: {study.test_pairs} pairs that training and lr selection never saw (`data/splits.json`).
+Each cell: mean ± 95% interval over seeds (Student t), n seeds; the reference row is the starting
+model. KL/token: KL(pi || pi_ref) per response token, teacher-forced on the test pairs.
+
+{markdown_table(rows)}
+
+{verdict(rows)}
+
+![accuracy vs KL](accuracy_vs_kl.png)
+![entropy vs self-BLEU](entropy_vs_self_bleu.png)
+![training curves](training_curves.png)
+
+## Learning-rate selection (seed 0, validation split, implicit-reward accuracy)
+
+{selection_table(chosen)}
+
+## Study settings
+
+```json
+{config}
+```
+The base training config is in `report.json` (`base_config`).
+"""

@@ -1,0 +1,202 @@
+"""The study's grid: each method's lr picked on validation with seed 0, the other seeds at that lr,
+every chosen run and the reference evaluated on a test split that training and selection never see.
+
+Resumable at every level: a finished run (its `study_run.json`) or evaluation (its `results.json`)
+is skipped; an interrupted run resumes from its newest checkpoint.
+"""
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tokenratio.config import with_overrides
+from tokenratio.losses import parse_method
+
+
+@dataclass(frozen=True)
+class Run:
+    method: str
+    beta: float
+    lr: float
+    seed: int
+
+    @property
+    def name(self) -> str:
+        slug = re.sub(r"[^A-Za-z0-9.-]+", "-", self.method).strip("-")
+        return f"{slug}-b{self.beta:g}-lr{self.lr:g}-s{self.seed}"
+
+
+class Progress:
+    """One line per finished step of the study, with the time it took and an ETA."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.started = time.perf_counter()
+
+    def step(self, what: str, seconds: float, skipped: bool = False) -> None:
+        self.done += 1
+        elapsed = time.perf_counter() - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        status = "found, skipped" if skipped else f"{seconds:.0f} s"
+        if self.enabled:
+            print(
+                f"[{self.done}/{self.total}] {what}: {status} (ETA {eta / 60:.1f} min)", flush=True
+            )
+
+
+def run_config(base, run: Run, paths: dict, out: Path):
+    """The base training config with this run's method, beta, lr, seed, data and directory."""
+    loss, options = parse_method(run.method)
+    return with_overrides(
+        base,
+        loss={"name": loss, "options": options, "beta": run.beta},
+        train={"lr": run.lr, "seed": run.seed, "output_dir": str(out / "runs" / run.name)},
+        data={"path": paths["train"], "heldout_path": paths["valid"], "limit": None},
+    )
+
+
+def evaluate(
+    models, data: str, reference: str, beta: float, num_pairs: int, study, out: Path, generate: bool
+) -> dict:
+    """`tokenratio eval`'s metrics for one model into out/results.json (skipped when present)."""
+    from tokenratio.eval.evaluate import EvalConfig, run_eval
+
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())["results"][0]
+    e = study.eval
+    cfg = EvalConfig(
+        models=tuple(models),
+        data=data,
+        reference=reference,
+        num_pairs=num_pairs,
+        num_prompts=e.num_prompts if generate else 0,
+        samples_per_prompt=e.samples,
+        max_new_tokens=e.max_new_tokens,
+        batch_size=e.batch_size,
+        beta=beta,
+        judge=(e.judge or None) if generate else None,
+        judge_options={"model": e.judge_model} if e.judge_model else {},
+    )
+    return run_eval(cfg, out)[0]
+
+
+def train_and_validate(base, study, run: Run, paths: dict, out: Path, progress: Progress) -> dict:
+    """Train one run (resuming it if interrupted) and score it on the validation split."""
+    from tokenratio.losses import LOSSES
+    from tokenratio.tisdpo import run_tisdpo
+    from tokenratio.trainer import train
+
+    run_dir = out / "runs" / run.name
+    record_path = run_dir / "study_run.json"
+    if record_path.exists():
+        progress.step(f"train {run.name}", 0, skipped=True)
+        return json.loads(record_path.read_text())
+    started = time.perf_counter()
+    cfg = run_config(base, run, paths, out)
+    if LOSSES[cfg.loss.name].weights:  # TIS-DPO: contrast models, scored weights, then training
+        run_tisdpo(cfg, progress=False)
+    else:
+        train(cfg, resume=True, progress=False)
+    validation = evaluate(
+        [(run.name, str(run_dir / "final"))],
+        paths["valid"],
+        base.model.name_or_path,
+        run.beta,
+        study.valid_pairs,
+        study,
+        run_dir / "validation",
+        generate=False,
+    )
+    record = {**asdict(run), "name": run.name, "valid_accuracy": validation["pref_accuracy"][0]}
+    record_path.write_text(json.dumps(record, indent=1))
+    progress.step(f"train {run.name}", time.perf_counter() - started)
+    return record
+
+
+def grid(study) -> list[tuple[str, float]]:
+    return [(method, beta) for method in study.methods for beta in study.betas]
+
+
+def run_study(study, base, *, command: str = "", progress: bool = True) -> dict:
+    """Everything: splits, lr selection, seeds, test evaluation, report; returns the report.
+    `command` is recorded in the report as the one that produced it."""
+    from tokenratio.study.report import write_report
+    from tokenratio.study.splits import make_splits
+
+    _quiet_libraries()
+    out = Path(study.output_dir)
+    sizes = {"train": study.train_pairs, "valid": study.valid_pairs, "test": study.test_pairs}
+    paths = make_splits(base.data.path, sizes, study.split_seed, out / "data")
+    first, *rest = study.seeds
+    runs_total = len(grid(study)) * (len(study.lrs) + len(rest))
+    bar = Progress(runs_total + len(grid(study)) * len(study.seeds) + 1, progress)
+    chosen = {}
+    for method, beta in grid(study):
+        tried = [
+            train_and_validate(base, study, Run(method, beta, lr, first), paths, out, bar)
+            for lr in study.lrs
+        ]
+        best = max(tried, key=lambda r: r["valid_accuracy"])  # ties: the first (smallest) lr
+        chosen[method, beta] = {"lr": best["lr"], "tried": tried, "runs": [best]}
+        for seed in rest:
+            run = Run(method, beta, best["lr"], seed)
+            chosen[method, beta]["runs"].append(
+                train_and_validate(base, study, run, paths, out, bar)
+            )
+    tested = test_all(study, base, chosen, paths, out, bar)
+    return write_report(study, base, chosen, tested, out, command)
+
+
+def _quiet_libraries() -> None:
+    """Many short loads and tokenizations: the libraries' own progress bars would bury the study's
+    one line per step."""
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def test_all(study, base, chosen: dict, paths: dict, out: Path, bar: Progress) -> dict:
+    """The reference and every chosen run on the test split, with generation and the judge."""
+    reference = base.model.name_or_path
+    beta0 = study.betas[0]
+    tested = {
+        "reference": [_test(study, "reference", reference, reference, beta0, paths, out, bar)]
+    }
+    for (method, beta), selection in chosen.items():
+        key = f"{method} (beta {beta:g})" if len(study.betas) > 1 else method
+        tested[key] = [
+            _test(
+                study,
+                r["name"],
+                str(out / "runs" / r["name"] / "final"),
+                reference,
+                beta,
+                paths,
+                out,
+                bar,
+            )
+            for r in selection["runs"]
+        ]
+    return tested
+
+
+def _test(study, name, path, reference, beta, paths, out, bar) -> dict:
+    started = time.perf_counter()
+    target = out / "test" / name
+    skipped = (target / "results.json").exists()
+    result = evaluate(
+        [(name, path)],
+        paths["test"],
+        reference,
+        beta,
+        study.test_pairs,
+        study,
+        target,
+        generate=True,
+    )
+    bar.step(f"test {name}", time.perf_counter() - started, skipped)
+    return result

@@ -1,0 +1,71 @@
+"""Disjoint train / validation / test files cut from one preference data set.
+
+Records are deduplicated by content first (a pair that appears twice must not sit on both sides of a
+split), shuffled with `split_seed`, and cut into the three sizes. The files are plain JSON lines of
+the source records, so `tokenratio train` and `tokenratio eval` read them like any other data;
+`splits.json` lists each split's source rows and content hashes, and `check_disjoint` verifies them.
+"""
+
+import hashlib
+import json
+import os
+import random
+from pathlib import Path
+
+SPLITS = ("train", "valid", "test")
+
+
+def _content_hash(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _write_jsonl(path: Path, records: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    os.replace(tmp, path)
+
+
+def make_splits(data_path: str, sizes: dict[str, int], seed: int, out: Path) -> dict[str, str]:
+    """Write out/{train,valid,test}.jsonl and out/splits.json (skipped when they exist with the
+    same source, sizes and seed); returns the three paths."""
+    from tokenratio.data import DataError, load_raw
+
+    settings = {"source": str(data_path), "sizes": sizes, "seed": seed}
+    paths = {name: str(out / f"{name}.jsonl") for name in SPLITS}
+    manifest = out / "splits.json"
+    if manifest.exists() and json.loads(manifest.read_text())["settings"] == settings:
+        return paths
+    records = list(load_raw(data_path).dataset)
+    unique = {}
+    for index, record in enumerate(records):
+        unique.setdefault(_content_hash(record), index)
+    order = sorted(unique.values())
+    random.Random(seed).shuffle(order)
+    needed = sum(sizes[name] for name in SPLITS)
+    if needed > len(order):
+        raise DataError(
+            f"{data_path}: {len(order)} distinct records, fewer than the {needed} the study's "
+            "train_pairs + valid_pairs + test_pairs ask for"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    rows, start = {}, 0
+    for name in SPLITS:
+        rows[name] = order[start : start + sizes[name]]
+        start += sizes[name]
+        _write_jsonl(Path(paths[name]), [records[i] for i in rows[name]])
+    hashes = {name: [_content_hash(records[i]) for i in rows[name]] for name in SPLITS}
+    manifest.write_text(json.dumps({"settings": settings, "rows": rows, "hashes": hashes}))
+    check_disjoint(manifest)
+    return paths
+
+
+def check_disjoint(manifest: Path) -> None:
+    """Raise if any record (by source row or by content) is in two splits."""
+    written = json.loads(manifest.read_text())
+    for key in ("rows", "hashes"):
+        seen: dict = {}
+        for name in SPLITS:
+            for item in written[key][name]:
+                if item in seen:
+                    raise ValueError(f"{manifest}: {item} is in both {seen[item]} and {name}")
+                seen[item] = name

@@ -1,0 +1,89 @@
+"""`tokenratio study` end to end on the tiny model: 2 losses x 1 seed x 2 steps; the report's
+structure, disjoint splits, and a rerun that finds everything done."""
+
+import json
+
+import pytest
+
+from tokenratio.cli import main
+from tokenratio.study.splits import SPLITS, check_disjoint, make_splits
+
+pytestmark = pytest.mark.slow
+
+
+def write_config(path, model_dir, data, out):
+    path.write_text(
+        f"""
+[model]
+name_or_path = "{model_dir}"
+
+[data]
+path = "{data}"
+max_length = 256
+max_prompt_length = 192
+on_invalid = "skip"
+
+[train]
+optimizer = "adamw"
+batch_size = 2
+max_steps = 2
+warmup_ratio = 0.0
+
+[study]
+methods = ["dpo", "tdpo1[generator=sba]"]
+lrs = [1e-3, 1e-2]
+seeds = [0]
+train_pairs = 40
+valid_pairs = 16
+test_pairs = 16
+output_dir = "{out}"
+
+[study.eval]
+num_prompts = 2
+samples = 2
+max_new_tokens = 8
+"""
+    )
+    return path
+
+
+def test_study_runs_selects_lr_evaluates_on_test_and_reports(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys
+):
+    out = tmp_path / "study"
+    config = write_config(tmp_path / "study.toml", tiny_model_dir, hh_jsonl, out)
+    assert main(["study", str(config), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "| reference | 1 |" in printed and "recipe" in printed
+
+    report = json.loads((out / "report.json").read_text())
+    assert [r["method"] for r in report["rows"]] == ["reference", "dpo", "tdpo1[generator=sba]"]
+    for row in report["rows"]:
+        for key in ("pref_accuracy", "kl_per_token", "entropy", "self_bleu", "distinct_1"):
+            assert row[key]["n"] == 1 and row[key]["mean"] == row[key]["mean"]  # not nan
+    for selection in report["selection"]:
+        assert [t["lr"] for t in selection["tried"]] == [1e-3, 1e-2]
+        assert selection["lr"] in (1e-3, 1e-2)
+    assert report["command"].startswith("tokenratio study")
+    markdown = (out / "report.md").read_text()
+    assert "| method | n | test acc." in markdown and "Learning-rate selection" in markdown
+    for name in ("accuracy_vs_kl.png", "entropy_vs_self_bleu.png", "training_curves.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+    check_disjoint(out / "data" / "splits.json")
+    texts = {n: set((out / "data" / f"{n}.jsonl").read_text().splitlines()) for n in SPLITS}
+    assert [len(texts[n]) for n in SPLITS] == [40, 16, 16]
+    assert not texts["test"] & (texts["train"] | texts["valid"])
+
+    finals = sorted((out / "runs").glob("*/final/model.safetensors"))
+    stamps = [p.stat().st_mtime_ns for p in finals]
+    assert main(["study", str(config)]) == 0  # everything found: nothing retrained
+    assert "found, skipped" in capsys.readouterr().out
+    assert [p.stat().st_mtime_ns for p in finals] == stamps
+
+
+def test_splits_refuse_more_pairs_than_the_data_has(hh_jsonl, tmp_path):
+    from tokenratio.data import DataError
+
+    with pytest.raises(DataError, match="distinct records"):
+        make_splits(str(hh_jsonl), {"train": 90, "valid": 10, "test": 10}, 0, tmp_path)
