@@ -195,8 +195,8 @@ def set_dotted(table: dict, path: list[str], value) -> None:
     table[path[-1]] = value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a TOML file (or start from defaults), apply `section.key=value` overrides, validate."""
+def read_table(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """A TOML file as a table (empty without a file), with `section.key=value` overrides applied."""
     table: dict = {}
     if path is not None:
         path = Path(path)
@@ -208,7 +208,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ConfigError(f"{path}: invalid TOML: {err}") from None
     for text in overrides:
         set_dotted(table, *parse_override(text))
-    return build_config(table)
+    return table
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a TOML file (or start from defaults), apply `section.key=value` overrides, validate."""
+    return build_config(read_table(path, overrides))
 
 
 def build_config(table: dict) -> Config:

@@ -167,6 +167,21 @@ def _require(batch: TokenLogps, names: tuple[str, ...], loss: str, why: str) -> 
         raise ValueError(f"loss '{loss}' needs TokenLogps.{' and '.join(missing)} ({why})")
 
 
+def sequence_margin(batch: TokenLogps) -> Tensor:
+    """(B,): u = sum_t r_t(y^chosen) - sum_t r_t(y^rejected), the sequence log-ratio margin."""
+    chosen_ratio, rejected_ratio = log_ratios(batch)
+    return masked_sum(chosen_ratio, batch.chosen_mask) - masked_sum(
+        rejected_ratio, batch.rejected_mask
+    )
+
+
+def _ratio_matching(logit: Tensor, generator: str, lam, s, clamp) -> tuple[Tensor, Tensor]:
+    """Bregman ratio matching on a Bradley-Terry logit z: l(R) with log R = -z clamped
+    (docs/method.md §2); returns the per-pair losses and which hit the clamp."""
+    log_r, at_clamp = _clamp_log_r(-logit, clamp)
+    return bregman_generator(generator, lam, s)(log_r), at_clamp
+
+
 def _clamp_log_r(log_r: Tensor, clamp: float | None) -> tuple[Tensor, Tensor]:
     """Clamp log R to [-clamp, clamp] (authors: 30) and report which entries hit the bound."""
     if clamp is None:
@@ -183,10 +198,7 @@ def dpo_loss(batch: TokenLogps, *, beta: float, label_smoothing: float = 0.0):
 
     Hand value: u = 1, beta = 1, eps = 0 gives log(1 + e^-1) = 0.31326.
     """
-    chosen_ratio, rejected_ratio = log_ratios(batch)
-    u = masked_sum(chosen_ratio, batch.chosen_mask) - masked_sum(
-        rejected_ratio, batch.rejected_mask
-    )
+    u = sequence_margin(batch)
     losses = -(1 - label_smoothing) * F.logsigmoid(beta * u) - label_smoothing * F.logsigmoid(
         -beta * u
     )
@@ -215,15 +227,10 @@ def bpo_loss(
 
     Generator `lr` gives exactly DPO. Default SBA(lam=0, s=4), the paper's BPO-SBA baseline.
     """
-    loss_of_log_r = bregman_generator(generator, lam, s)
-    chosen_ratio, rejected_ratio = log_ratios(batch)
-    u = masked_sum(chosen_ratio, batch.chosen_mask) - masked_sum(
-        rejected_ratio, batch.rejected_mask
-    )
-    log_r, at_clamp = _clamp_log_r(-beta * u, clamp)
+    losses, at_clamp = _ratio_matching(beta * sequence_margin(batch), generator, lam, s, clamp)
     metrics = _sequence_metrics(batch, beta)
     metrics["clamp_fraction"] = at_clamp.float()
-    return loss_of_log_r(log_r), metrics
+    return losses, metrics
 
 
 def _sequence_kl(batch: TokenLogps, loss: str) -> tuple[Tensor, Tensor]:
@@ -236,11 +243,7 @@ def _sequence_kl(batch: TokenLogps, loss: str) -> tuple[Tensor, Tensor]:
 
 def _tdpo_logit(batch: TokenLogps, beta: float, kl_term: Tensor) -> Tensor:
     """z = beta (u - kl_term), (B,): the logit of TDPO's Bradley-Terry model."""
-    chosen_ratio, rejected_ratio = log_ratios(batch)
-    u = masked_sum(chosen_ratio, batch.chosen_mask) - masked_sum(
-        rejected_ratio, batch.rejected_mask
-    )
-    return beta * (u - kl_term)
+    return beta * (sequence_margin(batch) - kl_term)
 
 
 def _tdpo(batch: TokenLogps, beta: float, kl_term: Tensor, chosen_kl: Tensor):
@@ -268,12 +271,12 @@ def tdpo1_loss(
     Hand value: u = 1, SeqKL(y^w) = 0.3, SeqKL(y^l) = 0.5, beta = 1: z = 0.8, lr: log(1 + e^-0.8).
     """
     chosen_kl, rejected_kl = _sequence_kl(batch, "tdpo1")
-    loss_of_log_r = bregman_generator(generator, lam, s)
-    log_r, at_clamp = _clamp_log_r(-_tdpo_logit(batch, beta, rejected_kl - chosen_kl), clamp)
+    z = _tdpo_logit(batch, beta, rejected_kl - chosen_kl)
+    losses, at_clamp = _ratio_matching(z, generator, lam, s, clamp)
     metrics = _sequence_metrics(batch, beta)
     metrics["seq_kl_chosen"] = chosen_kl.detach()
     metrics["clamp_fraction"] = at_clamp.float()
-    return loss_of_log_r(log_r), metrics
+    return losses, metrics
 
 
 def tdpo2_loss(batch: TokenLogps, *, beta: float, alpha: float = 0.5):

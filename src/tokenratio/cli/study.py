@@ -45,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
     from tokenratio.study.report import markdown_table, verdict
 
     print(markdown_table(report["rows"]))
-    print(f"\n{verdict(report['rows'])}\nwrote {study.output_dir}/report.md, report.json and plots")
+    print(
+        f"\n{verdict(report['rows'], study.check_method)}\nwrote {study.output_dir}/report.md, report.json and plots"
+    )
     return 0
 
 

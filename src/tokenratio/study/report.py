@@ -72,22 +72,22 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def verdict(rows: list[dict]) -> str:
-    """Whether DPO learned (test accuracy above 0.5 by more than its interval), said plainly."""
-    dpo = next((r for r in rows if r["method"].split(" ")[0] == "dpo"), None)
-    if dpo is None or "pref_accuracy" not in dpo:
-        return "DPO is not in this study, so no check that the recipe trains."
-    stat = dpo["pref_accuracy"]
+def verdict(rows: list[dict], method: str) -> str:
+    """Whether `method` learned (test accuracy above 0.5 by more than its interval), said plainly."""
+    row = next((r for r in rows if r["method"].split(" ")[0] == method), None)
+    if row is None or "pref_accuracy" not in row:
+        return f"{method} is not in this study, so nothing checks that the recipe trains."
+    stat = row["pref_accuracy"]
     half = stat["half_width"] or 0.0
     if stat["mean"] - half > 0.5:
         return (
-            f"The recipe trains: DPO's test accuracy {_cell(stat, 3)} (n = {stat['n']}) is above "
-            "0.5 by more than its 95% interval."
+            f"The recipe trains: {method}'s test accuracy {_cell(stat, 3)} (n = {stat['n']}) is "
+            "above 0.5 by more than its 95% interval."
         )
     return (
-        f"The recipe did NOT measurably train: DPO's test accuracy {_cell(stat, 3)} (n = {stat['n']}) "
-        "is not above 0.5 by more than its 95% interval. Differences between methods below are "
-        "within the noise of this run; more steps, pairs or seeds are needed to separate them."
+        f"The recipe did NOT measurably train: {method}'s test accuracy {_cell(stat, 3)} "
+        f"(n = {stat['n']}) is not above 0.5 by more than its 95% interval. Differences between "
+        "methods here are within the noise of this run; more steps, pairs or seeds are needed."
     )
 
 
@@ -134,7 +134,7 @@ model. KL/token: KL(pi || pi_ref) per response token, teacher-forced on the test
 
 {markdown_table(rows)}
 
-{verdict(rows)}
+{verdict(rows, study.check_method)}
 
 ![accuracy vs KL](accuracy_vs_kl.png)
 ![entropy vs self-BLEU](entropy_vs_self_bleu.png)
