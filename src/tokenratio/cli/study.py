@@ -45,9 +45,8 @@ def run(args: argparse.Namespace) -> int:
     from tokenratio.study.report import markdown_table, verdict
 
     print(markdown_table(report["rows"]))
-    print(
-        f"\n{verdict(report['rows'], study.check_method)}\nwrote {study.output_dir}/report.md, report.json and plots"
-    )
+    print(f"\n{verdict(report['rows'], study.check_method)}")
+    print(f"wrote {study.output_dir}/report.md, report.json and plots")
     return 0
 
 
