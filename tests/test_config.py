@@ -61,7 +61,10 @@ def test_config_is_frozen():
     assert isinstance(cfg, Config)
 
 
-@pytest.mark.parametrize("path", sorted(Path(__file__).parents[1].glob("configs/*.toml")))
+CONFIGS = sorted(Path(__file__).parents[1].glob("configs/*.toml"))
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if not p.name.startswith("study")])
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg.loss.name in ("tbpo-a", "tbpo-q")
@@ -83,3 +86,16 @@ def test_tisdpo_weight_defaults_match_the_weight_function():
     defaults = inspect.signature(importance_weights).parameters
     for name in ("lower", "upper", "scale"):
         assert defaults[name].default == getattr(TisdpoConfig(), name)
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name.startswith("study")])
+def test_shipped_study_configs_load_and_name_real_methods(path):
+    from tokenratio.losses import parse_method
+    from tokenratio.study.config import load_study
+
+    study, base = load_study(path)
+    for method in study.methods:
+        parse_method(method)  # a loss of the registry with valid options
+    assert {"dpo", "tdpo1", "tbpo-q", "tbpo-a"} <= {parse_method(m)[0] for m in study.methods}
+    assert "tdpo1[generator=sba]" in study.methods
+    assert len(study.seeds) >= 2 and base.data.path.endswith("harmless-base-test.jsonl.gz")

@@ -98,6 +98,8 @@ def test_eval_on_smollm2_over_20_hh_prompts(smollm2, reward_model_dir, tmp_path,
                 "20",
                 "--num-pairs",
                 "8",
+                "--max-new-tokens",  # the paper's 128 took 7 minutes on this 2-core VM
+                "48",
                 "--out",
                 str(out),
             ]

@@ -10,7 +10,7 @@ EXAMPLES = [
     "tokenratio bench --quick --losses dpo tdpo1 tbpo-a --out bench_out",
     "tokenratio bench --quick --steps 30 --losses tbpo-a --loss-option tbpo-a.kl_estimator=k3 "
     "--out bench_k3",
-    "tokenratio bench --population --losses dpo tdpo1 --betas 0.5 --out bench_population",
+    "tokenratio bench --population --losses dpo bpo --betas 0.5 --out bench_population",
 ]
 HELP = f"""\
 Train every loss on a token-level MDP whose optimal policies are known exactly (dynamic programming),
