@@ -22,11 +22,11 @@ the training data).
 Regimes (one per run):
   finite (default)  sampled pairs, early stopping, a per-method lr grid (0.005 0.01 0.02 0.05: seed 0
                     of every (loss, beta) tries each, the lowest validation loss wins for all seeds).
-                    Presets: default ~2 min on 2 CPU cores (8 losses x 3 betas x 3 seeds); --quick
-                    ~10 s per loss (one beta, one seed, one lr); --full the whole sweep (well over an
-                    hour). Writes finite.json, finite.txt, frontier.png, curves.png.
+                    Presets: default 370 s measured on a 2-core VM (9 methods x 3 betas x 3 seeds);
+                    --quick ~10 s (one beta, one seed, one lr); --full the whole sweep (hours).
+                    Writes finite.json, finite.txt, frontier.png, curves.png.
   --population      each loss minimised on the exact data distribution of a tiny instance, under
-                    sequence labels and the per-position controls (~10 s per loss); one --betas
+                    sequence labels and the per-position controls (~16 s per fit); one --betas
                     value (default 0.5). Writes population.json, population.txt.
   --transformer     a tiny transformer LM fitted to pi_ref by SFT, trained with each loss through
                     the real-model scoring path, sampled metrics with 95% intervals (~40 s per loss);
