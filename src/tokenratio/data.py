@@ -4,11 +4,12 @@ PreferenceExample (text) -> tokenize -> {prompt_ids, chosen_ids, rejected_ids} -
 
 Length policy (reported after tokenization as counts):
 - prompt + response longer than `max_length`: the response is cut to fit ("truncated").
-- prompt longer than `max_prompt_length` (but within `max_length`): its last max_prompt_length tokens
-  are kept, where the question usually is ("prompt_truncated").
-- prompt longer than `max_length`: an invalid record, like a malformed line, a missing field, an empty
-  response or chosen identical to rejected. Invalid records stop the run with an error naming the file,
-  line (or record index) and field; with `on_invalid = "skip"` they are skipped and counted.
+- prompt longer than `max_prompt_length`, however long: its last max_prompt_length tokens are kept,
+  where the question usually is, as TRL does ("prompt_truncated"); max_prompt_length < max_length
+  leaves room for the response.
+- invalid records (a malformed line, a missing field, an empty prompt or response, chosen identical
+  to rejected) stop the run with an error naming the file, line (or record index) and field; with
+  `on_invalid = "skip"` they are skipped and counted.
 
 TIS-DPO's per-token weights travel with the records (`chosen_weight`/`rejected_weight`, one number per
 response token under the tokenizer and max_length they were scored with; `tokenratio tisdpo` writes
@@ -180,12 +181,6 @@ def tokenize_record(
     prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
     if not prompt_ids:  # the first response token needs a hidden state to be predicted from
         raise RecordError("prompt", "empty prompt (and the tokenizer adds no BOS token)")
-    if len(prompt_ids) >= max_length:
-        raise RecordError(
-            "prompt",
-            f"{len(prompt_ids)} tokens, no room for a response within max_length "
-            f"{max_length}; raise data.max_length or shorten the prompt",
-        )
     prompt_truncated = len(prompt_ids) > max_prompt_length
     prompt_ids = prompt_ids[-max_prompt_length:]
     budget = max_length - len(prompt_ids)
