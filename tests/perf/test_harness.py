@@ -48,3 +48,32 @@ def test_perf_harness_reports_every_row(tmp_path, capsys):
     for r in report["rows"]:
         assert r["step_s"] > 0 and r["peak_mib"] > 0 and 0 < r["mfu"] < 1
         assert r["tokens_per_s"] == pytest.approx(report["config"]["tokens_per_step"] / r["step_s"])
+
+
+def test_our_rows_time_the_trainers_own_step(monkeypatch):
+    """The harness's row calls `trainer.train_step`, the function `tokenratio train` runs every
+    optimizer step, once per warm-up and timed step and once more under the profiler."""
+    from tokenratio import trainer
+    from tokenratio.perf import worker
+
+    calls = []
+    real = trainer.train_step
+
+    def counting(step, micro_batches):
+        calls.append((step.loss.name, len(micro_batches)))
+        return real(step, micro_batches)
+
+    monkeypatch.setattr(trainer, "train_step", counting)
+    args = {
+        "model": "tiny",
+        "device": "cpu",
+        "dtype": "fp32",
+        "batch": 2,
+        "prompt_len": 8,
+        "response_len": 8,
+        "warmup": 1,
+        "steps": 2,
+    }
+    times, tensor_peak = worker.run_ours("tdpo1[generator=sba]", args)
+    assert len(times) == 2 and tensor_peak > 0
+    assert calls == [("tdpo1", 1)] * 4  # 1 warm-up + 2 timed + 1 profiled
