@@ -130,6 +130,14 @@ def _add_metrics(sums: dict, losses, metrics) -> None:
         sums[key] = sums.get(key, 0.0) + value.detach().float().sum()
 
 
+def step_losses(step: Step, batch):
+    """Per-pair losses (B,) and metrics of one batch, through the one scoring path."""
+    token_logps = score_pairs(
+        step.policy, step.reference, batch, step.needs, chunk_elements=step.chunk_elements
+    )
+    return step.loss(token_logps, beta=step.beta, **step.options)
+
+
 def train_step(step: Step, micro_batches: list) -> dict:
     """One optimizer step over `micro_batches` (gradient accumulation): forward, loss, backward,
     clip, update. Returns the per-pair metric sums (device tensors) and "pairs".
@@ -141,10 +149,7 @@ def train_step(step: Step, micro_batches: list) -> dict:
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(policy):
-            token_logps = score_pairs(
-                policy, step.reference, batch, step.needs, chunk_elements=step.chunk_elements
-            )
-            losses, metrics = step.loss(token_logps, beta=step.beta, **step.options)
+            losses, metrics = step_losses(step, batch)
             accelerator.backward(reduce(losses) / len(micro_batches))
         _add_metrics(sums, losses, metrics)
     grad_norm = accelerator.clip_grad_norm_(policy.parameters(), step.max_grad_norm)
@@ -164,10 +169,7 @@ def evaluate(step: Step, loader) -> dict:
     sums, count = {}, 0
     with torch.no_grad():
         for batch in loader:
-            token_logps = score_pairs(
-                step.policy, step.reference, batch, step.needs, chunk_elements=step.chunk_elements
-            )
-            losses, metrics = step.loss(token_logps, beta=step.beta, **step.options)
+            losses, metrics = step_losses(step, batch)
             _add_metrics(sums, losses, metrics)
             count += losses.shape[0]
     step.policy.train()
