@@ -8,7 +8,14 @@ import torch
 
 from tiny import hh_records
 from tokenratio.config import DataConfig
-from tokenratio.data import DataError, collate, load_raw, tokenize_dataset
+from tokenratio.data import (
+    DataError,
+    collate,
+    length_grouped_order,
+    load_raw,
+    pair_lengths,
+    tokenize_dataset,
+)
 from tokenratio.formats import to_text
 from tokenratio.logprobs import IGNORE_INDEX
 
@@ -194,3 +201,32 @@ def test_tisdpo_weights_cut_with_the_response_and_mismatches_name_the_field(tmp_
     lonely = [{k: v for k, v in r.items() if k != "rejected_weight"} for r in records]
     with pytest.raises(DataError, match="not its twin"):
         tokenize_dataset(load_raw_list(lonely), tokenizer, CFG)
+
+
+def test_length_grouped_order_is_a_permutation_with_less_padding_and_the_short_batch_last():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(5, 300) for _ in range(203)]
+    order = length_grouped_order(lengths, batch_size=4, seed=7, window=10)
+    assert sorted(order) == list(range(203))
+    assert order == length_grouped_order(lengths, batch_size=4, seed=7, window=10)
+    assert order != length_grouped_order(lengths, batch_size=4, seed=8, window=10)
+
+    def padded(o):  # tokens a right-padded batch of 4 holds
+        return sum(4 * max(lengths[i] for i in o[s : s + 4]) for s in range(0, 200, 4))
+
+    shuffled = torch.randperm(203, generator=torch.Generator().manual_seed(7)).tolist()
+    assert padded(order) < 0.75 * padded(shuffled)
+    # 203 = 50 full batches + 3: the short batch is last, so drop_last drops exactly it
+    # (the last window is the first permutation's last 3 items: 203 = 5 windows of 40 + 3)
+    assert set(order[200:]) == set(shuffled[200:])
+
+
+def test_pair_lengths_counts_the_prompt_and_the_longer_response():
+    from datasets import Dataset
+
+    data = Dataset.from_dict(
+        {"prompt_ids": [[1, 2], [1]], "chosen_ids": [[3], [4, 5, 6]], "rejected_ids": [[7, 8, 9], [2]]}
+    )
+    assert pair_lengths(data) == [5, 4]

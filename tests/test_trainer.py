@@ -36,7 +36,7 @@ def overrides(model_dir, data, out, **extra):
     }
     args = []
     for key, value in values.items():
-        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, str) else value}"]
+        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, str | bool) else value}"]
     return args
 
 
@@ -188,6 +188,32 @@ def test_lora_uses_adapter_disabled_reference_and_merges(tiny_model_dir, hh_json
     }
     assert any(d > 0 for n, d in diffs.items() if "q_proj" in n)
     assert all(d == 0 for n, d in diffs.items() if "embed" in n or "norm" in n)
+
+
+def test_lora_on_the_last_layers_leaves_the_ones_below_untouched(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys
+):
+    from transformers import AutoModelForCausalLM
+
+    settings = {"loss.name": "dpo", "model.lora_r": 4, "train.lr": 1e-2}
+    run(
+        tiny_model_dir,
+        hh_jsonl,
+        tmp_path,
+        **settings,
+        **{"model.lora_last_layers": 1, "train.group_by_length": True},
+    )
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = {
+        n
+        for (n, a), (_, b) in zip(merged.named_parameters(), base.named_parameters(), strict=True)
+        if not torch.equal(a, b)
+    }
+    assert changed and all(n.startswith("model.layers.1.") for n in changed), changed
+    bad = overrides(tiny_model_dir, hh_jsonl, tmp_path / "bad", **settings)
+    assert main(["train", *bad, "--set", "model.lora_last_layers=3", "--no-progress"]) != 0
+    assert "lora_last_layers=3, but the model has 2 layers" in capsys.readouterr().err
 
 
 def test_non_finite_loss_stops_with_a_clear_message(tiny_model_dir, hh_jsonl, tmp_path, capsys):

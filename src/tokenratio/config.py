@@ -37,6 +37,9 @@ class ModelConfig:
     lora_target_modules: tuple[str, ...] = (
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     )  # fmt: skip
+    # Adapt only the last N transformer layers (0: all). Nothing below them needs a gradient, so the
+    # backward pass stops there: the cheapest lever for LoRA on a CPU.
+    lora_last_layers: int = 0
     head_width: int = 1024  # TBPO-Q baseline head: Linear(H, 1024) -> GELU -> Linear(1024, 1)
 
 
@@ -76,6 +79,9 @@ class TrainConfig:
     batch_size: int = 4  # pairs per process per micro-batch
     grad_accumulation: int = 1
     max_grad_norm: float = 10.0  # paper: 10
+    # Micro-batches of pairs of similar length (shuffled in windows of 50 batches, sorted inside
+    # each): far less padding where lengths vary (HH), the same pairs per epoch.
+    group_by_length: bool = False
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the end)
     eval_batch_size: int = 8

@@ -279,6 +279,32 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
     return valid.remove_columns(["error", "truncated", "prompt_truncated"]), counts
 
 
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int, window: int = 50) -> list:
+    """A shuffled order of the pairs in which consecutive runs of `batch_size` have similar
+    lengths: windows of `window` batches, each sorted by length and cut into batches, which are
+    then shuffled. Which pairs share a window is random, and so is the order of the batches;
+    padding shrinks inside each batch.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    size = batch_size * window
+    batches = []
+    for start in range(0, len(order), size):
+        ranked = sorted(order[start : start + size], key=lambda i: -lengths[i])
+        batches += [ranked[i : i + batch_size] for i in range(0, len(ranked), batch_size)]
+    short = batches.pop() if batches and len(batches[-1]) < batch_size else []
+    shuffled = torch.randperm(len(batches), generator=generator).tolist()
+    return [i for b in shuffled for i in batches[b]] + short  # a short batch stays last
+
+
+def pair_lengths(dataset) -> list[int]:
+    """Each pair's longest row: prompt plus its longer response, in tokens."""
+    return [
+        len(p) + max(len(c), len(r))
+        for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
+    ]
+
+
 def collate(examples: list[dict], pad_token_id: int) -> PreferenceBatch:
     """Pairs -> one PreferenceBatch of 2B right-padded rows (chosen rows first)."""
     rows = [(e["prompt_ids"], e["chosen_ids"]) for e in examples]

@@ -194,6 +194,7 @@ def build_models(
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
             target_modules=targets,
+            layers_to_transform=_last_layers(model, cfg.lora_last_layers),
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
@@ -202,6 +203,16 @@ def build_models(
     hidden = _inner(model).config.hidden_size
     head = StateBaselineHead(hidden, cfg.head_width) if needs.baseline else None
     return PolicyWithHead(model, head), reference
+
+
+def _last_layers(model, count: int) -> list[int] | None:
+    """Indices of the last `count` decoder layers for LoRA's layers_to_transform (None: all)."""
+    if count <= 0:
+        return None
+    total = model.config.num_hidden_layers
+    if count > total:
+        raise ValueError(f"model.lora_last_layers={count}, but the model has {total} layers")
+    return list(range(total - count, total))
 
 
 def _has_module(model, suffix: str) -> bool:

@@ -18,7 +18,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from tokenratio import checkpoint
-from tokenratio.data import collate, load_raw, tokenize_dataset
+from tokenratio.data import (
+    collate,
+    length_grouped_order,
+    load_raw,
+    pair_lengths,
+    tokenize_dataset,
+)
 from tokenratio.losses import LOSSES, Loss, Needs, reduce
 from tokenratio.modeling import build_models, load_tokenizer, save_final
 from tokenratio.scoring import adapter_reference, frozen_reference, score_pairs
@@ -265,7 +271,10 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict:
 def _epoch_batches(cfg, step: Step, data, pad_id, state):
     """This epoch's micro-batches, grouped into optimizer steps, from the resume position on."""
     seed = cfg.train.seed * 1000 + state["epoch"]
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    if cfg.train.group_by_length:
+        order = length_grouped_order(pair_lengths(data), cfg.train.batch_size, seed)
+    else:
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
     loader = step.accelerator.prepare_data_loader(
         _loader(data, cfg.train.batch_size, pad_id, order)
     )

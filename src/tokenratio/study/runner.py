@@ -83,7 +83,9 @@ def evaluate(
 
 
 def train_and_validate(base, study, run: Run, paths: dict, out: Path, progress: Progress) -> dict:
-    """Train one run (resuming it if interrupted) and score it on the validation split."""
+    """Train one run (resuming it if interrupted); its validation score is the trainer's final
+    held-out evaluation on the validation split: DPO's implicit-reward accuracy, which every loss
+    reports the same way (losses._sequence_metrics), so no second pass over the split."""
     from tokenratio.losses import LOSSES
     from tokenratio.tisdpo import run_tisdpo
     from tokenratio.trainer import train
@@ -99,20 +101,19 @@ def train_and_validate(base, study, run: Run, paths: dict, out: Path, progress: 
         run_tisdpo(cfg, progress=False)
     else:
         train(cfg, resume=True, progress=False)
-    validation = evaluate(
-        [(run.name, str(run_dir / "final"))],
-        paths["valid"],
-        base.model.name_or_path,
-        run.beta,
-        study.valid_pairs,
-        study,
-        run_dir / "validation",
-        generate=False,
-    )
-    record = {**asdict(run), "name": run.name, "valid_accuracy": validation["pref_accuracy"][0]}
+    record = {**asdict(run), "name": run.name, "valid_accuracy": final_heldout_accuracy(run_dir)}
     record_path.write_text(json.dumps(record, indent=1))
     progress.step(f"train {run.name}", time.perf_counter() - started)
     return record
+
+
+def final_heldout_accuracy(run_dir: Path) -> float:
+    """The last held-out reward accuracy a run logged (its final evaluation)."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    scored = [r["eval_reward_accuracy"] for r in records if "eval_reward_accuracy" in r]
+    if not scored:
+        raise RuntimeError(f"{run_dir}/metrics.jsonl has no held-out evaluation")
+    return scored[-1]
 
 
 def grid(study) -> list[tuple[str, float]]:
