@@ -162,7 +162,7 @@ def test_two_processes_match_one_process(tiny_model_dir, hh_jsonl, tmp_path):
     ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.count("done after") == 1
+    assert result.stdout.count("done: 5 steps") == 1
     two = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(two) == len(one)
     for a, b in zip(one, two, strict=True):

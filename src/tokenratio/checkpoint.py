@@ -1,18 +1,24 @@
 """Atomic, resumable checkpoints: a checkpoint directory appears complete or not at all.
 
 Everything is written into `step-000123.tmp/` (Accelerate's state: model with the TBPO-Q head, both
-optimizers, the scheduler, every process's RNG; plus trainer_state.json with the data position), then
+optimizers, every process's RNG; plus trainer_state.json with the data position and the learning-rate
+scheduler's state as plain JSON, so resuming unpickles nothing of ours), then
 renamed to `step-000123/` in one `os.replace`. A crash mid-write leaves only a `.tmp` directory, which
 is ignored and cleaned up; `latest()` never returns a half-written checkpoint.
 """
 
 import json
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
 
 STATE_NAME = "trainer_state.json"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be loaded (damaged, crafted, or from another config)."""
 PATTERN = re.compile(r"^step-(\d+)$")
 
 
@@ -20,7 +26,7 @@ def checkpoint_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:06d}"
 
 
-def save(accelerator, root: Path, step: int, trainer_state: dict, keep: int) -> Path:
+def save(accelerator, root: Path, step: int, trainer_state: dict, keep: int, scheduler) -> Path:
     """Save on every process, publish atomically on the main one, keep the newest `keep`."""
     final = checkpoint_dir(root, step)
     tmp = final.with_name(final.name + ".tmp")
@@ -31,8 +37,9 @@ def save(accelerator, root: Path, step: int, trainer_state: dict, keep: int) -> 
     accelerator.save_state(output_dir=str(tmp), safe_serialization=True)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_NAME).write_text(json.dumps(trainer_state))
-        _fsync_tree(tmp)
+        state = {**trainer_state, "scheduler": scheduler.state_dict()}
+        (tmp / STATE_NAME).write_text(json.dumps(state))
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -50,10 +57,24 @@ def latest(root: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load(accelerator, directory: Path) -> dict:
-    """Restore Accelerate's state and return the trainer state (step, epoch, batch position)."""
-    accelerator.load_state(str(directory))
-    return json.loads((directory / STATE_NAME).read_text())
+def load(accelerator, directory: Path, scheduler) -> dict:
+    """Restore Accelerate's state and the scheduler's; return the trainer state (step, epoch,
+    batch position)."""
+    try:  # Accelerate loads with weights_only=True: a crafted pickle fails here, it does not run
+        accelerator.load_state(str(directory))
+    except (pickle.UnpicklingError, RuntimeError, KeyError, ValueError, OSError) as err:
+        reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {directory} could not be loaded ({reason}): delete it to resume from "
+            "an older one, or start over with --overwrite"
+        ) from None
+    state = json.loads((directory / STATE_NAME).read_text())
+    if "scheduler" in state:
+        scheduler.load_state_dict(state.pop("scheduler"))
+    else:  # a checkpoint from before the scheduler's state was saved here: replay its steps
+        for _ in range(state["step"]):
+            scheduler.step()
+    return state
 
 
 def _rotate(root: Path, keep: int) -> None:
@@ -64,7 +85,7 @@ def _rotate(root: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_tree(directory: Path) -> None:
+def fsync_tree(directory: Path) -> None:
     """Flush file contents before the rename publishes them."""
     for path in directory.rglob("*"):
         if path.is_file():

@@ -7,6 +7,7 @@ contract.
 """
 
 import copy
+import shutil
 from pathlib import Path
 
 import torch
@@ -221,14 +222,19 @@ def _has_module(model, suffix: str) -> bool:
 
 def save_final(policy: PolicyWithHead, tokenizer, directory: Path) -> Path:
     """Write a model directory that `AutoModelForCausalLM.from_pretrained` loads (LoRA merged; the
-    adapter itself also in adapter/), the TBPO-Q head beside it, and the tokenizer."""
-    directory.mkdir(parents=True, exist_ok=True)
+    adapter itself also in adapter/), the TBPO-Q head beside it, and the tokenizer. Written into
+    `directory`.tmp and renamed when complete (rundir.publish): a crash leaves no half model."""
+    from tokenratio.rundir import publish
+
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
     model = policy.model
     if hasattr(model, "merge_and_unload"):
-        model.save_pretrained(directory / "adapter")
+        model.save_pretrained(tmp / "adapter")
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
     if policy.head is not None:
-        policy.head.save_pretrained(directory)
-    return directory
+        policy.head.save_pretrained(tmp)
+    return publish(tmp, directory)

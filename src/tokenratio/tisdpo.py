@@ -17,7 +17,7 @@ The pipeline, each stage skipped when its output is already there (a crashed run
        unless [tisdpo] positive_model / negative_model name existing models;
     2. score the data once: output_dir/weights/train.jsonl (and heldout.jsonl) hold every valid
        record with chosen_weight/rejected_weight and the raw chosen_contrast/rejected_contrast;
-    3. train TIS-DPO on the scored file (into output_dir; skipped when output_dir/final exists).
+    3. train TIS-DPO on the scored file (into output_dir; skipped when output_dir/final is complete).
 """
 
 import json
@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from tokenratio.losses import LOSSES, importance_weights
+from tokenratio.rundir import is_complete
 from tokenratio.scoring import batch_contrasts, batches
 
 
@@ -96,7 +97,7 @@ def _contrast_models(cfg, out: Path, progress: bool) -> tuple[str, str]:
             continue
         run_dir = out / f"contrast-{side}"
         paths[side] = str(run_dir / "final")
-        if (run_dir / "final" / "config.json").exists():
+        if is_complete(run_dir / "final"):
             print(f"tisdpo: {side} contrast model found in {paths[side]}")
             continue
         print(f"tisdpo: training the {side} contrast model (dpo, swap_preferences={swap})")
@@ -168,8 +169,8 @@ def run_tisdpo(cfg, *, score_only: bool = False, progress: bool = True) -> dict:
     scored = {k: v and str(v) for k, v in scored.items()}
     if score_only:
         return scored
-    if (out / "final" / "config.json").exists():
-        print(f"tisdpo: {out}/final exists; remove it or pick another train.output_dir to retrain")
+    if is_complete(out / "final"):
+        print(f"tisdpo: {out}/final is complete: nothing to do (pick another train.output_dir to retrain)")
         return {"step": None, "final": str(out / "final")}
     # The config's loss options carry over when they are TIS-DPO's own (a weighted loss).
     options = dict(cfg.loss.options) if LOSSES[cfg.loss.name].weights else {}

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from tokenratio import checkpoint
+from tokenratio import checkpoint, rundir
 from tokenratio.data import (
     collate,
     length_grouped_order,
@@ -110,9 +110,11 @@ def prepare_step(cfg, accelerator, total_steps: int, model=None) -> Step:
     scheduler = _scheduler(cfg, optimizer, total_steps)
     optimizers = (optimizer, head_optimizer) if head_optimizer else (optimizer,)
     policy, *optimizers = accelerator.prepare(policy, *optimizers)
-    accelerator.register_for_checkpointing(scheduler)
     if reference is not None:
-        reference = frozen_reference(accelerator.prepare_model(reference, evaluation_mode=True))
+        prepared = accelerator.prepare_model(reference, evaluation_mode=True)
+        # Frozen: checkpoints need not hold it (it is rebuilt from model.name_or_path on resume).
+        accelerator._models[:] = [m for m in accelerator._models if m not in (reference, prepared)]
+        reference = frozen_reference(prepared)
     elif needs.reference:  # LoRA: the policy with its adapter disabled
         reference = adapter_reference(policy, accelerator.unwrap_model(policy))
     return Step(
@@ -232,15 +234,35 @@ def _write_run_files(accelerator, out: Path, cfg, report: dict) -> None:
         (out / "data_report.json").write_text(json.dumps(report, indent=1))
 
 
-def train(cfg, *, resume: bool = False, progress: bool = True) -> dict:
+def train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
     """Run training from a Config; returns the final metrics. Writes into cfg.train.output_dir:
-    metrics.jsonl, data_report.json, config.json, checkpoints/step-N/, final/ (from_pretrained-able).
+    metrics.jsonl, data_report.json, config.json, checkpoints/step-N/, final/ (from_pretrained-able,
+    published complete or not at all). The directory's rules are rundir.py's: a directory holding
+    a run needs `resume` or `overwrite`; a finished run resumed does nothing.
     """
-    from accelerate.utils import set_seed
-
     needs = LOSSES[cfg.loss.name].needs(cfg.loss.options)  # bad name/options: fail before loading
     out = Path(cfg.train.output_dir)
+    plan = rundir.inspect(out, cfg, resume=resume, overwrite=overwrite)  # before anything loads
+    if plan.action == "finished":
+        print(plan.note)
+        return {**_last_evaluation(out), "finished_before": True}
     accelerator = make_accelerator(cfg, out)
+    accelerator.wait_for_everyone()  # every process has inspected before the main one changes out
+    if accelerator.is_main_process:
+        rundir.claim(out, plan)
+    try:
+        return _train(cfg, accelerator, needs, plan, progress)
+    finally:
+        if accelerator.is_main_process:
+            rundir.release(out)
+
+
+def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) -> dict:
+    from accelerate.utils import set_seed
+
+    out = Path(cfg.train.output_dir)
+    if plan.note:
+        accelerator.print(plan.note)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
     data, heldout, report = prepare_data(cfg, tokenizer, accelerator)
@@ -248,9 +270,11 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict:
     total_steps = _total_steps(cfg, len(data), accelerator.num_processes)
     step = prepare_step(cfg, accelerator, total_steps)
     state = {"step": 0, "epoch": 0, "micro_batch": 0}
-    if resume and (found := checkpoint.latest(out / "checkpoints")):
-        state = checkpoint.load(accelerator, found)
-        accelerator.print(f"resumed from {found} (step {state['step']})")
+    if plan.action == "resume":
+        state = checkpoint.load(accelerator, plan.checkpoint, step.scheduler)
+        _set_learning_rates(step, cfg)
+        changed = f"; applied {plan.changes}" if plan.changes else ""
+        accelerator.print(f"resumed from {plan.checkpoint} (step {state['step']}){changed}")
     _write_run_files(accelerator, out, cfg, report)
     accelerator.init_trackers("tokenratio", config={"loss": cfg.loss.name, "beta": cfg.loss.beta})
     accelerator.print(f"data: {json.dumps(report)}")
@@ -258,6 +282,7 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict:
     heldout_loader = accelerator.prepare_data_loader(
         _loader(heldout, cfg.train.eval_batch_size, pad_id, drop_last=False)
     )
+    started = time.perf_counter()
     last = _loop(cfg, step, data, heldout_loader, pad_id, state, total_steps, progress)
     final_eval = evaluate(step, heldout_loader)
     _log(accelerator, out / "metrics.jsonl", {"step": state["step"], **final_eval})
@@ -265,7 +290,29 @@ def train(cfg, *, resume: bool = False, progress: bool = True) -> dict:
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(step.policy), tokenizer, out / "final")
     accelerator.end_training()
-    return {**last, **final_eval, "data": report}
+    seconds = time.perf_counter() - started
+    return {**last, **final_eval, "data": report, "seconds": seconds, "step": state["step"]}
+
+
+def _set_learning_rates(step: Step, cfg) -> None:
+    """After a resume: the configured peak lr at the schedule's restored position (a changed
+    train.lr or train.head_lr takes effect here; an unchanged one is left as it was)."""
+    scheduler = step.scheduler
+    scheduler.base_lrs = [cfg.train.lr for _ in scheduler.base_lrs]
+    groups = step.optimizers[0].param_groups
+    for group, factor in zip(groups, (f(scheduler.last_epoch) for f in scheduler.lr_lambdas)):
+        group["initial_lr"], group["lr"] = cfg.train.lr, cfg.train.lr * factor
+    scheduler._last_lr = [group["lr"] for group in groups]
+    for group in step.optimizers[1].param_groups if len(step.optimizers) > 1 else ():
+        group["lr"] = cfg.train.head_lr
+
+
+def _last_evaluation(out: Path) -> dict:
+    """The final held-out metrics a finished run logged, and its step."""
+    path = out / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    evaluated = [r for r in records if any(k.startswith("eval_") for k in r)]
+    return evaluated[-1] if evaluated else {}
 
 
 def _epoch_batches(cfg, step: Step, data, pad_id, state):
@@ -359,7 +406,9 @@ def _after_step(cfg, step: Step, heldout_loader, state, total_steps, window, bar
     if cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total_steps:
         _log(accelerator, out / "metrics.jsonl", {"step": n, **evaluate(step, heldout_loader)})
     if cfg.train.save_every and n % cfg.train.save_every == 0:
-        checkpoint.save(accelerator, out / "checkpoints", n, state, cfg.train.keep_checkpoints)
+        checkpoint.save(
+            accelerator, out / "checkpoints", n, state, cfg.train.keep_checkpoints, step.scheduler
+        )
     return record
 
 

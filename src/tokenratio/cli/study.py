@@ -45,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     from tokenratio.study.report import markdown_table, verdict
 
     print(markdown_table(report["rows"]))
-    print(f"\n{verdict(report['rows'], study.check_method)}")
+    print(f"\n{verdict(report['rows'], study.check_method, report['results'])}")
     print(f"wrote {study.output_dir}/report.md, report.json and plots")
     return 0
 

@@ -44,19 +44,20 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args, "tisdpo", models)
     if cfg is None:
         return 2
+    from tokenratio.cli.train import summary
+    from tokenratio.checkpoint import CheckpointError
+    from tokenratio.rundir import RunDirError
     from tokenratio.tisdpo import run_tisdpo
     from tokenratio.trainer import TrainingError
 
     try:
         result = run_tisdpo(cfg, score_only=args.score_only, progress=not args.no_progress)
-    except (DataError, TrainingError, ValueError, OSError) as err:
+    except (DataError, TrainingError, RunDirError, CheckpointError, ValueError, OSError) as err:
         return fail("tisdpo", err)
     if args.score_only:
         print(f"scored: {result}")
-    else:
-        summary = {k: round(v, 4) for k, v in result.items() if k.startswith("eval_")}
-        print(f"TIS-DPO done after {result.get('step')} steps: {summary}")
-        print(f"model in {cfg.train.output_dir}/final")
+    elif "seconds" in result:  # trained now (else it said it had finished before)
+        print("TIS-DPO " + summary(result, cfg.train.output_dir))
     return 0
 
 

@@ -27,6 +27,8 @@ Several processes: torchrun --nproc_per_node 2 -m tokenratio.cli train CONFIG (C
 accelerate launch --config_file configs/accelerate/ddp.yaml -m tokenratio.cli train CONFIG (GPUs:
 DDP, fsdp.yaml, deepspeed_zero3.yaml).
 Writes to train.output_dir: metrics.jsonl, data_report.json, config.json, checkpoints/, final/.
+A directory that already holds a run is refused unless --resume (continue it; a finished run is
+left alone; only lr, max_steps, cadences and logging may change) or --overwrite (replace it).
 
 {examples(EXAMPLES)}
 """
@@ -38,19 +40,33 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args, "train")
     if cfg is None:
         return 2
+    from tokenratio.checkpoint import CheckpointError
+    from tokenratio.rundir import RunDirError
     from tokenratio.trainer import TrainingError, train
 
     try:
-        result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    except (DataError, TrainingError, ValueError, OSError) as err:
-        return fail("train", err)
-    if int(os.environ.get("RANK", "0")) == 0:  # one summary under torchrun / accelerate launch
-        summary = {k: round(v, 4) for k, v in result.items() if k.startswith("eval_")}
-        print(
-            f"done after {result.get('step')} steps: {summary}; "
-            f"model in {cfg.train.output_dir}/final"
+        result = train(
+            cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
         )
+    except (DataError, TrainingError, RunDirError, CheckpointError, ValueError, OSError) as err:
+        return fail("train", err)
+    if int(os.environ.get("RANK", "0")) == 0 and not result.get("finished_before"):
+        print(summary(result, cfg.train.output_dir))  # once under torchrun / accelerate launch
     return 0
+
+
+def summary(result: dict, out: str) -> str:
+    """The end-of-run lines: steps, time, held-out metrics and where everything was written."""
+    held_out = ", ".join(
+        f"{k.removeprefix('eval_')} {v:.4f}" for k, v in result.items() if k.startswith("eval_")
+    )
+    return (
+        f"done: {result['step']} steps in {result['seconds'] / 60:.1f} min "
+        f"({result.get('tokens_per_s', float('nan')):.0f} tokens/s at the end)\n"
+        f"held-out: {held_out}\n"
+        f"model: {out}/final (from_pretrained), curves: {out}/metrics.jsonl, "
+        f"checkpoints: {out}/checkpoints"
+    )
 
 
 def add_parser(sub) -> None:
@@ -65,6 +81,11 @@ def add_parser(sub) -> None:
         "--resume",
         action="store_true",
         help="continue from the newest complete checkpoint in train.output_dir",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in train.output_dir (without it, a used directory is refused)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(run=run)
