@@ -128,9 +128,32 @@ CHOICES = {
 }
 
 
+# Names users bring from transformers/TRL, for suggestions (typos of them too: learnig_rate -> lr).
+ALIASES = {
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accumulation",
+    "num_train_epochs": "epochs",
+    "lr_scheduler_type": "schedule",
+    "optim": "optimizer",
+    "model_name_or_path": "name_or_path",
+    "model_name": "name_or_path",
+    "loss_type": "name",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "logging_steps": "log_every",
+    "save_steps": "save_every",
+    "eval_steps": "eval_every",
+    "torch_dtype": "dtype",
+    "max_len": "max_length",
+}
+
+
 def _suggest(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1)
-    return f" (did you mean '{close[0]}'?)" if close else ""
+    names = {name: name for name in valid}
+    names.update({alias: real for alias, real in ALIASES.items() if real in valid})
+    close = difflib.get_close_matches(key, list(names), n=1)
+    return f" (did you mean '{names[close[0]]}'?)" if close else ""
 
 
 def _check_type(where: str, value, annotation):
@@ -159,9 +182,8 @@ def _check_type(where: str, value, annotation):
         return dict(value)
     if annotation in (str, int, float, bool) and type(value) is annotation:
         return value
-    raise ConfigError(
-        f"{where}: expected {getattr(annotation, '__name__', annotation)}, got {value!r}"
-    )
+    expected = "bool (true or false)" if annotation is bool else annotation.__name__
+    raise ConfigError(f"{where}: expected {expected}, got {value!r}")
 
 
 def build_section(cls, table: dict, where: str):
@@ -201,15 +223,33 @@ def set_dotted(table: dict, path: list[str], value) -> None:
     table[path[-1]] = value
 
 
+def shipped_configs() -> list[Path]:
+    """The configs inside the installed package (the repository's configs/ links to them)."""
+    return sorted((Path(__file__).parent / "configs").glob("*.toml"))
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """`path` if it exists, else the shipped config of that file name (`configs/X.toml` and
+    `X.toml` work from any directory once tokenratio is installed)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    shipped = {p.name: p for p in shipped_configs()}
+    return shipped.get(path.name, shipped.get(path.name + ".toml", path))
+
+
 def read_table(path: str | Path | None, overrides: list[str] = ()) -> dict:
     """A TOML file as a table (empty without a file), with `section.key=value` overrides applied."""
     table: dict = {}
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)
         try:
             table = tomllib.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
+            shipped = ", ".join(p.name for p in shipped_configs())
+            raise ConfigError(
+                f"config file {path} does not exist (shipped with tokenratio: {shipped})"
+            ) from None
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: invalid TOML: {err}") from None
     for text in overrides:

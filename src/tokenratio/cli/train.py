@@ -12,6 +12,7 @@ EXAMPLES = [
     "--set train.max_steps=2 --set train.output_dir=runs/demo-tbpo-q",
     "tokenratio train configs/smollm2_hh_cpu.toml --set loss.name=dpo --set train.max_steps=2 "
     "--set train.output_dir=runs/demo-dpo",
+    "tokenratio train configs/smollm2_hh_cpu.toml --print-config --set train.lr=1e-4",
     "tokenratio train configs/smollm2_hh_cpu.toml --set loss.name=dpo "
     "--set data.swap_preferences=true --set train.max_steps=2 --set train.output_dir=runs/demo-flipped",
 ]
@@ -40,6 +41,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args, "train")
     if cfg is None:
         return 2
+    if args.print_config:
+        from tokenratio.config_print import config_as_toml
+
+        print(config_as_toml(cfg), end="")
+        return 0
     from tokenratio.checkpoint import CheckpointError
     from tokenratio.rundir import RunDirError
     from tokenratio.trainer import TrainingError, train
@@ -81,6 +87,11 @@ def add_parser(sub) -> None:
         "--resume",
         action="store_true",
         help="continue from the newest complete checkpoint in train.output_dir",
+    )
+    parser.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (file, --set, defaults) as commented TOML and exit",
     )
     parser.add_argument(
         "--overwrite",
