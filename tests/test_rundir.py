@@ -35,6 +35,7 @@ def test_a_directory_holding_a_run_needs_resume_or_overwrite(
     out = tmp_path / "run"
     run(tiny_model_dir, hh_jsonl, out, **FAST)
     assert is_complete(out / "final") and not (out / LOCK).exists()
+    assert (out / "curves.png").stat().st_size > 10_000
     assert train(tiny_model_dir, hh_jsonl, out) == 1
     err = capsys.readouterr().err
     assert "already holds a run" in err and "--resume" in err and "--overwrite" in err
@@ -158,3 +159,18 @@ def test_sigkill_during_the_final_save_never_leaves_a_half_model(tiny_model_dir,
     assert not (out / "final").exists() or is_complete(out / "final")
     assert train(tiny_model_dir, hh_jsonl, out, "--resume", **{"train.max_steps": 3}) == 0
     assert is_complete(out / "final") and not (out / "final.tmp").exists()
+
+
+def test_a_tracker_that_is_not_installed_is_an_error_at_start(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys, monkeypatch
+):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a)
+    )
+    started = time.perf_counter()
+    assert train(tiny_model_dir, hh_jsonl, tmp_path / "run", **{"train.report_to": ["wandb"]}) == 1
+    assert time.perf_counter() - started < 5 and not (tmp_path / "run").exists()
+    assert "asks for wandb, which is not installed" in capsys.readouterr().err

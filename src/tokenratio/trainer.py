@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tokenratio import checkpoint, rundir
+from tokenratio.curves import plot_run
 from tokenratio.data import (
     collate,
     length_grouped_order,
@@ -241,6 +242,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool 
     a run needs `resume` or `overwrite`; a finished run resumed does nothing.
     """
     needs = LOSSES[cfg.loss.name].needs(cfg.loss.options)  # bad name/options: fail before loading
+    _check_trackers(cfg.train.report_to)
     out = Path(cfg.train.output_dir)
     plan = rundir.inspect(out, cfg, resume=resume, overwrite=overwrite)  # before anything loads
     if plan.action == "finished":
@@ -289,9 +291,24 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(step.policy), tokenizer, out / "final")
+    _draw_curves(accelerator, cfg)
     accelerator.end_training()
     seconds = time.perf_counter() - started
     return {**last, **final_eval, "data": report, "seconds": seconds, "step": state["step"]}
+
+
+def _check_trackers(names) -> None:
+    """A requested tracker that is not installed is an error now, not a warning after loading."""
+    import importlib.util
+
+    for name in names:
+        if name not in ("tensorboard", "wandb"):
+            raise TrainingError(f"train.report_to: unknown tracker {name!r} (tensorboard or wandb)")
+        if importlib.util.find_spec(name) is None:
+            raise TrainingError(
+                f"train.report_to asks for {name}, which is not installed: "
+                f"pip install 'tokenratio[{name}]', or remove it from train.report_to"
+            )
 
 
 def _set_learning_rates(step: Step, cfg) -> None:
@@ -405,11 +422,18 @@ def _after_step(cfg, step: Step, heldout_loader, state, total_steps, window, bar
     # the final evaluation runs after the loop: not twice when total_steps is on the cadence
     if cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total_steps:
         _log(accelerator, out / "metrics.jsonl", {"step": n, **evaluate(step, heldout_loader)})
+        _draw_curves(accelerator, cfg)
     if cfg.train.save_every and n % cfg.train.save_every == 0:
         checkpoint.save(
             accelerator, out / "checkpoints", n, state, cfg.train.keep_checkpoints, step.scheduler
         )
     return record
+
+
+def _draw_curves(accelerator, cfg) -> None:
+    if accelerator.is_main_process:
+        out = Path(cfg.train.output_dir)
+        plot_run(out / "metrics.jsonl", out / "curves.png", f"{cfg.loss.name} in {out}")
 
 
 def _has_accelerator() -> bool:

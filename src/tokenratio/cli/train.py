@@ -27,7 +27,8 @@ Sections: model, data, loss, train (docs/training.md and src/tokenratio/config.p
 Several processes: torchrun --nproc_per_node 2 -m tokenratio.cli train CONFIG (CPU, gloo), or
 accelerate launch --config_file configs/accelerate/ddp.yaml -m tokenratio.cli train CONFIG (GPUs:
 DDP, fsdp.yaml, deepspeed_zero3.yaml).
-Writes to train.output_dir: metrics.jsonl, data_report.json, config.json, checkpoints/, final/.
+Writes to train.output_dir: metrics.jsonl, curves.png, data_report.json, config.json, checkpoints/,
+final/.
 A directory that already holds a run is refused unless --resume (continue it; a finished run is
 left alone; only lr, max_steps, cadences and logging may change) or --overwrite (replace it).
 
@@ -70,7 +71,7 @@ def summary(result: dict, out: str) -> str:
         f"done: {result['step']} steps in {result['seconds'] / 60:.1f} min "
         f"({result.get('tokens_per_s', float('nan')):.0f} tokens/s at the end)\n"
         f"held-out: {held_out}\n"
-        f"model: {out}/final (from_pretrained), curves: {out}/metrics.jsonl, "
+        f"model: {out}/final (from_pretrained), curves: {out}/curves.png and metrics.jsonl, "
         f"checkpoints: {out}/checkpoints"
     )
 
