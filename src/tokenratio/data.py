@@ -106,6 +106,12 @@ class RawData:
     source: str
     lines: list[int] | None  # line number of record i, for JSON-lines files
 
+    def select(self, indices) -> "RawData":
+        """The records at `indices`, in that order (their line numbers kept)."""
+        indices = [int(i) for i in indices]
+        lines = None if self.lines is None else [self.lines[i] for i in indices]
+        return RawData(self.dataset.select(indices), self.source, lines)
+
     def where(self, index: int) -> str:
         if self.lines is not None and index < len(self.lines):
             return f"{self.source}, line {self.lines[index]}"

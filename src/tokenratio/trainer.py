@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from tokenratio import checkpoint, rundir
 from tokenratio.curves import plot_run
+from tokenratio.provenance import SPLITS_NAME, splits_record
 from tokenratio.data import (
     collate,
     length_grouped_order,
@@ -57,7 +58,8 @@ class Step:
 
 
 def prepare_data(cfg, tokenizer, accelerator):
-    """Tokenize train and held-out sets once (main process first, the rest hit the cache)."""
+    """Tokenize train and held-out sets once (main process first, the rest hit the cache).
+    Returns (train pairs, held-out pairs, data report, splits.json's record of both splits)."""
     with accelerator.main_process_first():
         raw = load_raw(cfg.data.path, cfg.data.split, cfg.data.limit)
         data, report = tokenize_dataset(raw, tokenizer, cfg.data)
@@ -69,7 +71,8 @@ def prepare_data(cfg, tokenizer, accelerator):
             split = data.train_test_split(test_size=n_heldout, seed=cfg.train.seed, shuffle=True)
             data, heldout = split["train"], split["test"]
     report.update(train_pairs=len(data), heldout_pairs=len(heldout))
-    return data, heldout, report
+    splits = splits_record(cfg, raw, data["record"], heldout["record"])
+    return data, heldout, report, splits
 
 
 def _loader(dataset, batch_size, pad_id, order=None, drop_last=True):
@@ -228,11 +231,12 @@ def _check_weights(cfg, needs: Needs, heldout) -> None:
         )
 
 
-def _write_run_files(accelerator, out: Path, cfg, report: dict) -> None:
+def _write_run_files(accelerator, out: Path, cfg, report: dict, splits: dict) -> None:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1, default=list))
         (out / "data_report.json").write_text(json.dumps(report, indent=1))
+        (out / SPLITS_NAME).write_text(json.dumps(splits))
 
 
 def train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
@@ -267,7 +271,7 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
         accelerator.print(plan.note)
     set_seed(cfg.train.seed)
     tokenizer = load_tokenizer(cfg.model)
-    data, heldout, report = prepare_data(cfg, tokenizer, accelerator)
+    data, heldout, report, splits = prepare_data(cfg, tokenizer, accelerator)
     _check_weights(cfg, needs, heldout)
     total_steps = _total_steps(cfg, len(data), accelerator.num_processes)
     step = prepare_step(cfg, accelerator, total_steps)
@@ -277,7 +281,7 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
         _set_learning_rates(step, cfg)
         changed = f"; applied {plan.changes}" if plan.changes else ""
         accelerator.print(f"resumed from {plan.checkpoint} (step {state['step']}){changed}")
-    _write_run_files(accelerator, out, cfg, report)
+    _write_run_files(accelerator, out, cfg, report, splits)
     accelerator.init_trackers("tokenratio", config={"loss": cfg.loss.name, "beta": cfg.loss.beta})
     accelerator.print(f"data: {json.dumps(report)}")
     pad_id = tokenizer.pad_token_id

@@ -112,3 +112,33 @@ def test_eval_on_smollm2_over_20_hh_prompts(smollm2, reward_model_dir, tmp_path,
     assert 0 <= result["self_bleu"][0] <= 100 and 0 < result["distinct_1"][0] <= 1
     assert result["kl_to_ref"][0] == pytest.approx(0, abs=2e-3)  # float32 over a 49k vocabulary
     assert "smollm2" in capsys.readouterr().out
+
+
+def test_eval_of_a_run_uses_its_held_out_split_and_warns_about_training_pairs(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys
+):
+    from test_trainer import run
+
+    from tokenratio.provenance import read_splits
+
+    out = tmp_path / "run"
+    run(tiny_model_dir, hh_jsonl, out, **{"loss.name": "dpo", "data.heldout_fraction": 0.2})
+    splits = read_splits(out)
+    heldout = splits["heldout"]["records"]
+    assert len(heldout) == 19 and not set(heldout) & set(splits["train"]["records"])
+    common = ["eval", "--model", f"dpo={out}", "--num-prompts", "0", "--num-pairs", "64"]
+
+    assert main([*common, "--out", str(tmp_path / "own")]) == 0
+    assert "WARNING" not in capsys.readouterr().err
+    own = json.loads((tmp_path / "own" / "results.json").read_text())
+    assert own["config"]["records"] == heldout and own["config"]["data"] == str(hh_jsonl)
+    assert own["results"][0]["trained_on_records"] == 0
+
+    assert main([*common, "--data", str(hh_jsonl), "--offset", "10", "--num-pairs", "20",
+                 "--out", str(tmp_path / "file")]) == 0  # fmt: skip
+    expected = len(set(range(10, 30)) & set(splits["train"]["records"]))
+    assert expected > 10
+    err = capsys.readouterr().err
+    assert f"WARNING: {expected} of the 20 evaluated records are in the training data" in err
+    result = json.loads((tmp_path / "file" / "results.json").read_text())["results"][0]
+    assert result["trained_on_records"] == expected

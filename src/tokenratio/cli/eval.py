@@ -1,13 +1,14 @@
 """`tokenratio eval`: the paper's metrics on checkpoints, side by side."""
 
 import argparse
+import json
 from pathlib import Path
 
 from tokenratio.cli.common import examples, fail, trained_run
 
 HH = "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
 EXAMPLES = [
-    f"tokenratio eval --model tbpo-a=runs/demo-tbpo-a --model tbpo-q=runs/demo-tbpo-q --data {HH} "
+    "tokenratio eval --model tbpo-a=runs/demo-tbpo-a --model tbpo-q=runs/demo-tbpo-q "
     "--num-prompts 4 --num-pairs 16 --out eval_out",
     f"tokenratio eval --model dpo=runs/demo-dpo --reference models/smollm2-135m --beta 0.1 --data {HH} "
     "--num-prompts 2 --samples 2 --max-new-tokens 16 --out eval_dpo",
@@ -20,6 +21,9 @@ Evaluate trained checkpoints side by side, the way the paper does:
   first sample against the dataset's chosen response (or --versus MODEL).
 A --model that is a `tokenratio train` output directory (or its final/) brings its own settings:
 beta and the reference model come from the run's config.json; --beta and --reference override.
+Without --data, runs are evaluated on their own held-out split (splits.json in the run). With
+--data (and --offset to skip records), a loud warning says how many evaluated records a run
+trained on; results.json records the count.
 Models run on the device Accelerate picks (the GPU when there is one).
 Judges: --judge reward-model:PATH (any AutoModelForSequenceClassification) or
 --judge openai:http://127.0.0.1:8000/v1 (any OpenAI-compatible endpoint).
@@ -58,15 +62,35 @@ def resolve_models(args) -> tuple[tuple, str | None, float]:
     return tuple(models), reference, 0.1 if beta is None else beta
 
 
+def resolve_data(args, models) -> tuple[str, tuple[int, ...] | None]:
+    """--data, else the held-out split the trained runs share (from their splits.json)."""
+    from tokenratio.provenance import read_splits, run_dir_of
+
+    if args.data:
+        return args.data, None
+    splits = [read_splits(run) for run in filter(None, (run_dir_of(p) for _, p in models))]
+    heldout = {json.dumps(s["heldout"], sort_keys=True) for s in splits}
+    if len(splits) != len(models) or len(heldout) != 1:
+        raise ValueError(
+            "give --data: without it every --model must be a `tokenratio train` run, all with "
+            "the same held-out split"
+        )
+    return splits[0]["heldout"]["path"], tuple(splits[0]["heldout"]["records"])
+
+
 def run(args: argparse.Namespace) -> int:
     from tokenratio.eval.evaluate import EvalConfig, markdown_table, run_eval
+    from tokenratio.data import DataError
     from tokenratio.eval.judges import JudgeError
 
     try:
         models, reference, beta = resolve_models(args)
+        data, records = resolve_data(args, models)
         cfg = EvalConfig(
             models=models,
-            data=args.data,
+            data=data,
+            records=records,
+            offset=args.offset,
             reference=reference,
             num_prompts=args.num_prompts,
             num_pairs=args.num_pairs,
@@ -81,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
             judge_options={"model": args.judge_model} if args.judge_model else {},
         )
         results = run_eval(cfg, Path(args.out))
-    except (JudgeError, ValueError, OSError) as err:
+    except (JudgeError, DataError, ValueError, OSError) as err:
         return fail("eval", err)
     print(markdown_table(results))
     print(f"\nwrote {args.out}/results.json and {args.out}/results.md")
@@ -99,7 +123,11 @@ def add_parser(sub) -> None:
         "--model", action="append", required=True, metavar="NAME=PATH", help="repeatable"
     )
     ev.add_argument("--reference", help="reference policy (default: the runs' own)")
-    ev.add_argument("--data", required=True, help="preference data (any format train reads)")
+    ev.add_argument(
+        "--data",
+        help="preference data (any format train reads); default: the runs' own held-out split",
+    )
+    ev.add_argument("--offset", type=int, default=0, help="skip this many records of --data (0)")
     ev.add_argument("--num-prompts", type=int, default=20, help="prompts to generate for (20)")
     ev.add_argument("--num-pairs", type=int, default=64, help="pairs for preference metrics (64)")
     ev.add_argument("--samples", type=int, default=5, help="samples per prompt (paper: 5)")

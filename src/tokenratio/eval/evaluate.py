@@ -14,6 +14,7 @@ Results: results.json and results.md (a Markdown table, mean ± standard error).
 
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from tokenratio.eval import metrics
 from tokenratio.formats import to_text
 from tokenratio.logprobs import IGNORE_INDEX, token_kl, token_logps
 from tokenratio.modeling import load_pretrained
+from tokenratio.provenance import run_dir_of, trained_on
 from tokenratio.scoring import batches, score_batches
 
 
@@ -33,6 +35,8 @@ class EvalConfig:
     models: tuple[tuple[str, str], ...]  # (name, path) pairs, compared side by side
     data: str
     reference: str | None = None  # the reference policy (for implicit rewards and KL)
+    records: tuple[int, ...] | None = None  # which records of `data` (a run's held-out split)
+    offset: int = 0  # else records offset, offset + 1, ... of `data`
     data_format: str = "auto"
     num_prompts: int = 20
     num_pairs: int = 64
@@ -241,10 +245,43 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def evaluated_records(cfg: EvalConfig):
+    """The records of cfg.data this evaluation reads: the listed ones, else from the offset on."""
+    raw = load_raw(cfg.data)
+    wanted = max(cfg.num_prompts, cfg.num_pairs)
+    if cfg.records is not None:
+        return raw.select(cfg.records[:wanted])
+    if cfg.offset >= len(raw.dataset):
+        raise ValueError(f"--offset {cfg.offset}: {cfg.data} has {len(raw.dataset)} records")
+    return raw.select(range(cfg.offset, min(cfg.offset + wanted, len(raw.dataset))))
+
+
+def check_training_overlap(raw, models) -> dict[str, int]:
+    """Per trained run among `models`: how many evaluated records it trained on, said loudly."""
+    counts = {}
+    for name, path in models:
+        run = run_dir_of(path)
+        if run is None:
+            continue
+        counts[name] = trained_on(raw, run)
+        if counts[name]:
+            print(
+                f"WARNING: {counts[name]} of the {len(raw.dataset)} evaluated records are in the "
+                f"training data of {name} ({run}): its numbers here are NOT held-out. Evaluate "
+                "the run without --data (its own held-out split) or choose other records.",
+                file=sys.stderr,
+            )
+    return counts
+
+
 def run_eval(cfg: EvalConfig, out: Path) -> list[dict]:
-    raw = load_raw(cfg.data, limit=max(cfg.num_prompts, cfg.num_pairs))
+    raw = evaluated_records(cfg)
+    overlap = check_training_overlap(raw, cfg.models)
     reference = load_pretrained(cfg.reference)[0] if cfg.reference else None
     results = [evaluate_model(name, path, reference, raw, cfg) for name, path in cfg.models]
+    for result in results:
+        if result["name"] in overlap:
+            result["trained_on_records"] = overlap[result["name"]]
     if cfg.judge:
         judge_all(results, cfg)
     out.mkdir(parents=True, exist_ok=True)
