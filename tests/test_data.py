@@ -1,5 +1,6 @@
 """Data loading, validation errors (real HH-RLHF rows and broken copies), collation."""
 
+import copy
 import json
 from dataclasses import replace
 
@@ -27,7 +28,7 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-CFG = DataConfig(path="x", max_length=1024, max_prompt_length=768)
+CFG = DataConfig(path="x", max_length=1024, max_prompt_length=768, chat_template=False)
 
 
 def write_jsonl(path, records):
@@ -45,6 +46,37 @@ def test_real_rows_tokenize_with_masks_and_counts(tmp_path, tokenizer):
     assert tokenizer.decode(row["chosen_ids"][:-1]) == chosen  # response text, then EOS
     assert row["chosen_ids"][-1] == tokenizer.eos_token_id
     assert tokenizer.decode(row["prompt_ids"], skip_special_tokens=True) == prompt
+
+
+def test_hh_renders_with_the_chat_template_by_default_when_the_tokenizer_has_one(
+    tmp_path, tokenizer
+):
+    record = {
+        "chosen": "\n\nHuman: hi there\n\nAssistant: hello!\n\nHuman: a joke?\n\nAssistant: no",
+        "rejected": "\n\nHuman: hi there\n\nAssistant: hello!\n\nHuman: a joke?\n\nAssistant: ok: ...",
+    }
+    raw = load_raw(str(write_jsonl(tmp_path / "hh.jsonl", [record])))
+    data, report = tokenize_dataset(raw, tokenizer, replace(CFG, chat_template=None))
+    assert report["format"] == "hh-chat" and report["chat_template"] is True
+    messages = [
+        {"role": "user", "content": "hi there"},
+        {"role": "assistant", "content": "hello!"},
+        {"role": "user", "content": "a joke?"},
+    ]
+    expected = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert expected == "<|user|>hi there</s><|assistant|>hello!</s><|user|>a joke?</s><|assistant|>"
+    row = data[0]
+    assert row["prompt_ids"] == tokenizer(expected, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(row["chosen_ids"]) == "no</s></s>"  # the turn's end, then EOS
+    assert tokenizer.decode(row["rejected_ids"]) == "ok: ...</s></s>"
+    _, raw_report = tokenize_dataset(raw, tokenizer, CFG)  # chat_template = false: raw text
+    assert raw_report["format"] == "hh" and raw_report["chat_template"] is False
+    tokenizer_without = copy.copy(tokenizer)
+    tokenizer_without.chat_template = None
+    _, plain = tokenize_dataset(raw, tokenizer_without, replace(CFG, chat_template=None))
+    assert plain["format"] == "hh"
+    with pytest.raises(DataError, match="the tokenizer has no chat template"):
+        tokenize_dataset(raw, tokenizer_without, replace(CFG, chat_template=True))
 
 
 def replace_line(lines, index, text):

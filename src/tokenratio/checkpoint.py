@@ -60,6 +60,8 @@ def latest(root: Path) -> Path | None:
 def load(accelerator, directory: Path, scheduler) -> dict:
     """Restore Accelerate's state and the scheduler's; return the trainer state (step, epoch,
     batch position)."""
+    for pickled in directory.glob("custom_checkpoint_*.pkl"):  # older checkpoints' scheduler:
+        pickled.rename(pickled.with_name(pickled.name + ".ignored"))  # never unpickled; replayed
     try:  # Accelerate loads with weights_only=True: a crafted pickle fails here, it does not run
         accelerator.load_state(str(directory))
     except (pickle.UnpicklingError, RuntimeError, KeyError, ValueError, OSError) as err:

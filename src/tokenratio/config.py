@@ -53,6 +53,9 @@ class DataConfig:
     max_length: int = 512  # prompt + response tokens (paper: 2048)
     max_prompt_length: int = 256  # prompts longer than this keep their last tokens
     on_invalid: str = "error"  # error | skip: bad records stop the run, or are counted and skipped
+    # HH dialogues through the tokenizer's chat template (what an Instruct model was tuned on);
+    # unset: yes when the tokenizer has one. The data report says which was used.
+    chat_template: bool | None = None
     limit: int | None = None  # use only the first N records (smoke runs)
     swap_preferences: bool = False  # train on flipped labels (TIS-DPO's negative contrast model)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from tokenratio.formats import RecordError, detect_format, to_text
+from tokenratio.formats import TEMPLATED, RecordError, detect_format, to_text
 from tokenratio.logprobs import IGNORE_INDEX
 
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -183,7 +183,7 @@ def tokenize_record(
     chosen and rejected (and their weights), to train on flipped preferences.
     """
     prompt, chosen, rejected = to_text(record, fmt, tokenizer)
-    templated = fmt in ("ultrafeedback",) or isinstance(record.get("prompt"), list)
+    templated = fmt in TEMPLATED or isinstance(record.get("prompt"), list)
     prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
     if not prompt_ids:  # the first response token needs a hidden state to be predicted from
         raise RecordError("prompt", "empty prompt (and the tokenizer adds no BOS token)")
@@ -208,6 +208,18 @@ def tokenize_record(
     return out
 
 
+def uses_chat_template(cfg, tokenizer, fmt: str) -> bool:
+    """Whether HH dialogues are rendered with the chat template: data.chat_template, or when it is
+    unset (None), whenever the tokenizer has one. Other formats decide by their own shape."""
+    if fmt != "hh":
+        return False
+    has = bool(getattr(tokenizer, "chat_template", None))
+    wanted = has if cfg.chat_template is None else cfg.chat_template
+    if wanted and not has:
+        raise DataError("data.chat_template = true, but the tokenizer has no chat template")
+    return wanted
+
+
 def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
     """Tokenize every record once (cached by `datasets`), applying the validation policy.
 
@@ -225,6 +237,8 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
         fmt = cfg.format if cfg.format != "auto" else detect_format(first)
     except RecordError as err:
         raise DataError(f"{raw.where(0)}: {err}") from None
+    chat = uses_chat_template(cfg, tokenizer, fmt)
+    fmt = "hh-chat" if chat else fmt
     if cfg.max_prompt_length >= cfg.max_length:
         raise DataError(
             f"data.max_prompt_length ({cfg.max_prompt_length}) must be below data.max_length "
@@ -273,6 +287,7 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
     errors = [e for e in tokenized["error"] if e]
     counts = {
         "format": fmt,
+        "chat_template": chat or fmt in TEMPLATED,
         "records": len(tokenized),
         "invalid": len(errors),
         "truncated": int(sum(tokenized["truncated"])),

@@ -3,6 +3,7 @@
 hh: Anthropic HH-RLHF, two full dialogues sharing a prefix; the prompt is the shared prefix up to
     and including its last "\n\nAssistant:", the responses are what follows.
     {"chosen": "\n\nHuman: hi\n\nAssistant: hello", "rejected": "\n\nHuman: hi\n\nAssistant: go"}
+hh-chat: hh with its turns rendered by the tokenizer's chat template (data.chat_template).
 trl: TRL's preference format, plain strings or message lists (rendered with the chat template).
     {"prompt": "2+2=", "chosen": " 4", "rejected": " 5"}
     {"prompt": [{"role": "user", "content": "2+2?"}], "chosen": [{"role": "assistant", ...}], ...}
@@ -13,6 +14,7 @@ tldr: OpenAI summarize-from-feedback comparisons.  {"info": {"subreddit": ..., "
     "post": ...}, "summaries": [{"text": " a"}, {"text": " b"}], "choice": 0}
 """
 
+import re
 from collections.abc import Callable
 
 HH_ASSISTANT = "\n\nAssistant:"
@@ -69,9 +71,47 @@ def hh(record: dict, tokenizer=None) -> tuple[str, str, str]:
     return chosen[:end], chosen[end:], rejected[end:]
 
 
-def _render(tokenizer, prompt_messages: list, response_messages: list) -> tuple[str, str]:
+HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
+
+
+def hh_messages(prompt: str) -> list[dict]:
+    """An HH prompt as chat messages: '\n\nHuman: a\n\nAssistant: b\n\nHuman: c\n\nAssistant:'
+    -> user a, assistant b, user c (the final, empty assistant turn is the one the response fills)."""
+    parts = HH_TURN.split(prompt)  # ['', 'Human', ' a', 'Assistant', ' b', ..., 'Assistant', '']
+    if parts[0].strip() or len(parts) < 5:
+        raise RecordError("chosen", "expected '\n\nHuman: ...' turns before the response")
+    turns = [{"role": HH_ROLES[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    turns.pop()  # the assistant turn the response fills (hh() cut the prompt there)
+    if turns[0]["role"] != "user":
+        raise RecordError("chosen", "the dialogue does not start with a 'Human:' turn")
+    return turns
+
+
+def hh_chat(record: dict, tokenizer=None) -> tuple[str, str, str]:
+    """HH rendered with the tokenizer's chat template (data.chat_template), so an Instruct model
+    sees the format it was tuned on instead of raw 'Human:'/'Assistant:' text."""
+    prompt, chosen, rejected = hh(record)
+    messages = hh_messages(prompt)
+    text, chosen_text = _render(tokenizer, messages, [_assistant(chosen)], "chosen")
+    _, rejected_text = _render(tokenizer, messages, [_assistant(rejected)], "rejected")
+    return text, chosen_text, rejected_text
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text.strip()}
+
+
+def _render(tokenizer, prompt_messages: list, response_messages: list, field: str):
+    """(prompt, response) text through the chat template; the response is what the template adds
+    after the prompt (its end-of-turn marker included)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise RecordError("prompt", "conversational record but the tokenizer has no chat template")
+    for message in response_messages:
+        if not isinstance(message, dict) or message.get("role") != "assistant":
+            raise RecordError(field, "the response must be an assistant message")
+        if not isinstance(message.get("content"), str) or not message["content"].strip():
+            raise RecordError(field, "empty response (no assistant content)")
     prompt = tokenizer.apply_chat_template(
         prompt_messages, tokenize=False, add_generation_prompt=True
     )
@@ -86,8 +126,8 @@ def trl(record: dict, tokenizer=None) -> tuple[str, str, str]:
     prompt, chosen, rejected = record["prompt"], record["chosen"], record["rejected"]
     if _is_messages(prompt) or _is_messages(chosen):
         messages = prompt if _is_messages(prompt) else [{"role": "user", "content": prompt}]
-        text, chosen_text = _render(tokenizer, messages, chosen)
-        _, rejected_text = _render(tokenizer, messages, rejected)
+        text, chosen_text = _render(tokenizer, messages, chosen, "chosen")
+        _, rejected_text = _render(tokenizer, messages, rejected, "rejected")
         return text, chosen_text, rejected_text
     for name in ("prompt", "chosen", "rejected"):
         if not isinstance(record[name], str):
@@ -103,8 +143,8 @@ def ultrafeedback(record: dict, tokenizer=None) -> tuple[str, str, str]:
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         if not _is_messages(value) or len(value) < 2:
             raise RecordError(name, "expected a conversation ending with the assistant's response")
-    text, chosen_text = _render(tokenizer, chosen[:-1], chosen[-1:])
-    _, rejected_text = _render(tokenizer, rejected[:-1], rejected[-1:])
+    text, chosen_text = _render(tokenizer, chosen[:-1], chosen[-1:], "chosen")
+    _, rejected_text = _render(tokenizer, rejected[:-1], rejected[-1:], "rejected")
     return text, chosen_text, rejected_text
 
 
@@ -126,7 +166,14 @@ def tldr(record: dict, tokenizer=None) -> tuple[str, str, str]:
     )
 
 
-FORMATS: dict[str, Callable] = {"hh": hh, "trl": trl, "ultrafeedback": ultrafeedback, "tldr": tldr}
+FORMATS: dict[str, Callable] = {
+    "hh": hh,
+    "hh-chat": hh_chat,
+    "trl": trl,
+    "ultrafeedback": ultrafeedback,
+    "tldr": tldr,
+}
+TEMPLATED = ("hh-chat", "ultrafeedback")  # their text already carries the template's specials
 
 
 def to_text(record: dict, fmt: str, tokenizer=None) -> tuple[str, str, str]:

@@ -132,8 +132,10 @@ def _resume_changes(out: Path, cfg) -> dict:
     if not saved.exists():
         return {}
     old, new = _flat(json.loads(saved.read_text())), _flat(json.loads(json.dumps(asdict(cfg))))
-    changes = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() | new.keys())}
+    # Keys the run's config.json lacks came with a newer tokenratio: recorded, never refused.
+    changes = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() & new.keys())}
     changes = {k: v for k, v in changes.items() if v[0] != v[1]}
+    added = {k: [None, new[k]] for k in sorted(new.keys() - old.keys())}
     refused = {k: v for k, v in changes.items() if k not in RESUMABLE}
     if refused:
         listed = "; ".join(f"{k}: {v[0]!r} -> {v[1]!r}" for k, v in refused.items())
@@ -143,7 +145,7 @@ def _resume_changes(out: Path, cfg) -> dict:
             f"{', '.join(sorted(k.split('.', 1)[1] for k in RESUMABLE))}. Start a new run in "
             "another train.output_dir, or resume with the original settings"
         )
-    return changes
+    return {**changes, **added}
 
 
 def _flat(table: dict, prefix: str = "") -> dict:

@@ -73,11 +73,11 @@ def test_eval_reads_beta_and_reference_from_the_runs_and_flags_override(tmp_path
     def args(*models, reference=None, beta=None):
         return argparse.Namespace(model=list(models), reference=reference, beta=beta)
 
-    models, reference, beta = resolve_models(args(f"x={a}", f"y={b}/final"))
+    models, reference, beta, chat = resolve_models(args(f"x={a}", f"y={b}/final"))
     assert models == (("x", str(a / "final")), ("y", str(b / "final")))
-    assert (reference, beta) == ("models/base", 0.25)
-    assert resolve_models(args(f"x={a}", reference="other", beta=0.5))[1:] == ("other", 0.5)
-    assert resolve_models(args("plain/dir"))[1:] == (None, 0.1)  # not a run: defaults
+    assert (reference, beta, chat) == ("models/base", 0.25, False)  # no data.chat_template: raw
+    assert resolve_models(args(f"x={a}", reference="other", beta=0.5))[1:3] == ("other", 0.5)
+    assert resolve_models(args("plain/dir"))[1:] == (None, 0.1, None)  # not a run: defaults
     fake_run(tmp_path / "c", 1.0, "models/base")
     with pytest.raises(ValueError, match="disagree on beta"):
         resolve_models(args(f"x={a}", f"z={tmp_path / 'c'}"))

@@ -50,8 +50,9 @@ def _shared(runs: list[dict], key: str, value, flag: str):
     return found.pop() if found else None
 
 
-def resolve_models(args) -> tuple[tuple, str | None, float]:
-    """(name, model dir) pairs, the reference and beta, from the flags and the runs' configs."""
+def resolve_models(args) -> tuple[tuple, str | None, float, bool | None]:
+    """(name, model dir) pairs, the reference, beta and data.chat_template, from the flags and the
+    runs' configs."""
     models, runs = [], []
     for name, path in map(_name_path, args.model):
         directory, settings = trained_run(path)
@@ -59,7 +60,9 @@ def resolve_models(args) -> tuple[tuple, str | None, float]:
         runs += [settings] if settings else []
     reference = _shared(runs, lambda r: r["model"]["name_or_path"], args.reference, "--reference")
     beta = _shared(runs, lambda r: r["loss"]["beta"], args.beta, "--beta")
-    return tuple(models), reference, 0.1 if beta is None else beta
+    # Runs from before data.chat_template existed were trained on raw HH text.
+    chat = _shared(runs, lambda r: r.get("data", {}).get("chat_template", False), None, "--data")
+    return tuple(models), reference, 0.1 if beta is None else beta, chat
 
 
 def resolve_data(args, models) -> tuple[str, tuple[int, ...] | None]:
@@ -84,13 +87,14 @@ def run(args: argparse.Namespace) -> int:
     from tokenratio.eval.judges import JudgeError
 
     try:
-        models, reference, beta = resolve_models(args)
+        models, reference, beta, chat_template = resolve_models(args)
         data, records = resolve_data(args, models)
         cfg = EvalConfig(
             models=models,
             data=data,
             records=records,
             offset=args.offset,
+            chat_template=chat_template,
             reference=reference,
             num_prompts=args.num_prompts,
             num_pairs=args.num_pairs,

@@ -49,6 +49,7 @@ class EvalConfig:
     batch_size: int = 8
     max_length: int = 512
     max_prompt_length: int = 384
+    chat_template: bool | None = None  # data.chat_template: HH through the chat template
     judge: str | None = None  # reward-model:PATH | openai:URL
     judge_options: dict = field(default_factory=dict)  # model, api_key, timeout, retries
     versus: str = "dataset"  # "dataset" (its chosen response) or the name of one of the models
@@ -150,6 +151,7 @@ def evaluate_model(name, path, reference, raw, cfg: EvalConfig) -> dict:
         format=cfg.data_format,
         max_length=cfg.max_length,
         max_prompt_length=cfg.max_prompt_length,
+        chat_template=cfg.chat_template,
         on_invalid="skip",
     )
     pairs, report = tokenize_dataset(raw, tokenizer, data_cfg)

@@ -58,9 +58,11 @@ def run_config(base, run: Run, paths: dict, out: Path):
 
 
 def evaluate(
-    models, data: str, reference: str, beta: float, num_pairs: int, study, out: Path, generate: bool
-) -> dict:
-    """`tokenratio eval`'s metrics for one model into out/results.json (skipped when present)."""
+    models, data: str, reference: str, beta: float, num_pairs: int, study, study_data, out: Path,
+    generate: bool,
+) -> dict:  # fmt: skip
+    """`tokenratio eval`'s metrics for one model into out/results.json (skipped when present),
+    on pairs tokenized as training tokenized them (`study_data`: the base DataConfig)."""
     from tokenratio.eval.evaluate import EvalConfig, run_eval
 
     if (out / "results.json").exists():
@@ -76,6 +78,9 @@ def evaluate(
         max_new_tokens=e.max_new_tokens,
         batch_size=e.batch_size,
         beta=beta,
+        chat_template=study_data.chat_template,
+        max_length=study_data.max_length,
+        max_prompt_length=study_data.max_prompt_length,
         judge=(e.judge or None) if generate else None,
         judge_options={"model": e.judge_model} if e.judge_model else {},
     )
@@ -165,13 +170,16 @@ def test_all(study, base, chosen: dict, paths: dict, out: Path, bar: Progress) -
     reference = base.model.name_or_path
     beta0 = study.betas[0]
     tested = {
-        "reference": [_test(study, "reference", reference, reference, beta0, paths, out, bar)]
+        "reference": [
+            _test(study, base.data, "reference", reference, reference, beta0, paths, out, bar)
+        ]
     }
     for (method, beta), selection in chosen.items():
         key = f"{method} (beta {beta:g})" if len(study.betas) > 1 else method
         tested[key] = [
             _test(
                 study,
+                base.data,
                 r["name"],
                 str(out / "runs" / r["name"] / "final"),
                 reference,
@@ -185,7 +193,7 @@ def test_all(study, base, chosen: dict, paths: dict, out: Path, bar: Progress) -
     return tested
 
 
-def _test(study, name, path, reference, beta, paths, out, bar) -> dict:
+def _test(study, study_data, name, path, reference, beta, paths, out, bar) -> dict:
     started = time.perf_counter()
     target = out / "test" / name
     skipped = (target / "results.json").exists()
@@ -196,6 +204,7 @@ def _test(study, name, path, reference, beta, paths, out, bar) -> dict:
         beta,
         study.test_pairs,
         study,
+        study_data,
         target,
         generate=True,
     )
