@@ -73,6 +73,17 @@ class PolicyWithHead(nn.Module):
         return logits, baseline
 
 
+def has_accelerator() -> bool:
+    """Without one, Accelerate must be told `cpu=True`, or torchrun workers run as separate
+    single-process jobs instead of one gloo process group."""
+    xpu = getattr(torch, "xpu", None)
+    return (
+        torch.cuda.is_available()
+        or torch.backends.mps.is_available()
+        or bool(xpu and xpu.is_available())
+    )
+
+
 def default_device(cpu: bool = False) -> torch.device:
     """The device Accelerate picks for this process (CPU when there is no accelerator)."""
     if cpu:

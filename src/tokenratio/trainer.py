@@ -28,7 +28,7 @@ from tokenratio.data import (
     tokenize_dataset,
 )
 from tokenratio.losses import LOSSES, Loss, Needs, reduce
-from tokenratio.modeling import build_models, load_tokenizer, save_final
+from tokenratio.modeling import build_models, has_accelerator, load_tokenizer, save_final
 from tokenratio.scoring import adapter_reference, frozen_reference, score_pairs
 
 
@@ -204,7 +204,7 @@ def make_accelerator(cfg, out: Path | None = None):
     from accelerate import Accelerator
 
     return Accelerator(
-        cpu=cfg.train.cpu or not _has_accelerator(),
+        cpu=cfg.train.cpu or not has_accelerator(),
         mixed_precision=cfg.train.mixed_precision,
         log_with=list(cfg.train.report_to) or None,
         project_dir=None if out is None else str(out),
@@ -438,17 +438,6 @@ def _draw_curves(accelerator, cfg) -> None:
     if accelerator.is_main_process:
         out = Path(cfg.train.output_dir)
         plot_run(out / "metrics.jsonl", out / "curves.png", f"{cfg.loss.name} in {out}")
-
-
-def _has_accelerator() -> bool:
-    """Without one, Accelerate must be told `cpu=True`, or torchrun workers run as separate
-    single-process jobs instead of one gloo process group."""
-    xpu = getattr(torch, "xpu", None)
-    return (
-        torch.cuda.is_available()
-        or torch.backends.mps.is_available()
-        or bool(xpu and xpu.is_available())
-    )
 
 
 def _log(accelerator, path: Path, record: dict) -> None:

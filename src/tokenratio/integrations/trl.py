@@ -32,6 +32,7 @@ from tokenratio.baseline import StateBaselineHead
 from tokenratio.data import PreferenceBatch
 from tokenratio.logprobs import IGNORE_INDEX
 from tokenratio.losses import LOSSES, reduce
+from tokenratio.modeling import has_accelerator
 from tokenratio.scoring import score_pairs
 
 HEAD_ATTRIBUTE = "tbpo_baseline_head"
@@ -51,6 +52,13 @@ class TBPOConfig(DPOConfig):
     baseline_head_width: int = field(default=1024, metadata={"help": "TBPO-Q head width"})
     baseline_head_lr: float = field(default=1e-3, metadata={"help": "TBPO-Q head lr (authors)"})
     logprob_chunk_elements: int = field(default=1 << 22, metadata={"help": "kernel chunk size"})
+
+    def __post_init__(self):
+        # No accelerator: run on the CPU in float32 unless the user chose otherwise. TRL's default
+        # bf16=True would stop a CPU user with "Your setup doesn't support bf16/gpu".
+        if self.bf16 is None and not self.fp16 and not has_accelerator():
+            self.bf16, self.use_cpu = False, True
+        super().__post_init__()
 
 
 def _inner(model):
