@@ -53,6 +53,7 @@ class EvalConfig:
     judge: str | None = None  # reward-model:PATH | openai:URL
     judge_options: dict = field(default_factory=dict)  # model, api_key, timeout, retries
     versus: str = "dataset"  # "dataset" (its chosen response) or the name of one of the models
+    progress: bool = True  # a bar per stage (scoring, generation) on stderr
 
 
 def mean_se(values: list[float]) -> tuple[float, float]:
@@ -65,12 +66,22 @@ def mean_se(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(variance / n)
 
 
+def _bar(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
+
+
 @torch.no_grad()
-def preference_metrics(model, reference, pairs, pad_id: int, beta: float, batch_size: int) -> dict:
+def preference_metrics(
+    model, reference, pairs, pad_id: int, beta: float, batch_size: int, progress: bool = False
+) -> dict:
     """Implicit-reward accuracy and margin, and KL(pi || pi_ref) per response, on held-out pairs."""
     accuracy, margin, kl, kl_token = [], [], [], []
     scored = score_batches([model, reference], batches(pairs, pad_id, batch_size))
+    bar = _bar(len(pairs), "eval: scoring pairs", progress)
     for batch, ((logits, _), (ref_logits, _)) in scored:
+        bar.update(batch.num_pairs)
         logits, ref_logits = logits.float(), ref_logits.float()
         mask = batch.labels != IGNORE_INDEX
         ratio = token_logps(logits, batch.labels) - token_logps(ref_logits, batch.labels)
@@ -82,6 +93,7 @@ def preference_metrics(model, reference, pairs, pad_id: int, beta: float, batch_
         per_response = (token_kl(ref_logits, logits) * mask).sum(-1)  # (2B,)
         kl += per_response.tolist()
         kl_token += (per_response / mask.sum(-1).clamp_min(1)).tolist()
+    bar.close()
     return {
         "pref_accuracy": mean_se(accuracy),
         "reward_margin": mean_se(margin),
@@ -107,6 +119,7 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig) -> lis
         eos_token_id=tokenizer.eos_token_id,
     )
     out = []
+    bar = _bar(len(prompts), f"eval: generating {cfg.samples_per_prompt} samples", cfg.progress)
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]
         width = max(len(p) for p in chunk)
@@ -125,6 +138,8 @@ def generate(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig) -> lis
                     row = row[: row.index(tokenizer.eos_token_id) + 1]
                 samples.append(row)
             out.append(samples)
+        bar.update(len(chunk))
+    bar.close()
     return out
 
 
@@ -160,7 +175,13 @@ def evaluate_model(name, path, reference, raw, cfg: EvalConfig) -> dict:
     if reference is not None:
         result.update(
             preference_metrics(
-                model, reference, held_out, tokenizer.pad_token_id, cfg.beta, cfg.batch_size
+                model,
+                reference,
+                held_out,
+                tokenizer.pad_token_id,
+                cfg.beta,
+                cfg.batch_size,
+                cfg.progress,
             )
         )
     if cfg.num_prompts:

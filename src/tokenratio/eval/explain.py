@@ -99,15 +99,20 @@ body {{ font-family: system-ui, sans-serif; max-width: 60em; margin: 2em auto; c
 """
 
 
-def render_png(credits: dict, path: Path, width_chars: int = 90) -> None:
-    """The same picture as a PNG: tokens laid out in lines, coloured by credit."""
+def render_png(credits: dict, path: Path, width_chars: int = 90, prompt_lines: int = 3) -> None:
+    """The same picture as a PNG: the prompt's end, both responses' tokens laid out in lines and
+    coloured by credit, a legend and the colour scale."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.colors import LinearSegmentedColormap, Normalize
 
     scale = max([abs(t["credit"]) for k in ("chosen", "rejected") for t in credits[k]] or [1.0])
-    lines = []
+    prompt = textwrap.wrap(" ".join(credits["prompt"].split()), width_chars)[-prompt_lines:]
+    lines = [[("prompt (its end):", None)], *[[(line, "prompt")] for line in prompt]]
     for name in ("chosen", "rejected"):
         lines.append([(f"{name} (sum beta*r_t = {credits[name + '_reward']:+.3f})", None)])
         row, used = [], 0
@@ -119,19 +124,33 @@ def render_png(credits: dict, path: Path, width_chars: int = 90) -> None:
             row.append((text, t["credit"]))
             used += len(text)
         lines.append(row)
-    fig = plt.figure(figsize=(width_chars * 0.09, 0.3 * len(lines) + 0.4))
+    legend = f"green: raised by the policy over the reference, red: lowered (beta = {credits['beta']:g})"
+    lines.append([(legend, "prompt")])
+    height = 0.3 * (len(lines) + 2) + 0.4
+    fig = plt.figure(figsize=(width_chars * 0.09, height))
     for i, row in enumerate(lines):
-        x = 0.01
+        x, y = 0.01, 1 - (i + 1) / (len(lines) + 3)
         for text, value in row:
-            y = 1 - (i + 1) / (len(lines) + 1)
             box = (
                 None
-                if value is None
+                if value in (None, "prompt")
                 else {"facecolor": _rgba(value, scale), "pad": 1, "edgecolor": "none"}
             )
-            weight = "bold" if value is None else "normal"
-            fig.text(x, y, text, family="monospace", fontsize=9, bbox=box, weight=weight)
+            style = {None: ("bold", "black"), "prompt": ("normal", "dimgray")}.get(
+                value if value in (None, "prompt") else "", ("normal", "black")
+            )
+            fig.text(x, y, text, family="monospace", fontsize=9, bbox=box, weight=style[0],
+                     color=style[1])  # fmt: skip
             x += len(text) / (width_chars * 1.05)
+    bar = fig.add_axes((0.3, 0.4 / height, 0.4, 0.12 / height))
+    cmap = LinearSegmentedColormap.from_list(
+        "credit", [_rgba(-scale, scale), (1, 1, 1, 1), _rgba(scale, scale)]
+    )
+    colorbar = fig.colorbar(
+        plt.cm.ScalarMappable(Normalize(-scale, scale), cmap), cax=bar, orientation="horizontal"
+    )
+    colorbar.set_label("credit beta * r_t (nats)", fontsize=8)
+    colorbar.ax.tick_params(labelsize=7)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -79,6 +79,7 @@ def evaluate(
         batch_size=e.batch_size,
         beta=beta,
         chat_template=study_data.chat_template,
+        progress=False,  # the study prints one line per evaluation
         max_length=study_data.max_length,
         max_prompt_length=study_data.max_prompt_length,
         judge=(e.judge or None) if generate else None,
