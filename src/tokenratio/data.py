@@ -18,12 +18,14 @@ them) into `PreferenceBatch.weights`.
 
 import gzip
 import json
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from tokenratio.formats import TEMPLATED, RecordError, detect_format, to_text
+from tokenratio.formats import TEMPLATED, WEIGHT_FIELDS, RecordError, detect_format, to_text
+from tokenratio.jsonlines import is_json_array, read_records
 from tokenratio.logprobs import IGNORE_INDEX
 
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -67,35 +69,14 @@ class PreferenceBatch:
         )
 
 
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open()
-
-
-def _scan_json_lines(path: Path) -> list[int]:
-    """Validate a JSON-lines file; return the line number of each record. JSON arrays pass through."""
-    lines = []
-    with _open_text(path) as handle:
-        first = handle.read(1)
-        if first == "[":  # a JSON array file: let json report the position
-            try:
-                return list(range(1, len(json.loads(first + handle.read())) + 1))
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}: invalid JSON: {err}") from None
-        handle.seek(0)
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}, line {number}: malformed JSON ({err.msg} at column {err.colno}); "
-                    "fix or remove the line"
-                ) from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}, line {number}: expected a JSON object, got {line[:60]!r}")
-            lines.append(number)
-    return lines
+def _scan_json_array(path: Path) -> list[int]:
+    """A JSON array file: one record per element (numbered from 1), or DataError."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8-sig") as handle:
+            return list(range(1, len(json.load(handle)) + 1))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as err:
+        raise DataError(f"{path}: invalid JSON: {err}") from None
 
 
 @dataclass
@@ -105,6 +86,7 @@ class RawData:
     dataset: object
     source: str
     lines: list[int] | None  # line number of record i, for JSON-lines files
+    skipped: list = field(default_factory=list)  # (reason, where) of lines skipped while reading
 
     def select(self, indices) -> "RawData":
         """The records at `indices`, in that order (their line numbers kept)."""
@@ -118,14 +100,25 @@ class RawData:
         return f"{self.source}, record {index}"
 
 
-def load_raw(path: str, split: str = "train", limit: int | None = None) -> RawData:
-    """Load preference records from a local file, a local directory or a hub dataset name."""
+def load_raw(
+    path: str,
+    split: str = "train",
+    limit: int | None = None,
+    on_invalid: str = "error",
+    fmt: str = "auto",
+) -> RawData:
+    """Load preference records from a local file, a local directory or a hub dataset name.
+    JSON-lines files are read line by line (jsonlines.py): a broken line stops the load with its
+    file, line and reason, or with on_invalid="skip" is skipped and counted in RawData.skipped."""
     import datasets
 
     local = Path(path)
-    lines = None
-    if local.is_file() and local.name.endswith(JSON_SUFFIXES):
-        lines = _scan_json_lines(local)
+    lines, skipped = None, []
+    if local.is_file() and local.name.endswith(JSON_SUFFIXES) and not is_json_array(local):
+        records, lines, skipped = read_records(local, fmt, on_invalid, DataError)
+        dataset = _arrow(records, local)
+    elif local.is_file() and local.name.endswith(JSON_SUFFIXES):
+        lines = _scan_json_array(local)
         dataset = datasets.load_dataset("json", data_files=str(local), split="train")
     elif local.is_file() and local.suffix == ".parquet":
         dataset = datasets.load_dataset("parquet", data_files=str(local), split="train")
@@ -142,11 +135,29 @@ def load_raw(path: str, split: str = "train", limit: int | None = None) -> RawDa
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     if len(dataset) == 0:
-        raise DataError(f"{path}: no records")
-    return RawData(dataset, str(path), lines)
+        reasons = f" ({len(skipped)} invalid: {_reasons(skipped)})" if skipped else ""
+        raise DataError(f"{path}: no usable records{reasons}")
+    return RawData(dataset, str(path), lines, skipped)
 
 
-WEIGHT_FIELDS = ("chosen_weight", "rejected_weight")
+def _arrow(records: list[dict], path: Path):
+    import datasets
+    import pyarrow
+
+    try:
+        return datasets.Dataset.from_list(records)
+    except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, TypeError) as err:
+        raise DataError(
+            f"{path}: records give one field different types ({err}); e.g. text in some records "
+            "and message lists in others: keep one shape per file"
+        ) from None
+
+
+def _reasons(skipped: list) -> str:
+    counts = Counter(reason for reason, _ in skipped)
+    return ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
+
+
 
 
 def _token_weights(record: dict, field: str, kept: int, full: int) -> list[float]:
@@ -260,7 +271,7 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
                 with_weights=with_weights,
                 swap=cfg.swap_preferences,
             )
-            return {**out, "error": "", "record": index}
+            return {**out, "error": "", "reason": "", "record": index}
         except RecordError as err:
             message = f"{raw.where(index)}: {err}"
             if cfg.on_invalid == "error":
@@ -275,6 +286,7 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
                 "truncated": False,
                 "prompt_truncated": False,
                 "error": message,
+                "reason": err.reason,
                 "record": index,
             }
 
@@ -284,20 +296,36 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
         remove_columns=raw.dataset.column_names,
         desc=f"tokenizing ({fmt})",
     )
-    errors = [e for e in tokenized["error"] if e]
+    invalid = raw.skipped + [
+        (r, e) for r, e in zip(tokenized["reason"], tokenized["error"], strict=True) if e
+    ]
     counts = {
         "format": fmt,
         "chat_template": chat or fmt in TEMPLATED,
-        "records": len(tokenized),
-        "invalid": len(errors),
+        "records": len(tokenized) + len(raw.skipped),
+        "invalid": len(invalid),
         "truncated": int(sum(tokenized["truncated"])),
         "prompt_truncated": int(sum(tokenized["prompt_truncated"])),
-        "first_invalid": errors[:3],
+        "first_invalid": [where for _, where in invalid[:3]],
+        **invalid_by_reason(invalid),
     }
     valid = tokenized.filter(lambda e: not e, input_columns="error")
     if len(valid) == 0:
         raise DataError(f"{raw.source}: no valid records ({counts['invalid']} invalid)")
-    return valid.remove_columns(["error", "truncated", "prompt_truncated"]), counts
+    return valid.remove_columns(["error", "reason", "truncated", "prompt_truncated"]), counts
+
+
+def invalid_by_reason(invalid: list[tuple[str, str]], examples: int = 3) -> dict:
+    """data_report.json's audit of skipped records: a count per reason, and the first few
+    'file, line N: ...' of each."""
+    by_reason: dict[str, list[str]] = {}
+    for reason, where in invalid:
+        by_reason.setdefault(reason, []).append(where)
+    ordered = sorted(by_reason.items(), key=lambda item: -len(item[1]))
+    return {
+        "invalid_by_reason": {reason: len(found) for reason, found in ordered},
+        "invalid_examples": {reason: found[:examples] for reason, found in ordered},
+    }
 
 
 def length_grouped_order(lengths: list[int], batch_size: int, seed: int, window: int = 50) -> list:

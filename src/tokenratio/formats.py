@@ -20,12 +20,50 @@ from collections.abc import Callable
 HH_ASSISTANT = "\n\nAssistant:"
 
 
-class RecordError(ValueError):
-    """A record that cannot be used; `field` names the offending field."""
+_SPECIFICS = re.compile(r" \(|, got|: ")  # where a message's specifics begin
 
-    def __init__(self, field: str, message: str):
+
+class RecordError(ValueError):
+    """A record that cannot be used; `field` names the offending field, `reason` the kind of fault
+    (what data_report.json counts records by: the message without its specifics)."""
+
+    def __init__(self, field: str, message: str, reason: str | None = None):
         super().__init__(f"field '{field}': {message}")
         self.field = field
+        self.reason = f"{field}: {reason or _SPECIFICS.split(message)[0]}"
+
+
+ROLES = ("system", "user", "assistant")
+TYPES = {  # each format's fields and the type a usable record gives them
+    "hh": {"chosen": str, "rejected": str},
+    "trl": {"prompt": (str, list), "chosen": (str, list), "rejected": (str, list)},
+    "ultrafeedback": {"chosen": list, "rejected": list},
+    "tldr": {"info": dict, "summaries": list, "choice": int},
+}
+WEIGHT_FIELDS = ("chosen_weight", "rejected_weight")
+KNOWN_FIELDS = sorted({f for fields in TYPES.values() for f in fields} | {"prompt", *WEIGHT_FIELDS})
+
+
+def check_types(record: dict, fmt: str) -> None:
+    """The record has its format's fields with usable types (and well-formed messages), or
+    RecordError: nothing downstream meets an int where it expects text."""
+    base = "hh" if fmt == "hh-chat" else fmt
+    for name, kind in TYPES[base].items():
+        _require(record, name)
+        value = record[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            wanted = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+            raise RecordError(name, f"expected {wanted}, got {value!r:.40}", f"not a {wanted}")
+        if isinstance(value, list) and name != "summaries":
+            _check_messages(name, value)
+
+
+def _check_messages(name: str, messages: list) -> None:
+    for message in messages:
+        if not isinstance(message, dict) or not isinstance(message.get("content"), str):
+            raise RecordError(name, "a message without text content", "message without content")
+        if message.get("role") not in ROLES:
+            raise RecordError(name, f"unknown role {message.get('role')!r:.30}", "unknown role")
 
 
 def _require(record: dict, *names: str) -> None:
@@ -178,6 +216,7 @@ TEMPLATED = ("hh-chat", "ultrafeedback")  # their text already carries the templ
 
 def to_text(record: dict, fmt: str, tokenizer=None) -> tuple[str, str, str]:
     """(prompt, chosen, rejected) of a record, validated: no empty response, responses differ."""
+    check_types(record, fmt)
     prompt, chosen, rejected = FORMATS[fmt](record, tokenizer)
     for name, value in (("chosen", chosen), ("rejected", rejected)):
         if not value.strip():

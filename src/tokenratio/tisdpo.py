@@ -123,7 +123,9 @@ def score_file(cfg, data_path: str, models, tokenizer, target: Path, meta: dict,
     ):
         print(f"tisdpo: weights found in {target}")
         return
-    raw = load_raw(data_path, cfg.data.split, cfg.data.limit)
+    raw = load_raw(
+        data_path, cfg.data.split, cfg.data.limit, cfg.data.on_invalid, cfg.data.format
+    )
     tokenized, report = tokenize_dataset(raw, tokenizer, replace(cfg.data, swap_preferences=False))
     contrasts = token_contrasts(
         *models, tokenized, tokenizer.pad_token_id, cfg.tisdpo.score_batch_size, progress

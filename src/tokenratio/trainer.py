@@ -61,10 +61,10 @@ def prepare_data(cfg, tokenizer, accelerator):
     """Tokenize train and held-out sets once (main process first, the rest hit the cache).
     Returns (train pairs, held-out pairs, data report, splits.json's record of both splits)."""
     with accelerator.main_process_first():
-        raw = load_raw(cfg.data.path, cfg.data.split, cfg.data.limit)
+        raw = load_raw(cfg.data.path, *_reading(cfg.data))
         data, report = tokenize_dataset(raw, tokenizer, cfg.data)
         if cfg.data.heldout_path:
-            heldout_raw = load_raw(cfg.data.heldout_path, cfg.data.split, cfg.data.limit)
+            heldout_raw = load_raw(cfg.data.heldout_path, *_reading(cfg.data))
             heldout, report["heldout"] = tokenize_dataset(heldout_raw, tokenizer, cfg.data)
         else:
             n_heldout = max(1, int(len(data) * cfg.data.heldout_fraction))
@@ -73,6 +73,11 @@ def prepare_data(cfg, tokenizer, accelerator):
     report.update(train_pairs=len(data), heldout_pairs=len(heldout))
     splits = splits_record(cfg, raw, data["record"], heldout["record"])
     return data, heldout, report, splits
+
+
+def _reading(data_cfg) -> tuple:
+    """load_raw's split, limit, on_invalid and format from a DataConfig."""
+    return data_cfg.split, data_cfg.limit, data_cfg.on_invalid, data_cfg.format
 
 
 def _loader(dataset, batch_size, pad_id, order=None, drop_last=True):

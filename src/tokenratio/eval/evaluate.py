@@ -270,7 +270,7 @@ def markdown_table(results: list[dict]) -> str:
 
 def evaluated_records(cfg: EvalConfig):
     """The records of cfg.data this evaluation reads: the listed ones, else from the offset on."""
-    raw = load_raw(cfg.data)
+    raw = load_raw(cfg.data, on_invalid="skip", fmt=cfg.data_format)
     wanted = max(cfg.num_prompts, cfg.num_pairs)
     if cfg.records is not None:
         return raw.select(cfg.records[:wanted])

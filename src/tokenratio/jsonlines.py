@@ -1,0 +1,96 @@
+"""JSON-lines preference files read line by line, so that no line, however broken, crashes a run:
+each fault is named by a reason, a file and a line. With data.on_invalid = "error" the first one
+stops the run; with "skip" every one is skipped and counted by reason (data_report.json).
+
+Faults caught here, before any record reaches Arrow: bytes that are not UTF-8, malformed or
+truncated JSON, nesting too deep to parse, a line that is not a JSON object (null, a list, a
+number), lone surrogates, a first record of no known format, and missing fields or fields of the
+wrong type for the file's format (formats.check_types). A UTF-8 byte-order mark is not a fault.
+"""
+
+import gzip
+import json
+import zlib
+from pathlib import Path
+
+from tokenratio.formats import KNOWN_FIELDS, RecordError, check_types, detect_format
+
+BOM = b"\xef\xbb\xbf"
+
+
+class LineFault(ValueError):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason = reason
+
+
+def read_records(path: Path, fmt: str, on_invalid: str, error_type=ValueError):
+    """(records, their line numbers, skipped faults as (reason, 'file, line N: detail')).
+
+    `fmt`: the configured format, or "auto" (the first usable record's). Records keep only the
+    fields some format reads, so unrelated columns of mixed types cannot upset Arrow.
+    """
+    records, numbers, skipped = [], [], []
+    for number, raw in _numbered_lines(path, error_type):
+        try:
+            record = parse_line(raw, first=number == 1)
+            if record is None:
+                continue
+            fmt = detect_format(record) if fmt == "auto" else fmt  # the first usable record's
+            check_types(record, fmt)
+        except (LineFault, RecordError) as fault:
+            where = f"{path}, line {number}: {fault}"
+            if on_invalid == "error":
+                raise error_type(
+                    f"{where}\n(set data.on_invalid=skip to skip and count invalid records)"
+                ) from None
+            skipped.append((fault.reason, where))
+            continue
+        records.append({k: record[k] for k in KNOWN_FIELDS if k in record})
+        numbers.append(number)
+    return records, numbers, skipped
+
+
+def parse_line(raw: bytes, first: bool = False) -> dict | None:
+    """One line's record (None for a blank line), or LineFault."""
+    if first and raw.startswith(BOM):
+        raw = raw[len(BOM) :]
+    if not raw.strip():
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise LineFault("not UTF-8", f"not UTF-8 text (byte {err.start})") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        detail = f"malformed JSON ({err.msg} at column {err.colno}); fix or remove the line"
+        raise LineFault("malformed JSON", detail) from None
+    except RecursionError:
+        raise LineFault("nested too deeply", "JSON nested too deeply to read") from None
+    if not isinstance(record, dict):
+        raise LineFault("not a JSON object", f"expected a JSON object, got {text.strip()!r:.40}")
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LineFault("lone surrogate", "invalid Unicode: a lone surrogate escape") from None
+    except RecursionError:
+        raise LineFault("nested too deeply", "JSON nested too deeply to read") from None
+    return record
+
+
+def is_json_array(path: Path) -> bool:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as handle:
+        return handle.read(64).lstrip(BOM).lstrip()[:1] == b"["
+
+
+def _numbered_lines(path: Path, error_type):
+    opener = gzip.open if path.suffix == ".gz" else open
+    number = 0
+    try:
+        with opener(path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):  # noqa: B007 (used after the loop)
+                yield number, raw
+    except (EOFError, gzip.BadGzipFile, zlib.error) as err:
+        raise error_type(f"{path}: damaged or cut short after line {number} ({err})") from None
