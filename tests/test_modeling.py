@@ -54,6 +54,7 @@ def test_smollm2_trains_on_hh_harmless_pairs(loss, smollm2_dir, tmp_path, capsys
     final = records[-1]
     assert 0.0 <= final["eval_reward_accuracy"] <= 1.0 and final["eval_loss"] > 0
     report = json.loads((out / "data_report.json").read_text())
-    assert report["format"] == "hh" and report["heldout_pairs"] >= 4
+    assert report["format"] == "hh-chat" and report["chat_template"]  # SmolLM2's own template
+    assert report["heldout_pairs"] >= 4
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert model.config.model_type == "llama" and model.num_parameters() > 100e6

@@ -23,7 +23,9 @@ def hh_records(n: int) -> list[dict]:
         return [json.loads(line) for _, line in zip(range(n), handle, strict=False)]
 
 
-def make_tiny_model(directory: Path, vocab_size: int = 384, hidden: int = 32) -> Path:
+def make_tiny_model(
+    directory: Path, vocab_size: int = 384, hidden: int = 32, layers: int = 2
+) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -47,7 +49,7 @@ def make_tiny_model(directory: Path, vocab_size: int = 384, hidden: int = 32) ->
         vocab_size=len(fast),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,

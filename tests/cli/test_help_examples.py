@@ -19,7 +19,11 @@ EXAMPLES = [(c.__name__.rsplit(".", 1)[1], line) for c in COMMANDS for line in c
 
 
 @pytest.fixture(scope="module")
-def workspace(tiny_model_dir, tmp_path_factory):
+def workspace(tmp_path_factory):
+    from tiny import make_tiny_model
+
+    # 4 layers: the shipped CPU configs put LoRA on the last 4 (model.lora_last_layers)
+    tiny_model_dir = make_tiny_model(tmp_path_factory.mktemp("tiny-4-layers"), layers=4)
     root = tmp_path_factory.mktemp("user")
     (root / "shared").symlink_to(REPO.parent / "shared")
     work = root / "work"

@@ -11,7 +11,7 @@ from tokenratio.cli import main
 
 @pytest.fixture
 def stub_server():
-    StubJudge.failures_left, StubJudge.delay, StubJudge.calls = 0, 0.0, 0
+    StubJudge.failures_left, StubJudge.delay, StubJudge.calls, StubJudge.mode = 0, 0.0, 0, ""
     server = ThreadingHTTPServer(("127.0.0.1", 0), StubJudge)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()

@@ -1,6 +1,7 @@
 """`tokenratio eval` end to end, with both judges, on a tiny model and on SmolLM2."""
 
 import json
+import re
 
 import pytest
 
@@ -142,3 +143,26 @@ def test_eval_of_a_run_uses_its_held_out_split_and_warns_about_training_pairs(
     assert f"WARNING: {expected} of the 20 evaluated records are in the training data" in err
     result = json.loads((tmp_path / "file" / "results.json").read_text())["results"][0]
     assert result["trained_on_records"] == expected
+
+
+@pytest.mark.parametrize(
+    "mode, flags, message",
+    [
+        ("zebra", [], r"3 of 3 judge verdicts for base were unparseable"),
+        ("trickle", ["--judge-timeout", "0.3", "--judge-retries", "0"], r"failed 1 times"),
+        ("", ["--judge-deadline", "0.5"], r"deadline \(0.5 s, --judge-deadline\) passed"),
+    ],
+)
+def test_a_failing_judge_keeps_the_other_metrics(
+    tiny_model_dir, hh_jsonl, stub_server, tmp_path, capsys, mode, flags, message
+):
+    StubJudge.mode, StubJudge.delay = mode, (2.0 if not mode else 0.0)
+    out = tmp_path / "eval"
+    args = ["eval", "--model", f"base={tiny_model_dir}", "--reference", str(tiny_model_dir),
+            "--data", str(hh_jsonl), "--num-prompts", "3", "--num-pairs", "4", "--samples", "2",
+            "--max-new-tokens", "4", "--judge", f"openai:{stub_server}", "--out", str(out)]  # fmt: skip
+    assert main([*args, *flags]) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "Traceback" not in err
+    result = json.loads((out / "results.json").read_text())["results"][0]
+    assert "pref_accuracy" in result and "self_bleu" in result and "win_rate" not in result

@@ -33,3 +33,41 @@ def test_reward_model_judge_compares_scores(reward_model_dir):
     assert a != b
     assert judge.compare("Hi", " hello there", " go away") == (1.0 if a > b else 0.0)
     assert judge.compare("Hi", " same", " same") == 0.5
+
+
+@pytest.mark.parametrize(
+    "mode, delay, message",
+    [
+        ("", 30.0, r"failed 2 times; last: no answer within 0.5 s"),  # a server that hangs
+        ("trickle", 0.0, r"failed 2 times; last: no answer within 0.5 s"),  # one byte per 0.2 s
+        ("garbage", 0.0, r"not an OpenAI chat completion \(JSONDecodeError"),
+    ],
+)
+def test_chat_judge_ends_within_its_limits_for_bad_servers(stub_server, mode, delay, message):
+    import time
+
+    StubJudge.mode, StubJudge.delay = mode, delay
+    started = time.monotonic()
+    with pytest.raises(JudgeError, match=message):
+        ChatJudge(stub_server, retries=1, timeout=0.5).compare("p", "a", "b")
+    assert time.monotonic() - started < 3  # 2 tries x 0.5 s + back-off, however the server behaves
+
+
+def test_chat_judge_deadline_bounds_all_judging(stub_server):
+    import time
+
+    StubJudge.delay = 0.3
+    judge = ChatJudge(stub_server, retries=5, timeout=10, deadline=1.0)
+    started = time.monotonic()
+    with pytest.raises(JudgeError, match=r"deadline \(1 s, --judge-deadline\) passed"):
+        for _ in range(20):
+            judge.compare("p", "a", "b")
+    assert time.monotonic() - started < 2.5
+
+
+def test_unparseable_verdicts_are_ties_that_are_counted(stub_server):
+    for mode in ("zebra", "null"):
+        StubJudge.mode = mode
+        judge = ChatJudge(stub_server, retries=0, timeout=5)
+        assert [judge.compare("p", "a", "bb") for _ in range(3)] == [0.5, 0.5, 0.5]
+        assert (judge.unparsed, judge.compared) == (3, 3)

@@ -81,6 +81,15 @@ def resolve_data(args, models) -> tuple[str, tuple[int, ...] | None]:
     return splits[0]["heldout"]["path"], tuple(splits[0]["heldout"]["records"])
 
 
+def judge_options(args) -> dict:
+    """The chat judge's settings from the flags (a reward model takes none)."""
+    if not (args.judge or "").startswith("openai:"):
+        return {}
+    options = {"timeout": args.judge_timeout, "retries": args.judge_retries}
+    options["deadline"] = args.judge_deadline
+    return {**options, "model": args.judge_model} if args.judge_model else options
+
+
 def run(args: argparse.Namespace) -> int:
     from tokenratio.eval.evaluate import EvalConfig, markdown_table, run_eval
     from tokenratio.data import DataError
@@ -106,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             beta=beta,
             judge=args.judge,
             versus=args.versus,
-            judge_options={"model": args.judge_model} if args.judge_model else {},
+            judge_options=judge_options(args),
         )
         results = run_eval(cfg, Path(args.out))
     except (JudgeError, DataError, ValueError, OSError) as err:
@@ -142,6 +151,16 @@ def add_parser(sub) -> None:
     ev.add_argument("--beta", type=float, help="for implicit rewards (default: the runs', or 0.1)")
     ev.add_argument("--judge", help="reward-model:PATH or openai:URL")
     ev.add_argument("--judge-model", help="model name sent to an OpenAI-compatible judge")
+    ev.add_argument(
+        "--judge-timeout", type=float, default=60.0, help="seconds per judge request (60)"
+    )
+    ev.add_argument("--judge-retries", type=int, default=3, help="retries per request (3)")
+    ev.add_argument(
+        "--judge-deadline",
+        type=float,
+        default=1800.0,
+        help="seconds for all judging; past it the run stops, metrics kept (1800)",
+    )
     ev.add_argument(
         "--versus",
         default="dataset",

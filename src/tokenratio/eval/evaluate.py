@@ -227,15 +227,38 @@ def judge_all(results: list[dict], cfg: EvalConfig) -> None:
         else:
             baseline = [group[0] for group in by_name[cfg.versus]["samples"]]
         ours = [group[0] for group in result["samples"]]
+        unparsed_before = getattr(judge, "unparsed", 0)
         outcomes = [
             judge.compare(prompt, a, b)
             for prompt, a, b in zip(result["prompt_texts"], ours, baseline, strict=True)
         ]
+        _check_verdicts(result, getattr(judge, "unparsed", 0) - unparsed_before, len(outcomes))
         result["win_rate"] = metrics.win_rate(outcomes)
         result["lc_win_rate"] = metrics.length_controlled_win_rate(
             outcomes,
             [len(metrics.words(a)) for a in ours],
             [len(metrics.words(b)) for b in baseline],
+        )
+
+
+MAX_UNPARSED = 0.2  # more unparseable verdicts than this fraction fails the judging
+
+
+def _check_verdicts(result: dict, unparsed: int, total: int) -> None:
+    """Verdicts that were neither A nor B counted as ties: recorded, warned, fatal past 20%."""
+    from tokenratio.eval.judges import JudgeError
+
+    result["judge_unparsed"] = unparsed
+    if unparsed:
+        print(
+            f"WARNING: {unparsed} of {total} judge verdicts for {result['name']} were neither A "
+            "nor B (counted as ties)",
+            file=sys.stderr,
+        )
+    if unparsed > MAX_UNPARSED * total:
+        raise JudgeError(
+            f"{unparsed} of {total} judge verdicts for {result['name']} were unparseable; check "
+            "that the judge answers A or B (the metrics without the judge are written)"
         )
 
 
@@ -305,11 +328,18 @@ def run_eval(cfg: EvalConfig, out: Path) -> list[dict]:
     for result in results:
         if result["name"] in overlap:
             result["trained_on_records"] = overlap[result["name"]]
+    write_results(cfg, results, out)  # first without the judge: a judge failure loses nothing
     if cfg.judge:
         judge_all(results, cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(
-        json.dumps({"config": asdict(cfg), "results": results}, indent=1)
-    )
-    (out / "results.md").write_text(markdown_table(results) + "\n")
+        write_results(cfg, results, out)
     return results
+
+
+def write_results(cfg: EvalConfig, results: list[dict], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    for name, text in (
+        ("results.json", json.dumps({"config": asdict(cfg), "results": results}, indent=1)),
+        ("results.md", markdown_table(results) + "\n"),
+    ):
+        (out / f"{name}.tmp").write_text(text)
+        (out / f"{name}.tmp").replace(out / name)

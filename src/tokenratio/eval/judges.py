@@ -7,6 +7,7 @@ Spec strings (the CLI's --judge): "reward-model:PATH" or "openai:URL" (URL up to
 import json
 import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -55,8 +56,11 @@ class ChatJudge:
     """Asks an OpenAI-compatible /chat/completions endpoint which response is better.
 
     The order of the two responses is randomised per comparison (seeded) against position bias.
-    Timeouts and 5xx answers are retried with exponential back-off; an unreachable server or a
-    4xx answer raises JudgeError at once.
+    Each request has a wall-clock limit (`timeout`: a server that trickles bytes is cut off too,
+    not only a silent one); timeouts and 5xx answers are retried with exponential back-off; an
+    unreachable server or a 4xx answer raises JudgeError at once; `deadline` bounds the whole
+    judging. A verdict that is neither A nor B (or no text at all) counts as a tie and is counted
+    in `unparsed`.
     """
 
     def __init__(
@@ -66,12 +70,15 @@ class ChatJudge:
         api_key: str | None = None,
         timeout: float = 60.0,
         retries: int = 3,
+        deadline: float = 1800.0,
         seed: int = 0,
     ):
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.retries = model, timeout, retries
         self.api_key = api_key or os.environ.get("OPENAI_API_KEY", "")
         self.random = random.Random(seed)
+        self.deadline = time.monotonic() + deadline
+        self.deadline_s, self.unparsed, self.compared = deadline, 0, 0
 
     def _ask(self, messages: list[dict]) -> str:
         body = json.dumps(
@@ -82,10 +89,15 @@ class ChatJudge:
             headers["Authorization"] = f"Bearer {self.api_key}"
         last = None
         for attempt in range(self.retries + 1):
+            limit = min(self.timeout, self.deadline - time.monotonic())
+            if limit <= 0:
+                raise JudgeError(
+                    f"judge {self.endpoint}: the judging deadline ({self.deadline_s:g} s, "
+                    "--judge-deadline) passed; the metrics without the judge are written"
+                )
             request = urllib.request.Request(self.endpoint, data=body, headers=headers)
             try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    return json.load(response)["choices"][0]["message"]["content"]
+                return _content(_within(limit, lambda: _post(request, limit)))
             except urllib.error.HTTPError as err:
                 if err.code < 500:
                     raise JudgeError(
@@ -99,11 +111,12 @@ class ChatJudge:
                         "the server or check --judge"
                     ) from None
                 last = str(err.reason)
-            except TimeoutError:
-                last = f"no answer within {self.timeout:g} s"
-            except (KeyError, IndexError, json.JSONDecodeError) as err:
+            except (TimeoutError, OSError):
+                last = f"no answer within {limit:g} s"
+            except (KeyError, IndexError, TypeError, ValueError) as err:
                 raise JudgeError(
-                    f"judge {self.endpoint} sent an unexpected reply ({err})"
+                    f"judge {self.endpoint} sent a reply that is not an OpenAI chat completion "
+                    f"({type(err).__name__}: {err})"
                 ) from None
             if attempt < self.retries:
                 time.sleep(0.25 * 2**attempt)
@@ -116,17 +129,50 @@ class ChatJudge:
             f"Conversation:\n{prompt}\n\nResponse A:\n{first}\n\nResponse B:\n{second}\n\n"
             "Which response is better? Answer A or B."
         )
-        answer = (
-            self._ask(
-                [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
-            )
-            .strip()
-            .upper()[:1]
+        text = self._ask(
+            [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
         )
+        self.compared += 1
+        answer = (text or "").strip().upper()[:1]
         if answer not in ("A", "B"):
+            self.unparsed += 1
             return 0.5
         first_wins = answer == "A"
         return float(first_wins != swapped)
+
+
+def _post(request, limit: float) -> bytes:
+    with urllib.request.urlopen(request, timeout=limit) as response:
+        return response.read()
+
+
+def _within(seconds: float, work):
+    """`work()`'s result, or TimeoutError after `seconds` of wall-clock time (the request runs in
+    a daemon thread: a server that keeps sending a byte at a time cannot hold the caller)."""
+    box = {}
+
+    def run():
+        try:
+            box["value"] = work()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            box["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+def _content(raw: bytes) -> str | None:
+    """The first choice's message text (None when the server sent null)."""
+    content = json.loads(raw)["choices"][0]["message"]["content"]
+    if content is not None and not isinstance(content, str):
+        raise TypeError(f"content is {type(content).__name__}")
+    return content
 
 
 def make_judge(spec: str, **kwargs):
