@@ -95,7 +95,12 @@ def default_device(cpu: bool = False) -> torch.device:
 
 def check_local_path(path: str) -> None:
     """A path that looks local and does not exist fails at once, instead of in hub retries."""
-    looks_local = path.startswith((".", "/", "~")) or path.count("/") > 1
+    first = Path(path).expanduser().parts[0] if path else ""
+    looks_local = (
+        path.startswith((".", "/", "~"))
+        or path.count("/") > 1
+        or ("/" in path and Path(first).is_dir())  # runs/x, models/x: not a hub id
+    )
     if looks_local and not Path(path).expanduser().exists():
         raise FileNotFoundError(f"model path {path} does not exist")
 

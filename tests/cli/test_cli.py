@@ -81,3 +81,20 @@ def test_eval_reads_beta_and_reference_from_the_runs_and_flags_override(tmp_path
     fake_run(tmp_path / "c", 1.0, "models/base")
     with pytest.raises(ValueError, match="disagree on beta"):
         resolve_models(args(f"x={a}", f"z={tmp_path / 'c'}"))
+
+
+@pytest.mark.parametrize("path", ["runs/missing-run", "./missing", "/no/such/model", "a/b/c"])
+def test_local_looking_model_paths_that_do_not_exist_fail_at_once(path, tmp_path, monkeypatch, capsys):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # even online: never sent to the hub
+    started = time.perf_counter()
+    assert main(["eval", "--model", f"x={path}", "--data", "d.jsonl", "--num-prompts", "0"]) == 1
+    assert main(["train", "--set", f"model.name_or_path={path}", "--set", "data.path=d.jsonl",
+                 "--set", f"train.output_dir={tmp_path / 'out'}"]) == 1  # fmt: skip
+    assert time.perf_counter() - started < 5
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"tokenratio eval: model path {path} does not exist",
+                   f"tokenratio train: model path {path} does not exist"]  # fmt: skip

@@ -94,9 +94,12 @@ def run(args: argparse.Namespace) -> int:
     from tokenratio.eval.evaluate import EvalConfig, markdown_table, run_eval
     from tokenratio.data import DataError
     from tokenratio.eval.judges import JudgeError
+    from tokenratio.modeling import check_local_path
 
     try:
         models, reference, beta, chat_template = resolve_models(args)
+        for path in [p for _, p in models] + [reference] * bool(reference):
+            check_local_path(path)  # every path before anything loads
         data, records = resolve_data(args, models)
         cfg = EvalConfig(
             models=models,
