@@ -174,3 +174,30 @@ def test_a_tracker_that_is_not_installed_is_an_error_at_start(
     assert train(tiny_model_dir, hh_jsonl, tmp_path / "run", **{"train.report_to": ["wandb"]}) == 1
     assert time.perf_counter() - started < 5 and not (tmp_path / "run").exists()
     assert "asks for wandb, which is not installed" in capsys.readouterr().err
+
+
+def test_a_full_disk_keeps_the_last_good_checkpoint_and_says_so(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys, monkeypatch
+):
+    import errno
+
+    from accelerate import Accelerator
+
+    out, real = tmp_path / "run", Accelerator.save_state
+    calls = []
+
+    def save_state(self, output_dir=None, **kwargs):
+        calls.append(output_dir)
+        if len(calls) == 2:  # the second checkpoint: the disk is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, output_dir=output_dir, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "save_state", save_state)
+    assert train(tiny_model_dir, hh_jsonl, out) == 1
+    err = capsys.readouterr().err
+    good = out / "checkpoints" / "step-000002"
+    assert f"could not write the checkpoint of step 4 (No space left on device); the last good " \
+           f"checkpoint is {good}" in err and "Traceback" not in err  # fmt: skip
+    monkeypatch.setattr(Accelerator, "save_state", real)
+    assert train(tiny_model_dir, hh_jsonl, out, "--resume") == 0
+    assert steps(out) == [1, 2, 3, 4, 5]

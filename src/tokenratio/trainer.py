@@ -433,10 +433,23 @@ def _after_step(cfg, step: Step, heldout_loader, state, total_steps, window, bar
         _log(accelerator, out / "metrics.jsonl", {"step": n, **evaluate(step, heldout_loader)})
         _draw_curves(accelerator, cfg)
     if cfg.train.save_every and n % cfg.train.save_every == 0:
-        checkpoint.save(
-            accelerator, out / "checkpoints", n, state, cfg.train.keep_checkpoints, step.scheduler
-        )
+        _save_checkpoint(cfg, step, state, out / "checkpoints")
     return record
+
+
+def _save_checkpoint(cfg, step: Step, state: dict, root: Path) -> None:
+    """A full disk (or any write error) stops the run with one line naming the last good
+    checkpoint; the half-written one never replaces it (checkpoint.save renames only when done)."""
+    try:
+        checkpoint.save(
+            step.accelerator, root, state["step"], state, cfg.train.keep_checkpoints, step.scheduler
+        )
+    except OSError as err:
+        raise TrainingError(
+            f"could not write the checkpoint of step {state['step']} ({err.strerror or err}); the "
+            f"last good checkpoint is {checkpoint.latest(root) or 'none'}: free some space and "
+            "run again with --resume"
+        ) from None
 
 
 def _draw_curves(accelerator, cfg) -> None:
