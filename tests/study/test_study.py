@@ -2,6 +2,7 @@
 structure, disjoint splits, and a rerun that finds everything done."""
 
 import json
+import re
 
 import pytest
 
@@ -67,6 +68,8 @@ def test_study_runs_selects_lr_evaluates_on_test_and_reports(
     assert report["command"].startswith("tokenratio study")
     markdown = (out / "report.md").read_text()
     assert "| method | n | test acc." in markdown and "Learning-rate selection" in markdown
+    assert "## Every run" in markdown
+    assert re.search(r"\| dpo-b0\.1-lr0\.0?01-s0 \| 0 \| 0\.0?01 \| 0\.\d+ \| 0\.\d+ ± ", markdown)
     for name in ("accuracy_vs_kl.png", "entropy_vs_self_bleu.png", "training_curves.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
 

@@ -109,6 +109,29 @@ def _per_seed(results: list[dict]) -> str:
     return f" Seed by seed (95% over the test pairs): {', '.join(cells)}." if cells else ""
 
 
+def runs_table(chosen: dict, tested: dict) -> str:
+    """Every tested run on its own: seed, lr, validation accuracy, and its test metrics with 95%
+    intervals over the test pairs (what two seeds cannot show in the summary)."""
+    lines = [
+        "| run | seed | lr | valid acc. | test acc. | margin | KL/token |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    records = {r["name"]: r for s in chosen.values() for r in s["tried"] + s["runs"]}
+    for results in tested.values():
+        for result in results:
+            run = records.get(result["name"], {})
+            cells = [
+                f"{result[k][0]:.{d}f} ± {1.96 * result[k][1]:.{d}f}" if k in result else "-"
+                for k, d in (("pref_accuracy", 3), ("reward_margin", 3), ("kl_per_token", 4))
+            ]
+            valid = run.get("valid_accuracy")
+            lines.append(
+                f"| {result['name']} | {run.get('seed', '-')} | {run.get('lr', '-')} | "
+                f"{'-' if valid is None else f'{valid:.3f}'} | " + " | ".join(cells) + " |"
+            )
+    return "\n".join(lines)
+
+
 def selection_table(chosen: dict) -> str:
     lines = ["| method | beta | lr tried: validation accuracy | chosen lr |", "|---|---|---|---|"]
     for (method, beta), selection in chosen.items():
@@ -153,6 +176,10 @@ model. KL/token: KL(pi || pi_ref) per response token, teacher-forced on the test
 {markdown_table(rows)}
 
 {verdict(rows, study.check_method, report["results"])}
+
+## Every run
+
+{runs_table(chosen, report["results"])}
 
 ![accuracy vs KL](accuracy_vs_kl.png)
 ![entropy vs self-BLEU](entropy_vs_self_bleu.png)
