@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The checks that need a GPU, as one script for a lent machine (device README: 15 minutes in all).
+#   bash scripts/gpu_check.sh OUT_DIR
+# Needs torch with CUDA, transformers, accelerate and peft (the device image has them), and TRL for
+# the perf rows against TRL (carry its wheel). Each part has its own timeout and writes into OUT_DIR
+# as it finishes, so a part that runs long still leaves the others' results.
+#   1. FSDP (configs/accelerate/fsdp.yaml settings, 1 process, fp32) against a plain 1-process run
+#      of the same config on a tiny model: the same loss curve. (Accelerate has no FSDP on CPUs.)
+#   2. tokenratio perf on the SmolLM2-135M shape, bf16: our dpo/tbpo rows against TRL.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:?give an output directory}
+mkdir -p "$OUT"
+python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" || {
+  echo "gpu_check: no CUDA device" | tee "$OUT/gpu_check.txt"; exit 2; }
+export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="src:tests:${PYTHONPATH:-}"
+nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt"
+
+python - "$OUT" <<'PY'
+import sys
+from pathlib import Path
+from tiny import make_tiny_model, write_hh_jsonl
+out = Path(sys.argv[1])
+make_tiny_model(out / "tiny"); write_hh_jsonl(out / "hh.jsonl", 96)
+PY
+COMMON=(--set model.name_or_path="$OUT/tiny" --set data.path="$OUT/hh.jsonl" --set data.on_invalid=skip
+        --set data.max_length=256 --set data.max_prompt_length=128 --set loss.name=tbpo-q
+        --set train.optimizer=adamw --set train.lr=1e-3 --set train.max_steps=6 --set train.batch_size=4
+        --no-progress)
+timeout 180 python -m tokenratio.cli train "${COMMON[@]}" --set train.output_dir="$OUT/plain" \
+  > "$OUT/plain.log" 2>&1
+timeout 240 accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
+  --mixed_precision no -m tokenratio.cli train "${COMMON[@]}" --set train.output_dir="$OUT/fsdp" \
+  > "$OUT/fsdp.log" 2>&1
+python - "$OUT" <<'PY' | tee "$OUT/fsdp_check.txt"
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def losses(run):
+    path = out / run / "metrics.jsonl"
+    return [json.loads(l).get("loss") for l in path.read_text().splitlines()] if path.exists() else None
+plain, fsdp = losses("plain"), losses("fsdp")
+same = plain and fsdp and all(abs((a or 0) - (b or 0)) < 1e-4 for a, b in zip(plain, fsdp))
+print(f"FSDP vs plain: {'the same loss curve' if same else 'DIFFERENT or failed'}\nplain {plain}\nfsdp  {fsdp}")
+PY
+
+timeout 540 python -m tokenratio.cli perf --model smollm2-135m --device cuda --dtype bf16 \
+  --rows dpo tbpo-a tbpo-q trl --steps 10 --warmup 3 --repeats 2 --out "$OUT/perf" \
+  > "$OUT/perf.log" 2>&1
+tail -20 "$OUT/perf.log"
