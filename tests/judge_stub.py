@@ -28,7 +28,9 @@ class StubJudge(BaseHTTPRequestHandler):
         text = body["messages"][-1]["content"]
         a = text.split("Response A:\n")[1].split("\n\nResponse B:")[0]
         b = text.split("Response B:\n")[1].split("\n\nWhich response")[0]
-        verdict = {"null": None, "zebra": "Zebra"}.get(StubJudge.mode, "A" if len(a) >= len(b) else "B")
+        verdict = {"null": None, "zebra": "Zebra"}.get(
+            StubJudge.mode, "A" if len(a) >= len(b) else "B"
+        )
         data = json.dumps({"choices": [{"message": {"content": verdict}}]}).encode()
         if StubJudge.mode == "garbage":
             data = b"<html>gateway says hello</html>"

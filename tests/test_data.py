@@ -259,6 +259,10 @@ def test_pair_lengths_counts_the_prompt_and_the_longer_response():
     from datasets import Dataset
 
     data = Dataset.from_dict(
-        {"prompt_ids": [[1, 2], [1]], "chosen_ids": [[3], [4, 5, 6]], "rejected_ids": [[7, 8, 9], [2]]}
+        {
+            "prompt_ids": [[1, 2], [1]],
+            "chosen_ids": [[3], [4, 5, 6]],
+            "rejected_ids": [[7, 8, 9], [2]],
+        }
     )
     assert pair_lengths(data) == [5, 4]

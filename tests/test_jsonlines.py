@@ -57,8 +57,11 @@ def hh_faults(good: dict) -> dict[str, list[bytes]]:
         "not UTF-8": [text.replace(b'"chosen": "', b'"chosen": "\xff\xfe', 1)],
         "lone surrogate": [text.replace(b'"chosen": "', b'"chosen": "\\ud800', 1)],
         "nested too deeply": [b"[" * 200_000 + b"]" * 200_000 + b"\n"],
-        "chosen: not a str": [line({**good, "chosen": 7}), line({**good, "chosen": ["a"]}),
-                              line({**good, "chosen": False})],  # fmt: skip
+        "chosen: not a str": [
+            line({**good, "chosen": 7}),
+            line({**good, "chosen": ["a"]}),
+            line({**good, "chosen": False}),
+        ],
         "chosen: missing": [line({**good, "chosen": None}), line({"rejected": good["rejected"]})],
         "rejected: missing": [line({"chosen": good["chosen"]})],
         "chosen: empty response": [line(empty)],

@@ -12,8 +12,8 @@ import sys
 import time
 
 import pytest
-from test_trainer import _cli, overrides, run
 
+from test_trainer import _cli, overrides, run
 from tokenratio.cli import main
 from tokenratio.rundir import COMPLETE, LOCK, is_complete
 
@@ -21,7 +21,9 @@ FAST = {"loss.name": "dpo", "train.max_steps": 5, "train.save_every": 2}
 
 
 def train(model, data, out, *flags, **extra):
-    return main(["train", *overrides(model, data, out, **{**FAST, **extra}), *flags, "--no-progress"])
+    return main(
+        ["train", *overrides(model, data, out, **{**FAST, **extra}), *flags, "--no-progress"]
+    )
 
 
 def steps(out):
@@ -48,7 +50,9 @@ def test_a_directory_holding_a_run_needs_resume_or_overwrite(
     assert (out / "metrics.jsonl").read_text() == before  # no work, no second evaluation
 
 
-def test_resume_with_nothing_to_resume_says_so_and_starts(tiny_model_dir, hh_jsonl, tmp_path, capsys):
+def test_resume_with_nothing_to_resume_says_so_and_starts(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys
+):
     out = tmp_path / "fresh"
     assert train(tiny_model_dir, hh_jsonl, out, "--resume") == 0
     assert "nothing to resume" not in capsys.readouterr().out  # an empty directory: just start
@@ -147,7 +151,9 @@ def test_checkpoints_hold_no_reference_weights(tiny_model_dir, hh_jsonl, tmp_pat
     assert (latest / "model.safetensors").stat().st_size < 1.1 * policy_bytes
 
 
-def test_sigkill_during_the_final_save_never_leaves_a_half_model(tiny_model_dir, hh_jsonl, tmp_path):
+def test_sigkill_during_the_final_save_never_leaves_a_half_model(
+    tiny_model_dir, hh_jsonl, tmp_path
+):
     out = tmp_path / "killed"
     args = overrides(tiny_model_dir, hh_jsonl, out, **{**FAST, "train.max_steps": 3})
     proc = subprocess.Popen(_cli(*args), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -19,6 +19,8 @@ STATE_NAME = "trainer_state.json"
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be loaded (damaged, crafted, or from another config)."""
+
+
 PATTERN = re.compile(r"^step-(\d+)$")
 
 

@@ -158,8 +158,6 @@ def _reasons(skipped: list) -> str:
     return ", ".join(f"{n} {reason}" for reason, n in counts.most_common())
 
 
-
-
 def _token_weights(record: dict, field: str, kept: int, full: int) -> list[float]:
     """A record's per-token weights for a response of `full` tokens of which `kept` survive the
     length policy: at least `kept` and at most `full` finite numbers >= 0, cut to `kept`."""
@@ -350,7 +348,9 @@ def pair_lengths(dataset) -> list[int]:
     """Each pair's longest row: prompt plus its longer response, in tokens."""
     return [
         len(p) + max(len(c), len(r))
-        for p, c, r in zip(dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"])
+        for p, c, r in zip(
+            dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True
+        )
     ]
 
 

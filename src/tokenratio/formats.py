@@ -119,7 +119,10 @@ def hh_messages(prompt: str) -> list[dict]:
     parts = HH_TURN.split(prompt)  # ['', 'Human', ' a', 'Assistant', ' b', ..., 'Assistant', '']
     if parts[0].strip() or len(parts) < 5:
         raise RecordError("chosen", "expected '\n\nHuman: ...' turns before the response")
-    turns = [{"role": HH_ROLES[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    turns = [
+        {"role": HH_ROLES[r], "content": c.strip()}
+        for r, c in zip(parts[1::2], parts[2::2], strict=False)
+    ]
     turns.pop()  # the assistant turn the response fills (hh() cut the prompt there)
     if turns[0]["role"] != "user":
         raise RecordError("chosen", "the dialogue does not start with a 'Human:' turn")

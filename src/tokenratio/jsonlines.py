@@ -18,7 +18,7 @@ from tokenratio.formats import KNOWN_FIELDS, RecordError, check_types, detect_fo
 BOM = b"\xef\xbb\xbf"
 
 
-class LineFault(ValueError):
+class LineFaultError(ValueError):
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
         self.reason = reason
@@ -38,7 +38,7 @@ def read_records(path: Path, fmt: str, on_invalid: str, error_type=ValueError):
                 continue
             fmt = detect_format(record) if fmt == "auto" else fmt  # the first usable record's
             check_types(record, fmt)
-        except (LineFault, RecordError) as fault:
+        except (LineFaultError, RecordError) as fault:
             where = f"{path}, line {number}: {fault}"
             if on_invalid == "error":
                 raise error_type(
@@ -52,7 +52,7 @@ def read_records(path: Path, fmt: str, on_invalid: str, error_type=ValueError):
 
 
 def parse_line(raw: bytes, first: bool = False) -> dict | None:
-    """One line's record (None for a blank line), or LineFault."""
+    """One line's record (None for a blank line), or LineFaultError."""
     if first and raw.startswith(BOM):
         raw = raw[len(BOM) :]
     if not raw.strip():
@@ -60,22 +60,24 @@ def parse_line(raw: bytes, first: bool = False) -> dict | None:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise LineFault("not UTF-8", f"not UTF-8 text (byte {err.start})") from None
+        raise LineFaultError("not UTF-8", f"not UTF-8 text (byte {err.start})") from None
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
         detail = f"malformed JSON ({err.msg} at column {err.colno}); fix or remove the line"
-        raise LineFault("malformed JSON", detail) from None
+        raise LineFaultError("malformed JSON", detail) from None
     except RecursionError:
-        raise LineFault("nested too deeply", "JSON nested too deeply to read") from None
+        raise LineFaultError("nested too deeply", "JSON nested too deeply to read") from None
     if not isinstance(record, dict):
-        raise LineFault("not a JSON object", f"expected a JSON object, got {text.strip()!r:.40}")
+        raise LineFaultError(
+            "not a JSON object", f"expected a JSON object, got {text.strip()!r:.40}"
+        )
     try:
         json.dumps(record, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise LineFault("lone surrogate", "invalid Unicode: a lone surrogate escape") from None
+        raise LineFaultError("lone surrogate", "invalid Unicode: a lone surrogate escape") from None
     except RecursionError:
-        raise LineFault("nested too deeply", "JSON nested too deeply to read") from None
+        raise LineFaultError("nested too deeply", "JSON nested too deeply to read") from None
     return record
 
 
@@ -90,7 +92,7 @@ def _numbered_lines(path: Path, error_type):
     number = 0
     try:
         with opener(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):  # noqa: B007 (used after the loop)
+            for number, raw in enumerate(handle, start=1):
                 yield number, raw
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise error_type(f"{path}: damaged or cut short after line {number} ({err})") from None

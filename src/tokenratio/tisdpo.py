@@ -123,9 +123,7 @@ def score_file(cfg, data_path: str, models, tokenizer, target: Path, meta: dict,
     ):
         print(f"tisdpo: weights found in {target}")
         return
-    raw = load_raw(
-        data_path, cfg.data.split, cfg.data.limit, cfg.data.on_invalid, cfg.data.format
-    )
+    raw = load_raw(data_path, cfg.data.split, cfg.data.limit, cfg.data.on_invalid, cfg.data.format)
     tokenized, report = tokenize_dataset(raw, tokenizer, replace(cfg.data, swap_preferences=False))
     contrasts = token_contrasts(
         *models, tokenized, tokenizer.pad_token_id, cfg.tisdpo.score_batch_size, progress
@@ -172,7 +170,9 @@ def run_tisdpo(cfg, *, score_only: bool = False, progress: bool = True) -> dict:
     if score_only:
         return scored
     if is_complete(out / "final"):
-        print(f"tisdpo: {out}/final is complete: nothing to do (pick another train.output_dir to retrain)")
+        print(
+            f"tisdpo: {out}/final is complete: nothing to do (pick another train.output_dir to retrain)"
+        )
         return {"step": None, "final": str(out / "final")}
     # The config's loss options carry over when they are TIS-DPO's own (a weighted loss).
     options = dict(cfg.loss.options) if LOSSES[cfg.loss.name].weights else {}

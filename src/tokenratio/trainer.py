@@ -19,7 +19,6 @@ from torch.utils.data import DataLoader
 
 from tokenratio import checkpoint, rundir
 from tokenratio.curves import plot_run
-from tokenratio.provenance import SPLITS_NAME, splits_record
 from tokenratio.data import (
     collate,
     length_grouped_order,
@@ -29,6 +28,7 @@ from tokenratio.data import (
 )
 from tokenratio.losses import LOSSES, Loss, Needs, reduce
 from tokenratio.modeling import build_models, has_accelerator, load_tokenizer, save_final
+from tokenratio.provenance import SPLITS_NAME, splits_record
 from tokenratio.scoring import adapter_reference, frozen_reference, score_pairs
 
 
@@ -326,7 +326,8 @@ def _set_learning_rates(step: Step, cfg) -> None:
     scheduler = step.scheduler
     scheduler.base_lrs = [cfg.train.lr for _ in scheduler.base_lrs]
     groups = step.optimizers[0].param_groups
-    for group, factor in zip(groups, (f(scheduler.last_epoch) for f in scheduler.lr_lambdas)):
+    factors = [f(scheduler.last_epoch) for f in scheduler.lr_lambdas]
+    for group, factor in zip(groups, factors, strict=True):
         group["initial_lr"], group["lr"] = cfg.train.lr, cfg.train.lr * factor
     scheduler._last_lr = [group["lr"] for group in groups]
     for group in step.optimizers[1].param_groups if len(step.optimizers) > 1 else ():

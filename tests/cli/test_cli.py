@@ -84,7 +84,9 @@ def test_eval_reads_beta_and_reference_from_the_runs_and_flags_override(tmp_path
 
 
 @pytest.mark.parametrize("path", ["runs/missing-run", "./missing", "/no/such/model", "a/b/c"])
-def test_local_looking_model_paths_that_do_not_exist_fail_at_once(path, tmp_path, monkeypatch, capsys):
+def test_local_looking_model_paths_that_do_not_exist_fail_at_once(
+    path, tmp_path, monkeypatch, capsys
+):
     import time
 
     monkeypatch.chdir(tmp_path)

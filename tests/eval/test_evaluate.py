@@ -119,7 +119,6 @@ def test_eval_of_a_run_uses_its_held_out_split_and_warns_about_training_pairs(
     tiny_model_dir, hh_jsonl, tmp_path, capsys
 ):
     from test_trainer import run
-
     from tokenratio.provenance import read_splits
 
     out = tmp_path / "run"

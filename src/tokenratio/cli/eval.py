@@ -91,8 +91,8 @@ def judge_options(args) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenratio.eval.evaluate import EvalConfig, markdown_table, run_eval
     from tokenratio.data import DataError
+    from tokenratio.eval.evaluate import EvalConfig, markdown_table, run_eval
     from tokenratio.eval.judges import JudgeError
     from tokenratio.modeling import check_local_path
 

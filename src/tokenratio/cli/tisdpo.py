@@ -44,8 +44,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args, "tisdpo", models)
     if cfg is None:
         return 2
-    from tokenratio.cli.train import summary
     from tokenratio.checkpoint import CheckpointError
+    from tokenratio.cli.train import summary
     from tokenratio.rundir import RunDirError
     from tokenratio.tisdpo import run_tisdpo
     from tokenratio.trainer import TrainingError

@@ -124,7 +124,9 @@ def render_png(credits: dict, path: Path, width_chars: int = 90, prompt_lines: i
             row.append((text, t["credit"]))
             used += len(text)
         lines.append(row)
-    legend = f"green: raised by the policy over the reference, red: lowered (beta = {credits['beta']:g})"
+    legend = (
+        f"green: raised by the policy over the reference, red: lowered (beta = {credits['beta']:g})"
+    )
     lines.append([(legend, "prompt")])
     height = 0.3 * (len(lines) + 2) + 0.4
     fig = plt.figure(figsize=(width_chars * 0.09, height))

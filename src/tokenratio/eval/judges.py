@@ -4,6 +4,7 @@
 Spec strings (the CLI's --judge): "reward-model:PATH" or "openai:URL" (URL up to /v1).
 """
 
+import functools
 import json
 import os
 import random
@@ -97,7 +98,7 @@ class ChatJudge:
                 )
             request = urllib.request.Request(self.endpoint, data=body, headers=headers)
             try:
-                return _content(_within(limit, lambda: _post(request, limit)))
+                return _content(_within(limit, functools.partial(_post, request, limit)))
             except urllib.error.HTTPError as err:
                 if err.code < 500:
                     raise JudgeError(
@@ -154,7 +155,7 @@ def _within(seconds: float, work):
     def run():
         try:
             box["value"] = work()
-        except BaseException as err:  # noqa: BLE001 - handed to the caller
+        except BaseException as err:
             box["error"] = err
 
     thread = threading.Thread(target=run, daemon=True)
