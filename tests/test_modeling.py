@@ -58,3 +58,20 @@ def test_smollm2_trains_on_hh_harmless_pairs(loss, smollm2_dir, tmp_path, capsys
     assert report["heldout_pairs"] >= 4
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert model.config.model_type == "llama" and model.num_parameters() > 100e6
+
+
+def test_checkpoints_load_in_float32_on_a_cpu_whatever_they_were_saved_in(tmp_path):
+    """A bf16 checkpoint (convert-gguf's default) runs ~100x slower in bf16 than in fp32 on a CPU
+    without native bf16: eval and explain found the study's reference taking minutes per batch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tiny import make_tiny_model
+    from tokenratio.modeling import load_pretrained
+
+    path = make_tiny_model(tmp_path / "tiny")
+    AutoModelForCausalLM.from_pretrained(path).to(torch.bfloat16).save_pretrained(path)
+    model, _, _ = load_pretrained(str(path), device="cpu")
+    assert next(model.parameters()).dtype == torch.float32
+    model, _, _ = load_pretrained(str(path), device="cpu", dtype="bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16

@@ -107,15 +107,18 @@ def check_local_path(path: str) -> None:
 
 def load_pretrained(path: str, device=None, dtype: str = "auto"):
     """A saved model (and its TBPO-Q head, if saved beside it) and tokenizer, in eval mode, on
-    `device` (default: the one Accelerate picks, so eval, explain and scoring use the GPU).
+    `device` (default: the one Accelerate picks, so eval, explain and scoring use the GPU), in
+    `dtype` ("auto": the checkpoint's own on an accelerator, float32 on a CPU).
 
     Returns:
         (model, tokenizer, head or None)
     """
     from tokenratio.config import ModelConfig
 
-    cfg = ModelConfig(name_or_path=path, dtype=dtype)
     device = default_device() if device is None else device
+    if dtype == "auto":  # a CPU without native bf16 runs a bf16 checkpoint ~100x slower than fp32
+        dtype = "float32" if torch.device(device).type == "cpu" else "auto"
+    cfg = ModelConfig(name_or_path=path, dtype=dtype)
     model = load_causal_lm(cfg).to(device).eval()
     head = None
     if (Path(path) / CONFIG_NAME).exists():
