@@ -40,7 +40,7 @@ def test_pipeline_scores_tokens_trains_tisdpo_and_resumes(
     assert 80 <= len(scored) <= 96  # the valid records (overlong prompts skipped)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     for record in scored[:3]:
-        ids = tokenize_record(record, "hh", tokenizer, 384, 256)
+        ids = tokenize_record(record, "hh-chat", tokenizer, 384, 256)  # the tiny chat template
         for side in ("chosen", "rejected"):
             expected = naive_response_logps(
                 positive, ids["prompt_ids"], ids[f"{side}_ids"]
@@ -68,7 +68,7 @@ def test_pipeline_scores_tokens_trains_tisdpo_and_resumes(
     assert main(["tisdpo", *args, "--no-progress"]) == 0  # everything done: every stage skips
     out = capsys.readouterr().out
     assert out.count("contrast model found") == 2 and "weights found" in out
-    assert "final exists" in out
+    assert "final is complete: nothing to do" in out
 
 
 def test_training_tisdpo_on_unscored_data_says_how_to_score(

@@ -68,7 +68,7 @@ def test_every_loss_trains_and_loads_back(loss, tiny_model_dir, hh_jsonl, tmp_pa
     ]
     assert any(changed)
     report = json.loads((tmp_path / "data_report.json").read_text())
-    assert report["format"] == "hh" and report["train_pairs"] > 16
+    assert report["format"] == "hh-chat" and report["train_pairs"] > 16  # the tiny chat template
     if loss == "tbpo-q":
         from tokenratio.baseline import StateBaselineHead
 
