@@ -14,8 +14,9 @@ SPLITS_NAME = "splits.json"
 
 
 def fingerprint(record: dict) -> str:
-    text = json.dumps(record, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha1(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+    """A record's content hash (also the study's split hashes, so they stay comparable)."""
+    text = json.dumps(record, sort_keys=True, default=str)  # ASCII: lone surrogates escaped
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def fingerprints(raw, indices) -> list[str]:

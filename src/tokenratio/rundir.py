@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tokenratio import checkpoint
+from tokenratio.atomic import write_text
 
 LOCK = ".lock"
 COMPLETE = "COMPLETE"  # written inside final.tmp/ before the rename that publishes final/
@@ -108,7 +109,7 @@ def trim_metrics(path: Path, step: int) -> None:
     lines = path.read_text().splitlines()
     kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
     if len(kept) != len(lines):
-        write_text_atomically(path, "".join(line + "\n" for line in kept))
+        write_text(path, "".join(line + "\n" for line in kept))
 
 
 def publish(tmp: Path, final: Path) -> Path:
@@ -119,12 +120,6 @@ def publish(tmp: Path, final: Path) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
-
-
-def write_text_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _resume_changes(out: Path, cfg) -> dict:

@@ -5,8 +5,9 @@ and `<regime>.txt` into the output directory, atomically (a temporary file, then
 """
 
 import json
-import os
 from pathlib import Path
+
+from tokenratio.atomic import write_text
 
 
 def format_cell(value, spec: str) -> str:
@@ -37,16 +38,10 @@ def format_table(rows: list[dict], columns: list[tuple[str, str]], footer: list[
     return "\n".join([*lines, *footer])
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(out: Path, regime: str, results: dict, table: str) -> list[Path]:
     """Write `<regime>.json` (everything) and `<regime>.txt` (the table); returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / f"{regime}.json", out / f"{regime}.txt"]
-    _write_atomically(paths[0], json.dumps(results, indent=1) + "\n")
-    _write_atomically(paths[1], table + "\n")
+    write_text(paths[0], json.dumps(results, indent=1) + "\n")
+    write_text(paths[1], table + "\n")
     return paths

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from tokenratio.atomic import write_text
 from tokenratio.config import DataConfig
 from tokenratio.data import collate_rows, load_raw, tokenize_dataset
 from tokenratio.eval import metrics
@@ -337,9 +338,7 @@ def run_eval(cfg: EvalConfig, out: Path) -> list[dict]:
 
 def write_results(cfg: EvalConfig, results: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for name, text in (
-        ("results.json", json.dumps({"config": asdict(cfg), "results": results}, indent=1)),
-        ("results.md", markdown_table(results) + "\n"),
-    ):
-        (out / f"{name}.tmp").write_text(text)
-        (out / f"{name}.tmp").replace(out / name)
+    write_text(
+        out / "results.json", json.dumps({"config": asdict(cfg), "results": results}, indent=1)
+    )
+    write_text(out / "results.md", markdown_table(results) + "\n")

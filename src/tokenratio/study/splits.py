@@ -6,23 +6,18 @@ the source records, so `tokenratio train` and `tokenratio eval` read them like a
 `splits.json` lists each split's source rows and content hashes, and `check_disjoint` verifies them.
 """
 
-import hashlib
 import json
-import os
 import random
 from pathlib import Path
+
+from tokenratio.atomic import write_text
+from tokenratio.provenance import fingerprint
 
 SPLITS = ("train", "valid", "test")
 
 
-def _content_hash(record: dict) -> str:
-    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def _write_jsonl(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    os.replace(tmp, path)
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def make_splits(data_path: str, sizes: dict[str, int], seed: int, out: Path) -> dict[str, str]:
@@ -38,7 +33,7 @@ def make_splits(data_path: str, sizes: dict[str, int], seed: int, out: Path) -> 
     records = list(load_raw(data_path).dataset)
     unique = {}
     for index, record in enumerate(records):
-        unique.setdefault(_content_hash(record), index)
+        unique.setdefault(fingerprint(record), index)
     order = sorted(unique.values())
     random.Random(seed).shuffle(order)
     needed = sum(sizes[name] for name in SPLITS)
@@ -53,7 +48,7 @@ def make_splits(data_path: str, sizes: dict[str, int], seed: int, out: Path) -> 
         rows[name] = order[start : start + sizes[name]]
         start += sizes[name]
         _write_jsonl(Path(paths[name]), [records[i] for i in rows[name]])
-    hashes = {name: [_content_hash(records[i]) for i in rows[name]] for name in SPLITS}
+    hashes = {name: [fingerprint(records[i]) for i in rows[name]] for name in SPLITS}
     manifest.write_text(json.dumps({"settings": settings, "rows": rows, "hashes": hashes}))
     check_disjoint(manifest)
     return paths
