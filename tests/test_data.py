@@ -12,6 +12,7 @@ from tokenratio.config import DataConfig
 from tokenratio.data import (
     DataError,
     collate,
+    collate_shared,
     length_grouped_order,
     load_raw,
     pair_lengths,
@@ -170,6 +171,44 @@ def test_collate_is_response_aligned():
         valid = batch.labels[i] != IGNORE_INDEX
         gathered = batch.input_ids[i, batch.positions[i][valid] + 1]
         assert torch.equal(gathered, batch.labels[i][valid])
+
+
+def test_collate_shared_puts_both_responses_after_one_prompt():
+    rows = [
+        {"prompt_ids": [1, 2, 3], "chosen_ids": [10, 11], "rejected_ids": [20, 21, 22]},
+        {"prompt_ids": [4], "chosen_ids": [12, 13, 14, 15], "rejected_ids": [23]},
+    ]
+    batch = collate_shared(rows, pad_token_id=0)
+    plain = collate(rows, pad_token_id=0)
+    assert batch.num_pairs == 2 and batch.input_ids.shape == (2, 8)
+    assert batch.input_ids.tolist() == [
+        [1, 2, 3, 10, 11, 20, 21, 22],
+        [4, 12, 13, 14, 15, 23, 0, 0],
+    ]
+    assert batch.segments.tolist() == [[0, 0, 0, 1, 1, 2, 2, 2], [0, 1, 1, 1, 1, 2, 3, 3]]
+    # the rejected response restarts after the prompt: positions 3, 4, 5 as in its own row
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 3, 4, 5], [0, 1, 2, 3, 4, 1, 0, 0]]
+    assert torch.equal(batch.labels, plain.labels)
+    assert batch.source_rows.tolist() == [0, 1, 0, 1]
+    # rejected token 0 is predicted at the prompt's last token, token j from rejected token j - 1
+    assert batch.positions[2, :3].tolist() == [2, 5, 6] and batch.positions[3, :1].tolist() == [0]
+    for i in range(4):
+        valid = batch.labels[i] != IGNORE_INDEX
+        next_tokens = batch.input_ids[batch.source_rows[i], batch.positions[i][valid] + 1]
+        if i >= 2:  # token 0's successor in the row is chosen's first token, not rejected's
+            next_tokens = next_tokens[1:]
+        assert torch.equal(next_tokens, batch.labels[i][valid][1 if i >= 2 else 0 :])
+    # the pairs' tokens as two rows each (TRL's count): prompt once per side, no padding
+    assert batch.real_tokens == plain.real_tokens == (3 + 2) + (3 + 3) + (1 + 4) + (1 + 1)
+
+
+def test_pair_lengths_of_the_shared_layout_count_both_responses():
+    import datasets
+
+    data = datasets.Dataset.from_list(
+        [{"prompt_ids": [1, 2], "chosen_ids": [3], "rejected_ids": [4, 5, 6]}]
+    )
+    assert pair_lengths(data) == [5] and pair_lengths(data, shared=True) == [6]
 
 
 def weighted(records, tokenizer, cfg=CFG):

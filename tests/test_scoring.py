@@ -1,12 +1,18 @@
 """The one scoring path: `score_pairs` against an independent full-sequence computation, the needs
-a loss declares decide what runs (sft runs no reference), and frozen-model scoring of a dataset."""
+a loss declares decide what runs (sft runs no reference), the prefix-shared layout gives every
+loss the same values and gradients as the plain one, and frozen-model scoring of a dataset."""
 
 import pytest
 import torch
 
-from tokenratio.data import collate, load_raw, tokenize_dataset
+from tokenratio.data import collate, collate_shared, load_raw, tokenize_dataset
 from tokenratio.losses import LOSSES, Needs
-from tokenratio.modeling import PolicyWithHead, build_models, load_pretrained
+from tokenratio.modeling import (
+    PolicyWithHead,
+    build_models,
+    load_pretrained,
+    segment_mask,
+)
 from tokenratio.scoring import batches, frozen_reference, score_batches, score_pairs
 
 
@@ -90,3 +96,73 @@ def test_score_batches_moves_batches_to_the_models_device_and_keeps_row_order(ti
 def test_a_local_looking_path_that_does_not_exist_fails_at_once():
     with pytest.raises(FileNotFoundError, match="nope/model"):
         load_pretrained("./nope/model")
+
+
+def test_segment_mask_hides_chosen_from_rejected():
+    # prompt (2 tokens), chosen (1), rejected (2), one pad; hand-derived: row q lists the k it sees
+    segments = torch.tensor([[0, 0, 1, 2, 2, 3]])
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0, 0, 0],
+            [1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0],  # chosen: the prompt and itself
+            [1, 1, 0, 1, 0, 0],  # rejected: the prompt and itself, never chosen
+            [1, 1, 0, 1, 1, 0],
+            [1, 1, 0, 0, 0, 1],  # padding: the prompt and padding, never a fully masked row
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(segment_mask(segments, boolean=True)[0, 0], expected)
+    additive = segment_mask(segments, boolean=False)[0, 0]
+    assert torch.equal(additive == 0, expected) and additive.min() == torch.finfo(torch.float32).min
+
+
+def _loss_and_grads(name, model, head, batch):
+    import copy
+
+    loss = LOSSES[name]
+    options = {"generator": "sba"} if name == "tdpo1" else {}
+    needs = loss.needs(options)
+    policy = PolicyWithHead(model, head if needs.baseline else None)
+    reference = PolicyWithHead(copy.deepcopy(model)).eval()
+    policy.zero_grad(set_to_none=True)
+    scored = score_pairs(policy, frozen_reference(reference), batch, needs, chunk_elements=1 << 12)
+    losses, _ = loss(scored, beta=0.1, **options)
+    losses.mean().backward()
+    grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+    return losses.detach(), grads
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_prefix_sharing_gives_every_loss_the_same_values_and_gradients(name, tiny):
+    """Real HH pairs, fp32: the prefix-shared batch (prompt once) and the plain one (prompt twice)
+    give every loss the same per-pair values and the same gradient, to float rounding."""
+    import copy
+
+    from tokenratio.baseline import StateBaselineHead
+
+    model, tokenizer, data = tiny
+    model = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a policy that differs from its reference, so every term is non-zero
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    head = StateBaselineHead(model.config.hidden_size)
+    pairs = [data[i] for i in range(4)]
+    if LOSSES[name].weights:
+        pairs = [
+            {
+                **p,
+                "chosen_weight": [0.5 + 0.1 * t for t in range(len(p["chosen_ids"]))],
+                "rejected_weight": [1.5] * len(p["rejected_ids"]),
+            }
+            for p in pairs
+        ]
+    plain, plain_grads = _loss_and_grads(name, model, head, collate(pairs, tokenizer.pad_token_id))
+    shared, shared_grads = _loss_and_grads(
+        name, model, head, collate_shared(pairs, tokenizer.pad_token_id)
+    )
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-6)
+    assert shared_grads.keys() == plain_grads.keys() and plain_grads
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[key], grad, rtol=1e-4, atol=1e-6, msg=key)

@@ -84,7 +84,14 @@ class TrainConfig:
     max_grad_norm: float = 10.0  # paper: 10
     # Micro-batches of pairs of similar length (shuffled in windows of 50 batches, sorted inside
     # each): far less padding where lengths vary (HH), the same pairs per epoch.
-    group_by_length: bool = False
+    group_by_length: bool = True
+    # One row per pair, prompt + chosen + rejected (data.collate_shared): the prompt is computed
+    # once for both responses, with the same logits (docs/method.md, "Prefix sharing").
+    prefix_sharing: bool = True
+    # Losses that need the reference's log-probs of the response tokens only (no KL): score them
+    # once, keep them beside the data (ref_cache.py) and never load the reference while training.
+    ref_cache: bool = False
+    compile: bool = False  # torch.compile the policy's forward (measured: `tokenratio perf`)
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the end)
     eval_batch_size: int = 8

@@ -36,11 +36,7 @@ def response_logits(model, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.
         logits (2B, T, V) and hidden (2B, T, H), response-aligned.
     """
     inner = _inner(model)
-    hidden = inner.base_model(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask
-    ).last_hidden_state  # (2B, L, H)
-    index = batch.positions[..., None].expand(-1, -1, hidden.shape[-1])
-    hidden = hidden.gather(1, index)  # (2B, T, H)
+    hidden = _response_hidden(inner, batch)
     logits = inner.get_output_embeddings()(hidden)
     config = inner.config
     if getattr(config, "logit_scale", None) is not None:  # Cohere-style scaled logits
@@ -49,6 +45,56 @@ def response_logits(model, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.
     if cap is not None:  # Gemma-style soft-capped logits
         logits = torch.tanh(logits / cap) * cap
     return logits, hidden
+
+
+def segment_mask(segments: torch.Tensor, boolean: bool) -> torch.Tensor:
+    """(N, L) segments (0 prompt, 1 chosen, 2 rejected, 3 padding) -> (N, 1, L, L) attention mask:
+    causal, and a token sees the prompt and its own segment only, so rejected never sees chosen.
+    Padding sees the prompt and padding (never a fully masked row, whose softmax is NaN).
+    Boolean (True: attend) for SDPA; additive (0 or the dtype's minimum) for eager attention.
+
+    Built here rather than by transformers from a 2D padding mask, because transformers then
+    checks whether the batch has padding (`padding_mask.all()`), which waits for the device."""
+    q, k = segments[:, :, None], segments[:, None, :]
+    length = segments.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segments.device).tril()
+    allowed = (causal & ((k == 0) | (k == q)))[:, None]
+    if boolean:
+        return allowed
+    return torch.zeros(allowed.shape, device=segments.device).masked_fill(
+        ~allowed, torch.finfo(torch.float32).min
+    )
+
+
+def _response_hidden(inner, batch: PreferenceBatch) -> torch.Tensor:
+    """Final hidden states (2B, T, H) at the response-predicting positions, from the plain
+    layout (2B rows) or the prefix-shared one (`data.collate_shared`: B rows in, 2B out)."""
+    implementation = getattr(inner.config, "_attn_implementation", None) or "sdpa"
+    if implementation not in ("sdpa", "eager"):  # flash attention and kin take no 4D mask
+        if batch.segments is not None:
+            raise ValueError(
+                f"prefix sharing needs sdpa or eager attention, not {implementation}: set "
+                "train.prefix_sharing = false"
+            )
+        mask = batch.attention_mask
+    else:
+        segments = batch.segments
+        if segments is None:  # plain rows: prompt and response are one segment, padding another
+            segments = torch.where(batch.attention_mask.bool(), 0, 3)
+        mask = segment_mask(segments, boolean=implementation == "sdpa")
+    hidden = inner.base_model(
+        input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids
+    ).last_hidden_state  # (rows, L, H)
+    rows, length, width = hidden.shape
+    source = batch.source_rows
+    if source is None:
+        source = torch.arange(rows, device=hidden.device)
+    flat = (source[:, None] * length + batch.positions).reshape(-1)
+    return (
+        hidden.reshape(rows * length, width)
+        .index_select(0, flat)
+        .view(*batch.positions.shape, width)
+    )
 
 
 class PolicyWithHead(nn.Module):

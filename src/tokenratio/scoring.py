@@ -91,19 +91,21 @@ def score_pairs(
     Args:
         policy: the policy's forward, e.g. a (possibly Accelerate-wrapped) PolicyWithHead.
         reference: the reference's forward (`frozen_reference` or `adapter_reference`); unused
-            when `needs.reference` is False.
+            when `needs.reference` is False or the batch carries cached `ref_logps`.
         batch: 2B rows, chosen first.
         needs: what the loss needs (`LOSSES[name].needs(options)`).
         chunk_elements: chunk size of the log-prob / KL kernels.
     """
     logits, baseline = policy(batch, needs.baseline)
     ref_logits = None
-    if needs.reference:
+    if needs.reference and batch.ref_logps is None:
         with torch.no_grad():
             ref_logits = reference(batch)
     logps, ref_logps, kl_values = label_logps_and_kl(
         logits, ref_logits, batch.labels, kl=needs.kl, chunk_elements=chunk_elements
     )
+    if batch.ref_logps is not None:  # cached (train.ref_cache): no reference forward at all
+        ref_logps = batch.ref_logps
     return split_pairs(batch, logps, ref_logps, kl_values, baseline)
 
 

@@ -11,23 +11,30 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from tokenratio import checkpoint, rundir
+from tokenratio import checkpoint, ref_cache, rundir
 from tokenratio.curves import plot_run
 from tokenratio.data import (
     collate,
+    collate_shared,
     length_grouped_order,
     load_raw,
     pair_lengths,
     tokenize_dataset,
 )
 from tokenratio.losses import LOSSES, Loss, Needs, reduce
-from tokenratio.modeling import build_models, has_accelerator, load_tokenizer, save_final
+from tokenratio.modeling import (
+    build_models,
+    has_accelerator,
+    load_causal_lm,
+    load_tokenizer,
+    save_final,
+)
 from tokenratio.provenance import SPLITS_NAME, splits_record
 from tokenratio.scoring import adapter_reference, frozen_reference, score_pairs
 
@@ -80,15 +87,26 @@ def _reading(data_cfg) -> tuple:
     return data_cfg.split, data_cfg.limit, data_cfg.on_invalid, data_cfg.format
 
 
-def _loader(dataset, batch_size, pad_id, order=None, drop_last=True):
+def collate_fn(cfg):
+    """The batch layout cfg.train.prefix_sharing asks for (both give the same logits)."""
+    return collate_shared if cfg.train.prefix_sharing else collate
+
+
+def _loader(dataset, batch_size, pad_id, collate_pairs, order=None, drop_last=True):
     subset = dataset if order is None else dataset.select(order)
     return DataLoader(
         subset.with_format(None),
         batch_size=batch_size,
         shuffle=False,
         drop_last=drop_last,
-        collate_fn=lambda rows: collate(rows, pad_id),
+        collate_fn=lambda rows: collate_pairs(rows, pad_id),
     )
+
+
+def _fused(kind) -> dict:
+    """AdamW's fused kernel: one kernel for all parameters, and its step counts stay on the
+    device, so the update reads nothing back (the foreach one reads each count with .item())."""
+    return {"fused": True} if kind is torch.optim.AdamW else {}
 
 
 def _optimizers(cfg, policy):
@@ -96,9 +114,9 @@ def _optimizers(cfg, policy):
     head_ids = {id(p) for p in head_params}
     params = [p for p in policy.parameters() if p.requires_grad and id(p) not in head_ids]
     kind = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW}[cfg.train.optimizer]
-    main = kind(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    main = kind(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, **_fused(kind))
     # The head has its own AdamW (authors' code: lr 1e-3), trained only through the TBPO-Q loss.
-    head = torch.optim.AdamW(head_params, lr=cfg.train.head_lr) if head_params else None
+    head = torch.optim.AdamW(head_params, lr=cfg.train.head_lr, fused=True) if head_params else None
     return main, head
 
 
@@ -111,10 +129,22 @@ def _scheduler(cfg, optimizer, total_steps):
 
 
 def prepare_step(cfg, accelerator, total_steps: int, model=None) -> Step:
-    """Models, optimizers and scheduler for `cfg`, prepared by Accelerate (`model`: skip loading)."""
+    """Models, optimizers and scheduler for `cfg`, prepared by Accelerate (`model`: skip loading).
+
+    With train.ref_cache (and a loss it applies to) no reference is built: the batches carry its
+    log-probs. With train.compile the transformer body is compiled in place (its parameter names,
+    and so checkpoints, stay as they are)."""
     loss = LOSSES[cfg.loss.name]
     needs = loss.needs(cfg.loss.options)
-    policy, reference = build_models(cfg.model, needs, model)
+    built = replace(needs, reference=False) if uses_ref_cache(cfg, needs) else needs
+    policy, reference = build_models(cfg.model, built, model)
+    if cfg.train.compile:
+        body = (
+            policy.model.get_base_model()
+            if hasattr(policy.model, "get_base_model")
+            else policy.model
+        )
+        body.base_model.compile(dynamic=True)
     optimizer, head_optimizer = _optimizers(cfg, policy)
     scheduler = _scheduler(cfg, optimizer, total_steps)
     optimizers = (optimizer, head_optimizer) if head_optimizer else (optimizer,)
@@ -124,7 +154,7 @@ def prepare_step(cfg, accelerator, total_steps: int, model=None) -> Step:
         # Frozen: checkpoints need not hold it (it is rebuilt from model.name_or_path on resume).
         accelerator._models[:] = [m for m in accelerator._models if m not in (reference, prepared)]
         reference = frozen_reference(prepared)
-    elif needs.reference:  # LoRA: the policy with its adapter disabled
+    elif built.reference:  # LoRA: the policy with its adapter disabled
         reference = adapter_reference(policy, accelerator.unwrap_model(policy))
     return Step(
         accelerator,
@@ -139,6 +169,29 @@ def prepare_step(cfg, accelerator, total_steps: int, model=None) -> Step:
         cfg.train.logprob_chunk_elements,
         cfg.train.max_grad_norm or float("inf"),
     )
+
+
+def uses_ref_cache(cfg, needs: Needs) -> bool:
+    """train.ref_cache, for a loss that reads the reference through token log-probs only."""
+    return cfg.train.ref_cache and ref_cache.applies(needs)
+
+
+def attach_reference_logps(cfg, accelerator, pad_id: int, *datasets) -> list:
+    """The datasets with the reference's per-token log-probs, from the cache file; the pairs
+    it lacks are scored once (main process) with the reference loaded for that and dropped."""
+    path = ref_cache.cache_path(cfg)
+    with accelerator.main_process_first():
+        cache = ref_cache.load(path)
+        rows = [row for data in datasets for row in data.with_format(None)]
+        if accelerator.is_main_process and any(ref_cache.pair_key(r) not in cache for r in rows):
+            model = load_causal_lm(cfg.model).to(accelerator.device).eval()
+            scored = ref_cache.score_missing(model, rows, cache, pad_id, cfg.train.eval_batch_size)
+            del model
+            ref_cache.save(path, cache)
+            accelerator.print(f"reference log-probs: scored {scored} pairs into {path}")
+        else:
+            accelerator.print(f"reference log-probs: read from {path}")
+    return [ref_cache.attach(data, cache) for data in datasets]
 
 
 def _add_metrics(sums: dict, losses, metrics) -> None:
@@ -157,9 +210,13 @@ def step_losses(step: Step, batch):
 
 def train_step(step: Step, micro_batches: list) -> dict:
     """One optimizer step over `micro_batches` (gradient accumulation): forward, loss, backward,
-    clip, update. Returns the per-pair metric sums (device tensors) and "pairs".
+    clip, update, without waiting for the device: nothing here reads a tensor's value.
 
-    Raises NonFiniteStepError before the update, so no checkpoint ever holds non-finite weights.
+    Returns:
+        the per-pair metric sums (device tensors), "pairs" and "real_tokens" (ints counted on
+        the CPU when collated) and "finite" (a device bool: were the loss and the gradient
+        finite). The caller reads "finite" (`check_finite`) before it logs, evaluates or saves,
+        so no checkpoint ever holds the weights of a non-finite step.
     """
     accelerator, policy = step.accelerator, step.policy
     sums = {}
@@ -170,14 +227,32 @@ def train_step(step: Step, micro_batches: list) -> dict:
             accelerator.backward(reduce(losses) / len(micro_batches))
         _add_metrics(sums, losses, metrics)
     grad_norm = accelerator.clip_grad_norm_(policy.parameters(), step.max_grad_norm)
-    if not (torch.isfinite(grad_norm) and torch.isfinite(sums["loss"])):
-        raise NonFiniteStepError(f"loss sum {float(sums['loss'])}, grad norm {float(grad_norm)}")
+    # A device flag, read with the metrics (`check_finite`), never here: reading it would make
+    # every step wait for the device.
+    finite = torch.isfinite(grad_norm) & torch.isfinite(sums["loss"])
     for optimizer in step.optimizers:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     step.scheduler.step()
     sums["pairs"] = sum(b.num_pairs for b in micro_batches)
+    sums["real_tokens"] = sum(b.real_tokens for b in micro_batches)
+    sums["finite"] = finite
     return sums
+
+
+def check_finite(flags: list) -> None:
+    """Raise NonFiniteStepError naming the first step whose loss or gradient was not finite.
+
+    Args:
+        flags: (step number, device bool from `train_step`) of the steps since the last check;
+            read here, at log, evaluation and checkpoint time, in one transfer.
+    """
+    if not flags:
+        return
+    ok = torch.stack([flag for _, flag in flags]).cpu()
+    if not bool(ok.all()):
+        first = flags[int((~ok).nonzero()[0])][0]
+        raise NonFiniteStepError(f"first at step {first}")
 
 
 def evaluate(step: Step, loader) -> dict:
@@ -278,6 +353,15 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     tokenizer = load_tokenizer(cfg.model)
     data, heldout, report, splits = prepare_data(cfg, tokenizer, accelerator)
     _check_weights(cfg, needs, heldout)
+    if uses_ref_cache(cfg, needs):
+        data, heldout = attach_reference_logps(
+            cfg, accelerator, tokenizer.pad_token_id, data, heldout
+        )
+    elif cfg.train.ref_cache:
+        accelerator.print(
+            f"train.ref_cache: not used by {cfg.loss.name}, which needs the reference's full "
+            "distribution (a KL), not only its log-probs of the response tokens"
+        )
     total_steps = _total_steps(cfg, len(data), accelerator.num_processes)
     step = prepare_step(cfg, accelerator, total_steps)
     state = {"step": 0, "epoch": 0, "micro_batch": 0}
@@ -291,7 +375,7 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     accelerator.print(f"data: {json.dumps(report)}")
     pad_id = tokenizer.pad_token_id
     heldout_loader = accelerator.prepare_data_loader(
-        _loader(heldout, cfg.train.eval_batch_size, pad_id, drop_last=False)
+        _loader(heldout, cfg.train.eval_batch_size, pad_id, collate_fn(cfg), drop_last=False)
     )
     started = time.perf_counter()
     last = _loop(cfg, step, data, heldout_loader, pad_id, state, total_steps, progress)
@@ -346,11 +430,12 @@ def _epoch_batches(cfg, step: Step, data, pad_id, state):
     """This epoch's micro-batches, grouped into optimizer steps, from the resume position on."""
     seed = cfg.train.seed * 1000 + state["epoch"]
     if cfg.train.group_by_length:
-        order = length_grouped_order(pair_lengths(data), cfg.train.batch_size, seed)
+        lengths = pair_lengths(data, shared=cfg.train.prefix_sharing)
+        order = length_grouped_order(lengths, cfg.train.batch_size, seed)
     else:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
     loader = step.accelerator.prepare_data_loader(
-        _loader(data, cfg.train.batch_size, pad_id, order)
+        _loader(data, cfg.train.batch_size, pad_id, collate_fn(cfg), order)
     )
     loader = step.accelerator.skip_first_batches(loader, state["micro_batch"])
     group = []
@@ -373,12 +458,12 @@ def _loop(cfg, step: Step, data, heldout_loader, pad_id, state, total_steps, pro
         desc=f"train {cfg.loss.name}",
         disable=not (progress and accelerator.is_main_process),
     )
-    window = {"sums": {}, "tokens": 0, "started": time.perf_counter()}
+    window = {"sums": {}, "flags": [], "started": time.perf_counter()}
     last = {}
     step.policy.train()
     while state["step"] < total_steps:
         for group in _epoch_batches(cfg, step, data, pad_id, state):
-            _guarded_step(step, group, state, out / "checkpoints", window)
+            _guarded_step(step, group, state, window)
             bar.update(1)
             last = _after_step(cfg, step, heldout_loader, state, total_steps, window, bar) or last
             if state["step"] >= total_steps:
@@ -387,40 +472,53 @@ def _loop(cfg, step: Step, data, heldout_loader, pad_id, state, total_steps, pro
             state["epoch"] += 1
             state["micro_batch"] = 0
     bar.close()
+    _check_window(window, out / "checkpoints")
     return last
 
 
-def _guarded_step(step: Step, group, state, ckpt_root: Path, window: dict) -> None:
+def _guarded_step(step: Step, group, state, window: dict) -> None:
+    """One optimizer step; its metric sums stay on the device in `window` until log time."""
+    sums = train_step(step, group)
+    state["micro_batch"] += len(group)
+    state["step"] += 1
+    window["flags"].append((state["step"], sums.pop("finite")))
+    for key, value in sums.items():
+        window["sums"][key] = window["sums"].get(key, 0) + value
+
+
+def _check_window(window: dict, ckpt_root: Path) -> None:
+    """Before anything reads or saves the weights: were the steps since the last check finite?"""
+    flags, window["flags"] = window["flags"], []
     try:
-        sums = train_step(step, group)
+        check_finite(flags)
     except NonFiniteStepError as err:
         found = checkpoint.latest(ckpt_root)
         raise TrainingError(
-            f"non-finite loss or gradient at step {state['step'] + 1} ({err}); the last good "
-            f"checkpoint is {found or 'none (set train.save_every)'}: resume from it "
-            "with a lower train.lr, or check the data"
+            f"non-finite loss or gradient ({err}); the last good checkpoint is "
+            f"{found or 'none (set train.save_every)'}: resume from it with a lower train.lr, "
+            "or check the data"
         ) from None
-    state["micro_batch"] += len(group)
-    state["step"] += 1
-    for key, value in sums.items():
-        window["sums"][key] = window["sums"].get(key, 0) + value
-    window["tokens"] += sum(int(b.attention_mask.sum()) for b in group)
 
 
 def _after_step(cfg, step: Step, heldout_loader, state, total_steps, window, bar) -> dict | None:
     """Log, evaluate and checkpoint on their cadences; returns the logged record, if any."""
     accelerator, out, n = step.accelerator, Path(cfg.train.output_dir), state["step"]
     record = None
-    if n % cfg.train.log_every == 0 or n == total_steps:
+    evaluating = cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total_steps
+    saving = cfg.train.save_every and n % cfg.train.save_every == 0
+    logging = n % cfg.train.log_every == 0 or n == total_steps
+    if logging or evaluating or saving:
+        _check_window(window, out / "checkpoints")
+    if logging:
         sums = dict(window["sums"])
-        pairs = sums.pop("pairs")
+        pairs, tokens = sums.pop("pairs"), sums.pop("real_tokens")
         elapsed = time.perf_counter() - window["started"]
         record = {
             "step": n,
             "epoch": state["epoch"],
             "lr": step.scheduler.get_last_lr()[0],
             **_mean_metrics(accelerator, sums, pairs),
-            "tokens_per_s": window["tokens"] * accelerator.num_processes / elapsed,
+            "tokens_per_s": tokens * accelerator.num_processes / elapsed,
         }
         bar.set_postfix(
             loss=f"{record['loss']:.4f}",
@@ -428,12 +526,12 @@ def _after_step(cfg, step: Step, heldout_loader, state, total_steps, window, bar
             tok_s=f"{record['tokens_per_s']:.0f}",
         )
         _log(accelerator, out / "metrics.jsonl", record)
-        window.update(sums={}, tokens=0, started=time.perf_counter())
+        window.update(sums={}, started=time.perf_counter())
     # the final evaluation runs after the loop: not twice when total_steps is on the cadence
-    if cfg.train.eval_every and n % cfg.train.eval_every == 0 and n < total_steps:
+    if evaluating:
         _log(accelerator, out / "metrics.jsonl", {"step": n, **evaluate(step, heldout_loader)})
         _draw_curves(accelerator, cfg)
-    if cfg.train.save_every and n % cfg.train.save_every == 0:
+    if saving:
         _save_checkpoint(cfg, step, state, out / "checkpoints")
     return record
 
