@@ -1,18 +1,26 @@
-"""`tokenratio perf`: step time, tokens/s, peak memory and MFU of each loss, side by side with TRL.
+"""`tokenratio perf`: step time, tokens/s, peak memory and MFU of each row, side by side with TRL.
 
-Every row runs in its own subprocess (a clean peak-memory reading), on the same model config, the same
-token batches (a word-level tokenizer built in memory: one token per synthetic word, so prompt and
-response lengths are exact for both libraries) and the same batch size. Rows are repeated in
+Every row runs in its own process (a clean peak-memory reading), on the same model config and the
+same pairs in the same batches. Pair lengths follow a real dataset (`--data`, default the HH
+harmless pairs, tokenized and cut as `tokenratio train` would: `perf.lengths`) or are fixed
+(`--data fixed`); the tokens are random words of a word-level tokenizer built in memory, one token
+per word, so both libraries see exactly those lengths. The pairs are batched by length (as
+train.group_by_length does) and every row runs the same batches, so the real tokens per timed step
+are identical for every row: prompt counted once per side, as TRL counts it, padding not.
+
+Rows: ours are a loss (or a loss with options, "tdpo1[generator=sba]") and optional train switches
+("dpo+prefix_sharing=false+ref_cache=true"), timed in the training loop's own step
+(`trainer.train_step` with the trainer's defaults and the switches); "trl" is TRL's DPOTrainer
+(`sigmoid`) with its fastest settings that apply (`worker.run_trl`). Rows are repeated in
 alternation (A B C A B C ...) and medians reported, as the machine is shared and noisy.
 
-Rows: ours with `dpo`, `tbpo-a`, `tbpo-q`, `tdpo2`, `bpo`, `tisdpo` (the training loop's own step: policy
-forward with the LM head on response positions only, reference forward without autograd, chunked
-log-probs/KL, loss, backward, AdamW), and TRL's `DPOTrainer` (`sigmoid`) when TRL is installed.
-MFU counts the FLOPs the step needs (`required_flops`: 8 per non-embedding parameter per token, and
-the LM head only at response positions, the same count for every row) against a matmul peak measured
-on the same machine (fp32 on CPU, bf16 on GPU). Memory: the peak resident set (CPU) or
-`max_memory_allocated` (GPU) of each row's process, and on CPU, for our rows, the exact peak of
-tensor memory one step allocates (`peak_tensor_bytes`, from the profiler's allocator events).
+MFU counts the FLOPs the step needs on the real tokens (`required_flops`: 8 per non-embedding
+parameter per token, the LM head only at response tokens, the same count for every row: work a
+row saves, such as a shared prompt, counts as if done) against a matmul peak measured on the same
+machine (fp32 on CPU, bf16 on GPU). Memory: the peak resident set (CPU) or `max_memory_allocated`
+(GPU) of each row's process, and on CPU for our rows the exact peak of tensor memory one step
+allocates (`peak_tensor_bytes`). perf.json is rewritten after every measured row, so an
+interrupted run keeps its finished rows.
 """
 
 import json
@@ -20,13 +28,52 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from tokenratio.perf.models import MODELS, OUR_ROWS, build_model
+from tokenratio.atomic import write_text
+from tokenratio.perf.models import MODELS, OUR_ROWS, count_params
 from tokenratio.perf.worker import _sync
+
+PRESETS = {  # one command each; the GPU one is written to finish within 10 minutes on one GPU
+    "cpu": {
+        "models": ["cpu20m"],
+        "rows": [*OUR_ROWS, "trl"],
+        "ablation": True,
+        "batch": 8,
+        "max_length": 512,
+        "max_prompt_length": 256,
+        "steps": 4,
+        "warmup": 1,
+        "repeats": 2,
+        "device": "cpu",
+        "dtype": "fp32",
+    },
+    "gpu": {
+        "models": ["smollm2-135m", "llama3.2-1b"],
+        "rows": ["dpo", "tbpo-a", "tbpo-q", "trl"],
+        "ablation": True,
+        "batch": 8,
+        "max_length": 512,
+        "max_prompt_length": 256,
+        "steps": 10,
+        "warmup": 3,
+        "repeats": 1,
+        "device": "cuda",
+        "dtype": "bf16",
+    },
+}
+# What each technique buys, one switch off at a time against the defaults (and all off).
+ABLATION = [
+    "dpo+prefix_sharing=false",
+    "dpo+group_by_length=false",
+    "dpo+prefix_sharing=false+group_by_length=false",
+    "dpo+ref_cache=true",
+    "dpo+compile=true",
+]
 
 
 def matmul_peak(device: str, dtype, size: int = 2048, repeats: int = 10) -> float:
@@ -43,10 +90,43 @@ def matmul_peak(device: str, dtype, size: int = 2048, repeats: int = 10) -> floa
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
+def plan_batches(lengths: list, batch: int, steps: int, seed: int = 0) -> tuple[list, list, list]:
+    """`steps` batches as the trainer would draw them: a pool of 50 batches' worth of pairs,
+    grouped by length as train.group_by_length groups them (by prompt plus both responses, the
+    prefix-shared row), and `steps` of those batches at random; for rows that switch grouping
+    off, the same pairs in draw order.
+    Returns (the pool's (prompt, chosen, rejected) lengths, grouped plan, ungrouped plan)."""
+    from tokenratio.data import length_grouped_order
+
+    g = torch.Generator().manual_seed(seed)
+    pool = [lengths[i] for i in torch.randint(0, len(lengths), (batch * 50,), generator=g)]
+    order = length_grouped_order([p + c + r for p, c, r in pool], batch, seed)
+    grouped = [order[i : i + batch] for i in range(0, len(order), batch)]
+    picked = torch.randperm(len(grouped), generator=g)[:steps].tolist()
+    grouped = [grouped[i] for i in picked]
+    ungrouped = [list(range(i * batch, (i + 1) * batch)) for i in range(steps)]
+    used = sorted({i for b in grouped + ungrouped for i in b})
+    index = {old: new for new, old in enumerate(used)}
+    renumber = lambda plan: [[index[i] for i in b] for b in plan]  # noqa: E731
+    return [pool[i] for i in used], renumber(grouped), renumber(ungrouped)
+
+
+def pair_lengths_for(data: str, model: str, settings: dict) -> list:
+    if data == "fixed":
+        return [
+            (settings["prompt_len"], settings["response_len"] + 1, settings["response_len"] + 1)
+        ]
+    from tokenratio.perf.lengths import dataset_lengths
+
+    if not Path(data).exists():
+        raise RuntimeError(f"--data {data}: no such file (or --data fixed for fixed lengths)")
+    return dataset_lengths(
+        data, MODELS[model][0], settings["max_length"], settings["max_prompt_length"]
+    )
+
+
 def _measure_row(common: dict, row: str) -> dict:
     """One row in its own process (a clean peak-memory reading)."""
-    import tempfile
-
     with tempfile.TemporaryDirectory() as tmp:
         payload = json.dumps({**common, "row": row, "tmp": tmp})
         result = subprocess.run(
@@ -60,24 +140,31 @@ def _measure_row(common: dict, row: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def _summarise(measured: dict, common: dict, peak: float) -> list[dict]:
-    """Medians over repeats, tokens/s, MFU, and ratios against our dpo and TRL."""
-    tokens = 2 * common["batch"] * (common["prompt_len"] + common["response_len"] + 1)
-    flops = required_flops(
-        common["model"], common["batch"], common["prompt_len"], common["response_len"]
-    )
+def _summarise(measured: dict, config: dict) -> list[dict]:
+    """Medians over repeats, tokens/s on real tokens, MFU, and ratios against our dpo and TRL."""
     summary = []
     for row, runs in measured.items():
-        step = statistics.median(m["step_s"] for m in runs)
-        tensor = runs[0]["tensor_peak_bytes"]  # deterministic: the same every repeat
+        if not runs:
+            continue
+        seconds = statistics.median(m["seconds"] for m in runs)
+        first = runs[0]  # tokens and tensor peaks are the same every repeat
+        flops = required_flops(
+            config["params"], config["model"], first["real_tokens"], first["response_tokens"]
+        )
         summary.append(
             {
                 "row": row,
-                "step_s": step,
-                "tokens_per_s": tokens / step,
+                "step_s": seconds / len(first["times"]),
+                "tokens_per_s": first["real_tokens"] / seconds,
                 "peak_mib": statistics.median(m["peak_bytes"] for m in runs) / 2**20,
-                "tensor_mib": None if tensor is None else tensor / 2**20,
-                "mfu": flops / step / peak,
+                "tensor_mib": None
+                if first["tensor_peak_bytes"] is None
+                else first["tensor_peak_bytes"] / 2**20,
+                "mfu": flops / seconds / config["matmul_peak_flops"],
+                "pad_fraction": None
+                if first["padded_tokens"] is None
+                else 1 - first["computed_tokens"] / first["padded_tokens"],
+                "max_pad_fraction": first.get("max_pad_fraction"),
             }
         )
     _add_ratios(summary)
@@ -93,18 +180,19 @@ def _add_ratios(summary: list[dict]) -> None:
         r["tensor_vs_dpo"] = None
         if dpo and r["tensor_mib"] is not None and dpo["tensor_mib"]:
             r["tensor_vs_dpo"] = r["tensor_mib"] / dpo["tensor_mib"]
-        if trl:
-            r["speed_vs_trl"] = r["tokens_per_s"] / trl["tokens_per_s"]
-            r["memory_vs_trl"] = r["peak_mib"] / trl["peak_mib"]
+        r["speed_vs_trl"] = r["tokens_per_s"] / trl["tokens_per_s"] if trl else None
+        r["memory_vs_trl"] = r["peak_mib"] / trl["peak_mib"] if trl else None
 
 
-def _default_rows(rows) -> list[str]:
+def _default_rows(rows, ablation: bool) -> list[str]:
     import importlib.util
 
-    rows = list(rows or OUR_ROWS)
-    if "trl" not in rows and importlib.util.find_spec("trl") is not None and rows == list(OUR_ROWS):
-        rows.append("trl")
-    return rows
+    chosen = list(rows or OUR_ROWS)
+    if not rows and importlib.util.find_spec("trl") is not None:
+        chosen.append("trl")
+    if ablation:
+        chosen += [r for r in ABLATION if r not in chosen]
+    return chosen
 
 
 def run_perf(
@@ -113,30 +201,63 @@ def run_perf(
     steps=8,
     warmup=2,
     batch=8,
+    data="fixed",
     prompt_len=64,
     response_len=64,
+    max_length=512,
+    max_prompt_length=256,
     repeats=2,
     device="cpu",
     dtype="fp32",
+    ablation=False,
     threads=None,
     out=None,
     progress=print,
 ) -> dict:
-    """All rows, alternating, `repeats` times; medians, ratios, MFU. Writes out/perf.json and
-    out/perf.txt."""
-    rows = _default_rows(rows)
+    """All rows, alternating, `repeats` times; medians, ratios, MFU. Writes out/perf.json (after
+    every row) and out/perf.txt."""
+    rows = _default_rows(rows, ablation)
+    settings = dict(prompt_len=prompt_len, response_len=response_len, max_length=max_length)
+    settings["max_prompt_length"] = max_prompt_length
+    lengths, plan, ungrouped = plan_batches(
+        pair_lengths_for(data, model, settings), batch, warmup + steps
+    )
     common = {
         "model": model,
-        "steps": steps,
         "warmup": warmup,
         "batch": batch,
-        "prompt_len": prompt_len,
-        "response_len": response_len,
+        "lengths": lengths,
+        "plan": plan,
+        "ungrouped_plan": ungrouped,
         "device": device,
         "dtype": dtype,
         "threads": threads or torch.get_num_threads(),
     }
-    peak = matmul_peak(device, torch.bfloat16 if dtype == "bf16" else torch.float32)
+    timed = [i for b in plan[warmup:] for i in b]
+    config = {
+        **{k: common[k] for k in ("model", "warmup", "batch", "device", "dtype", "threads")},
+        "steps": steps,
+        "data": data if data == "fixed" else str(data),
+        **(
+            settings
+            if data != "fixed"
+            else {"prompt_len": prompt_len, "response_len": response_len}
+        ),
+        "repeats": repeats,
+        "params": count_params(model),
+        "matmul_peak_flops": matmul_peak(
+            device, torch.bfloat16 if dtype == "bf16" else torch.float32
+        ),
+        "response_tokens": sum(lengths[i][1] + lengths[i][2] for i in timed),
+        "real_tokens_per_step": sum(
+            2 * lengths[i][0] + lengths[i][1] + lengths[i][2] for i in timed
+        )
+        / steps,
+        "machine": _machine(device),
+        "command": " ".join(["tokenratio", "perf", *sys.argv[2:]])
+        if sys.argv[1:2] == ["perf"]
+        else None,
+    }
     measured: dict[str, list[dict]] = {r: [] for r in rows}
     for rep in range(repeats):
         for row in rows:
@@ -144,33 +265,28 @@ def run_perf(
             progress(
                 f"  repeat {rep + 1}/{repeats} {row}: {measured[row][-1]['step_s']:.3f} s/step"
             )
-    config = {
-        **common,
-        "repeats": repeats,
-        "params": sum(p.numel() for p in build_model(model).parameters()),
-        "matmul_peak_flops": peak,
-        "tokens_per_step": 2 * batch * (prompt_len + response_len + 1),
-        "machine": _machine(device),
-    }
-    report = {"config": config, "rows": _summarise(measured, common, peak), "raw": measured}
+            report = {"config": config, "rows": _summarise(measured, config), "raw": measured}
+            if out:
+                _write(out, report, final=False)
     if out:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "perf.json").write_text(json.dumps(report, indent=1))
-        (Path(out) / "perf.txt").write_text(format_report(report) + "\n")
+        _write(out, report, final=True)
     return report
 
 
-def required_flops(model: str, batch: int, prompt_len: int, response_len: int) -> float:
-    """FLOPs one step needs, whoever runs it: 8 per non-embedding parameter per token (policy
-    forward 2 + backward 4, reference forward 2), plus the LM head (8 * V * H) only at the positions
-    whose log-probs the loss uses, the response tokens. Embedding lookups are not matmuls."""
+def _write(out, report: dict, final: bool) -> None:
+    Path(out).mkdir(parents=True, exist_ok=True)
+    write_text(Path(out) / "perf.json", json.dumps({**report, "complete": final}, indent=1))
+    if final:
+        write_text(Path(out) / "perf.txt", format_report(report) + "\n")
+
+
+def required_flops(n_params: int, model: str, real_tokens: int, response_tokens: int) -> float:
+    """FLOPs the timed steps need, whoever runs them: 8 per non-embedding parameter per real token
+    (policy forward 2 + backward 4, reference forward 2), plus the LM head (8 * V * H) only at the
+    response tokens whose log-probs the loss uses. Embedding lookups are not matmuls."""
     vocab, hidden = MODELS[model][0], MODELS[model][1]
-    n_params = sum(p.numel() for p in build_model(model).parameters())
     body = n_params - 2 * vocab * hidden  # untied input embedding and LM head excluded
-    rows = 2 * batch
-    all_tokens = rows * (prompt_len + response_len + 1)
-    response_tokens = rows * (response_len + 1)
-    return 8 * body * all_tokens + 8 * vocab * hidden * response_tokens
+    return 8 * body * real_tokens + 8 * vocab * hidden * response_tokens
 
 
 def _worker_env():
@@ -191,15 +307,18 @@ def _machine(device: str) -> str:
 
 def format_report(report: dict) -> str:
     cfg = report["config"]
+    shape = (
+        f"({cfg['prompt_len']} prompt + {cfg['response_len']} response) tokens"
+        if cfg["data"] == "fixed"
+        else f"lengths of {cfg['data']} (max_length {cfg['max_length']}, prompt {cfg['max_prompt_length']})"
+    )
     lines = [
-        f"model {cfg['model']} ({cfg['params'] / 1e6:.1f}M params), batch {cfg['batch']} "
-        f"pairs x ({cfg['prompt_len']} prompt + {cfg['response_len']} response) tokens, "
-        f"{cfg['device']} {cfg['dtype']}, {cfg['threads']} threads; matmul peak "
-        f"{cfg['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; medians of {cfg['repeats']} "
-        f"alternating repeats x {cfg['steps']} steps",
-        f"{'row':>20} {'s/step':>8} {'tok/s':>9} {'peak MiB':>9} {'MFU':>6} "
-        f"{'step/dpo':>9} {'mem/dpo':>8} {'speed/TRL':>10} {'mem/TRL':>8} "
-        f"{'tensor MiB':>11} {'tensor/dpo':>11}",
+        f"model {cfg['model']} ({cfg['params'] / 1e6:.1f}M params), batch {cfg['batch']} pairs, {shape}, "
+        f"{cfg['real_tokens_per_step']:.0f} real tokens per step, {cfg['device']} {cfg['dtype']}, "
+        f"{cfg['threads']} threads; matmul peak {cfg['matmul_peak_flops'] / 1e9:.0f} GFLOP/s; medians of "
+        f"{cfg['repeats']} alternating repeats x {cfg['steps']} steps",
+        f"{'row':>46} {'s/step':>7} {'tok/s':>8} {'peak MiB':>8} {'MFU':>6} {'pad':>5} "
+        f"{'step/dpo':>8} {'mem/dpo':>7} {'speed/TRL':>9} {'mem/TRL':>7} {'tensor MiB':>10}",
     ]
 
     def ratio(row, key):
@@ -208,14 +327,16 @@ def format_report(report: dict) -> str:
 
     for r in report["rows"]:
         tensor = "-" if r.get("tensor_mib") is None else f"{r['tensor_mib']:.0f}"
+        pad = "-" if r.get("pad_fraction") is None else f"{100 * r['pad_fraction']:.0f}%"
         lines.append(
-            f"{r['row']:>20} {r['step_s']:>8.3f} {r['tokens_per_s']:>9.0f} {r['peak_mib']:>9.0f} "
-            f"{100 * r['mfu']:>5.1f}% {ratio(r, 'step_vs_dpo'):>9} {ratio(r, 'memory_vs_dpo'):>8} "
-            f"{ratio(r, 'speed_vs_trl'):>10} {ratio(r, 'memory_vs_trl'):>8} {tensor:>11} "
-            f"{ratio(r, 'tensor_vs_dpo'):>11}"
+            f"{r['row']:>46} {r['step_s']:>7.3f} {r['tokens_per_s']:>8.0f} {r['peak_mib']:>8.0f} "
+            f"{100 * r['mfu']:>5.1f}% {pad:>5} {ratio(r, 'step_vs_dpo'):>8} {ratio(r, 'memory_vs_dpo'):>7} "
+            f"{ratio(r, 'speed_vs_trl'):>9} {ratio(r, 'memory_vs_trl'):>7} {tensor:>10}"
         )
     lines.append(
-        "peak MiB: the process's resident set (the issue's metric; noisy on this VM); tensor MiB: "
-        "the exact peak of tensor memory one step allocates beyond what is resident (profiler)"
+        "tok/s: real tokens (prompt once per side, as TRL counts them; no padding), the same for every "
+        "row; MFU: the FLOPs those tokens need; pad: padding share of the tokens our layout computes; "
+        "peak MiB: the process's resident set (CPU) or max_memory_allocated (GPU); tensor MiB: the "
+        "exact peak of tensor memory one step allocates beyond what is resident (CPU, profiler)"
     )
     return "\n".join(lines)

@@ -10,6 +10,7 @@ MODELS = {  # name: (vocab, hidden, layers, heads, kv_heads, intermediate)
     "tiny": (2048, 64, 2, 4, 2, 128),
     "cpu20m": (8192, 384, 6, 6, 2, 1024),
     "smollm2-135m": (49152, 576, 30, 9, 3, 1536),  # SmolLM2-135M's architecture, random weights
+    "llama3.2-1b": (128256, 2048, 16, 32, 8, 8192),  # Llama-3.2-1B's architecture (untied head)
     "llama3-vocab": (128256, 256, 2, 4, 2, 512),  # a 128k vocabulary: the full-vocabulary KL test
 }
 OUR_ROWS = ("dpo", "tbpo-a", "tbpo-q", "tdpo2", "tdpo1[generator=sba]", "bpo", "tisdpo")
@@ -48,6 +49,26 @@ def synthetic_pairs(num: int, vocab: int, prompt_len: int, response_len: int, se
         }
         for _ in range(num)
     ]
+
+
+def pairs_of_lengths(lengths: list, vocab: int, seed: int = 0) -> list[dict]:
+    """Pairs of random words with the given (prompt, chosen, rejected) token counts, responses
+    counted with the EOS that `token_rows` (and TRL) append."""
+    g = torch.Generator().manual_seed(seed)
+
+    def words(n):
+        return " ".join(f"w{i}" for i in torch.randint(0, vocab - 4, (n,), generator=g).tolist())
+
+    return [
+        {"prompt": words(p), "chosen": " " + words(c - 1), "rejected": " " + words(r - 1)}
+        for p, c, r in lengths
+    ]
+
+
+def count_params(name: str) -> int:
+    """The model's parameter count without building it on the CPU (a meta-device model)."""
+    with torch.device("meta"):
+        return sum(p.numel() for p in build_model(name).parameters())
 
 
 def build_model(name: str, dtype=torch.float32):

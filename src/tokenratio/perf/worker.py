@@ -1,18 +1,20 @@
 """One row of `tokenratio perf` in its own process: `python -m tokenratio.perf.worker JSON`.
 
 Our rows time `trainer.train_step`, the function `tokenratio train` runs every optimizer step, built
-by `trainer.prepare_step` from a Config; the TRL row times `DPOTrainer`'s steps with a callback.
+by `trainer.prepare_step` from a Config (with the row's train switches); the TRL row times
+`DPOTrainer`'s steps with a callback. Every row gets the same pairs in the same batches (the
+harness's `plan`), so the real tokens per timed step are the same for every row.
 """
 
 import json
-import statistics
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
 from tokenratio.memory import peak_tensor_bytes
-from tokenratio.perf.models import build_model, synthetic_pairs, token_rows, word_tokenizer
+from tokenratio.perf.models import build_model, pairs_of_lengths, token_rows, word_tokenizer
 
 
 def _sync(device):
@@ -28,72 +30,117 @@ def _peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def perf_config(method: str, args: dict):
-    """The Config a row's trainer step runs with: the harness's model shape, AdamW, lr 1e-6; the
-    row is a loss name, or a loss with options ("tdpo1[generator=sba]")."""
+def parse_row(row: str) -> tuple[str, dict]:
+    """ "dpo+prefix_sharing=false+ref_cache=true" -> ("dpo", {train switches}); the method may
+    carry loss options ("tdpo1[generator=sba]")."""
+    method, *switches = row.split("+")
+    values = {}
+    for switch in switches:
+        key, _, value = switch.partition("=")
+        values[key] = json.loads(value or "true")
+    return method, values
+
+
+def perf_config(method: str, args: dict, switches: dict | None = None):
+    """The Config a row's trainer step runs with: the harness's model shape, AdamW, lr 1e-6, the
+    trainer's defaults and the row's switches; bf16 autocast over fp32 weights on a GPU (as
+    `tokenratio train` with train.mixed_precision = "bf16", and as TRL's bf16)."""
     from tokenratio.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
     from tokenratio.losses import parse_method
 
     loss, options = parse_method(method)
+    train = TrainConfig(
+        optimizer="adamw",
+        lr=1e-6,
+        cpu=not args["device"].startswith("cuda"),
+        mixed_precision="bf16" if args.get("dtype") == "bf16" else "no",
+        logprob_chunk_elements=1 << 22,
+    )
     return Config(
         model=ModelConfig(name_or_path=f"random:{args['model']}"),
         data=DataConfig(path="synthetic"),
         loss=LossConfig(name=loss, beta=0.1, options=options),
-        train=TrainConfig(
-            optimizer="adamw",
-            lr=1e-6,
-            cpu=not args["device"].startswith("cuda"),
-            logprob_chunk_elements=1 << 22,
-        ),
+        train=replace(train, **(switches or {})),
     )
 
 
-def run_ours(loss: str, args) -> list[float]:
+def _with_cached_reference(model, rows: list[dict]) -> list[dict]:
+    """train.ref_cache's one scoring pass (untimed, as TRL's precompute), done by the same code."""
+    from tokenratio import ref_cache
+
+    cache = {}
+    ref_cache.score_missing(model.eval(), rows, cache, 0, 8)
+    model.train()
+    return [
+        {**r, **dict(zip(ref_cache.FIELDS, cache[ref_cache.pair_key(r)], strict=True))}
+        for r in rows
+    ]
+
+
+def _batches(cfg, step, model, args) -> list:
+    """The plan's batches as this row's layout collates them, on the row's device."""
+    from tokenratio.trainer import collate_fn, uses_ref_cache
+
+    tokenizer = word_tokenizer(model.config.vocab_size)
+    rows = token_rows(
+        tokenizer, pairs_of_lengths(args["lengths"], model.config.vocab_size), step.needs.weights
+    )
+    if uses_ref_cache(cfg, step.needs):
+        rows = _with_cached_reference(model, rows)
+    collate = collate_fn(cfg)
+    plan = args["plan"] if cfg.train.group_by_length else args["ungrouped_plan"]
+    return [collate([rows[i] for i in batch], 0).to(step.accelerator.device) for batch in plan]
+
+
+def run_ours(row: str, args) -> dict:
     """Step times of `trainer.train_step`, the function `tokenratio train` runs every step."""
-    from tokenratio.data import collate
     from tokenratio.trainer import make_accelerator, prepare_step, train_step
 
-    cfg = perf_config(loss, args)
-    dtype = torch.bfloat16 if args["dtype"] == "bf16" else torch.float32
-    model = build_model(args["model"], dtype)
+    method, switches = parse_row(row)
+    cfg = perf_config(method, args, switches)
+    model = build_model(args["model"])
     accelerator = make_accelerator(cfg)
-    step = prepare_step(cfg, accelerator, args["warmup"] + args["steps"] + 2, model=model)
-    tokenizer = word_tokenizer(model.config.vocab_size)
-    pairs = synthetic_pairs(
-        args["batch"], model.config.vocab_size, args["prompt_len"], args["response_len"]
-    )
-    batch = collate(token_rows(tokenizer, pairs, step.needs.weights), 0).to(accelerator.device)
-
-    def one_step():
+    step = prepare_step(cfg, accelerator, len(args["plan"]) + 2, model=model)
+    batches = _batches(cfg, step, model, args)
+    times = []
+    for batch in batches:
+        start = time.perf_counter()
         train_step(step, [batch])
         _sync(args["device"])
-
-    times = []
-    for _ in range(args["warmup"] + args["steps"]):
-        start = time.perf_counter()
-        one_step()
         times.append(time.perf_counter() - start)
     # One more step under the profiler: the exact peak of tensor memory it allocates on top of what
     # is resident (weights, optimizer state); the resident set is the issue's metric, but noisy here.
-    tensor_peak = None if args["device"].startswith("cuda") else peak_tensor_bytes(one_step)
-    return times[args["warmup"] :], tensor_peak
+    tensor_peak = None
+    if not args["device"].startswith("cuda"):
+        tensor_peak = peak_tensor_bytes(lambda: train_step(step, [batches[-1]]))
+    timed = batches[args["warmup"] :]
+    return {
+        "times": times[args["warmup"] :],
+        "tensor_peak_bytes": tensor_peak,
+        "real_tokens": sum(b.real_tokens for b in timed),
+        "response_tokens": sum(int((b.labels >= 0).sum()) for b in timed),
+        "padded_tokens": sum(b.input_ids.numel() for b in timed),
+        "computed_tokens": sum(int(b.attention_mask.sum()) for b in timed),
+        "max_pad_fraction": max(
+            1 - int(b.attention_mask.sum()) / b.input_ids.numel() for b in timed
+        ),
+    }
 
 
-def run_trl(args) -> list[float]:
-    """Step times of TRL's DPOTrainer (sigmoid) on the same model, data and batch."""
+def run_trl(args) -> dict:
+    """Step times of TRL's DPOTrainer (sigmoid) on the same model, pairs and batches, with TRL's
+    fastest settings that apply: precomputed reference log-probs, bf16 on a GPU."""
     import copy
 
     from datasets import Dataset
+    from torch.utils.data import SequentialSampler
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
     model = build_model(args["model"])
     tokenizer = word_tokenizer(model.config.vocab_size)
-    data = Dataset.from_list(
-        synthetic_pairs(
-            args["batch"], model.config.vocab_size, args["prompt_len"], args["response_len"]
-        )
-    )
+    pairs = pairs_of_lengths(args["lengths"], model.config.vocab_size)
+    ordered = [pairs[i] for batch in args["plan"] for i in batch]
     times, last = [], [None]
 
     class Clock(TrainerCallback):
@@ -105,53 +152,66 @@ def run_trl(args) -> list[float]:
             _sync(args["device"])
             times.append(time.perf_counter() - last[0])
 
-    cpu = not args["device"].startswith("cuda")
+    class InOrder(DPOTrainer):  # the plan's batches, in the plan's order (TRL shuffles)
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    longest = max(p + max(c, r) for p, c, r in args["lengths"])
     config = DPOConfig(
         output_dir=args["tmp"],
-        use_cpu=cpu,
+        use_cpu=not args["device"].startswith("cuda"),
         bf16=args["dtype"] == "bf16",
         gradient_checkpointing=False,
         report_to=[],
         loss_type=["sigmoid"],
+        precompute_ref_log_probs=True,
         per_device_train_batch_size=args["batch"],
         learning_rate=1e-6,
-        max_steps=args["warmup"] + args["steps"],
+        max_steps=len(args["plan"]),
         save_strategy="no",
         logging_steps=10**6,
-        max_length=args["prompt_len"] + args["response_len"] + 8,
+        max_length=longest + 8,
         dataloader_num_workers=0,
         disable_tqdm=True,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",
     )
-    # A dataset of `batch` pairs repeated: every step sees the same tokens as ours.
-    trainer = DPOTrainer(
+    trainer = InOrder(
         model=model,
         ref_model=copy.deepcopy(model),
         args=config,
-        train_dataset=Dataset.from_list(list(data) * (config.max_steps + 1)),
+        train_dataset=Dataset.from_list(ordered),
         processing_class=tokenizer,
         callbacks=[Clock()],
     )
     trainer.train()
-    return times[args["warmup"] :]
+    timed = args["plan"][args["warmup"] :]
+    lengths = args["lengths"]
+    return {
+        "times": times[args["warmup"] :],
+        "tensor_peak_bytes": None,
+        "real_tokens": sum(
+            2 * lengths[i][0] + lengths[i][1] + lengths[i][2] for b in timed for i in b
+        ),
+        "response_tokens": sum(lengths[i][1] + lengths[i][2] for b in timed for i in b),
+        "padded_tokens": None,  # TRL pads inside its collator
+        "settings": "sigmoid, precompute_ref_log_probs, fused AdamW"
+        + (", bf16" if args["dtype"] == "bf16" else ", fp32")
+        + " (padding_free is disabled in TRL 1.16)",
+    }
 
 
 def worker(args: dict) -> dict:
-    """One row in this process; returns its timings, throughput and peak memory."""
+    """One row in this process; returns its timings, real tokens and peak memory."""
     torch.set_num_threads(args["threads"])
-    if args["row"] == "trl":
-        times, tensor_peak = run_trl(args), None
-    else:
-        times, tensor_peak = run_ours(args["row"], args)
-    tokens = 2 * args["batch"] * (args["prompt_len"] + args["response_len"] + 1)
-    step = statistics.median(times)
+    measured = run_trl(args) if args["row"] == "trl" else run_ours(args["row"], args)
+    seconds = sum(measured["times"])
     return {
         "row": args["row"],
-        "step_s": step,
-        "tokens_per_s": tokens / step,
+        **measured,
+        "seconds": seconds,
+        "step_s": seconds / len(measured["times"]),
+        "tokens_per_s": measured["real_tokens"] / seconds,
         "peak_bytes": _peak_memory(args["device"]),
-        "tensor_peak_bytes": tensor_peak,
-        "times": times,
     }
 
 

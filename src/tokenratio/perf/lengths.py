@@ -1,0 +1,61 @@
+"""Prompt and response lengths of a real preference dataset, as `tokenratio train` would cut them,
+for the perf harness's pairs: a byte-level BPE tokenizer with the harness model's vocabulary size
+is trained in memory on the data's own text (nothing is downloaded), then every record is tokenized
+by the trainer's `tokenize_dataset` with the given length settings."""
+
+import functools
+
+DEFAULT_DATA = "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
+
+
+def _bpe_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+@functools.cache
+def dataset_lengths(
+    path: str, vocab_size: int, max_length: int, max_prompt_length: int
+) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts of every valid record, responses with their EOS."""
+    from tokenratio.config import DataConfig
+    from tokenratio.data import load_raw, tokenize_dataset
+    from tokenratio.formats import detect_format, to_text
+
+    raw = load_raw(path, on_invalid="skip")
+    fmt = detect_format(raw.dataset[0])
+    texts = []
+    for record in raw.dataset.select(range(min(len(raw.dataset), 4000))):
+        try:
+            texts.append("".join(to_text(record, fmt, None)))
+        except Exception:  # invalid records are skipped by tokenize_dataset too
+            continue
+    tokenizer = _bpe_tokenizer(texts, min(vocab_size, 32000))
+    cfg = DataConfig(
+        path=path,
+        max_length=max_length,
+        max_prompt_length=max_prompt_length,
+        on_invalid="skip",
+        chat_template=False,
+    )
+    data, _ = tokenize_dataset(raw, tokenizer, cfg)
+    return [
+        (len(p), len(c), len(r))
+        for p, c, r in zip(
+            data["prompt_ids"], data["chosen_ids"], data["rejected_ids"], strict=True
+        )
+    ]
