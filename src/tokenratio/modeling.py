@@ -15,6 +15,7 @@ from torch import nn
 
 from tokenratio.baseline import CONFIG_NAME, StateBaselineHead
 from tokenratio.data import PreferenceBatch
+from tokenratio.paths import check_local_path
 
 DTYPES = {
     "float32": torch.float32,
@@ -137,18 +138,6 @@ def default_device(cpu: bool = False) -> torch.device:
     from accelerate import PartialState
 
     return PartialState().device
-
-
-def check_local_path(path: str) -> None:
-    """A path that looks local and does not exist fails at once, instead of in hub retries."""
-    first = Path(path).expanduser().parts[0] if path else ""
-    looks_local = (
-        path.startswith((".", "/", "~"))
-        or path.count("/") > 1
-        or ("/" in path and Path(first).is_dir())  # runs/x, models/x: not a hub id
-    )
-    if looks_local and not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"model path {path} does not exist")
 
 
 def load_pretrained(path: str, device=None, dtype: str = "auto"):

@@ -1,53 +1,108 @@
-"""`tokenratio perf` runs every row and reports consistent ratios (no timing assertions here: the
-targets are checked by reading the harness's own side-by-side output, not by timed tests)."""
+"""`tokenratio perf` runs every row on the same batches and reports consistent ratios (no timing
+assertions here: the targets are checked by reading the harness's own side-by-side output, not by
+timed tests); its pairs follow the real data's lengths; it counts parameters without building the
+model; it keeps finished rows when a later one fails."""
 
 import json
 
 import pytest
 
 from tokenratio.cli import main
+from tokenratio.perf import harness
 
 
 @pytest.mark.slow
-def test_perf_harness_reports_every_row(tmp_path, capsys):
+def test_perf_harness_reports_every_row_on_hh_lengths(tmp_path, capsys):
     rows = ["dpo", "tbpo-a", "tbpo-q", "tdpo2", "tdpo1[generator=sba]", "bpo", "tisdpo", "trl"]
-    assert (
-        main(
-            [
-                "perf",
-                "--model",
-                "tiny",
-                "--rows",
-                *rows,
-                "--steps",
-                "2",
-                "--warmup",
-                "1",
-                "--repeats",
-                "1",
-                "--batch",
-                "2",
-                "--prompt-len",
-                "16",
-                "--response-len",
-                "16",
-                "--out",
-                str(tmp_path),
-            ]
-        )
-        == 0
-    )
+    rows += ["dpo+prefix_sharing=false", "dpo+ref_cache=true"]
+    args = ["perf", "--model", "tiny", "--rows", *rows, "--steps", "2", "--warmup", "1"]
+    args += ["--repeats", "1", "--batch", "2", "--max-length", "64", "--max-prompt-length", "32"]
+    assert main([*args, "--out", str(tmp_path)]) == 0
     assert "speed/TRL" in capsys.readouterr().out
     report = json.loads((tmp_path / "perf.json").read_text())
+    assert report["complete"] and "hh-rlhf" in report["config"]["data"]
     by_row = {r["row"]: r for r in report["rows"]}
     assert set(by_row) == set(rows)
     assert by_row["dpo"]["step_vs_dpo"] == pytest.approx(1.0)
     assert by_row["trl"]["speed_vs_trl"] == pytest.approx(1.0)
     assert by_row["trl"]["tensor_mib"] is None  # measured for our rows only
     assert by_row["tbpo-a"]["tensor_vs_dpo"] > 0
+    raw = report["raw"]
+    tokens = {run[0]["real_tokens"] for run in raw.values()}
+    assert len(tokens) == 1  # every row timed the same pairs: the same real tokens
+    assert raw["dpo"][0]["computed_tokens"] < raw["dpo+prefix_sharing=false"][0]["computed_tokens"]
+    (real_tokens,) = tokens
     for r in report["rows"]:
         assert r["step_s"] > 0 and r["peak_mib"] > 0 and 0 < r["mfu"] < 1
-        assert r["tokens_per_s"] == pytest.approx(report["config"]["tokens_per_step"] / r["step_s"])
+        assert r["tokens_per_s"] == pytest.approx(real_tokens / (r["step_s"] * 2))
+
+
+def test_plans_draw_the_same_pairs_and_group_them_by_length():
+    lengths = [(p, c, r) for p in (5, 50) for c in (3, 30) for r in (4, 40)] * 20
+    drawn, grouped, ungrouped = harness.plan_batches(lengths, batch=4, steps=6)
+    assert len(grouped) == len(ungrouped) == 6 and all(len(b) == 4 for b in grouped + ungrouped)
+    assert {i for b in grouped + ungrouped for i in b} == set(range(len(drawn)))
+
+    def padding(plan):
+        rows = [[sum(drawn[i]) for i in b] for b in plan]
+        return sum(len(r) * max(r) - sum(r) for r in rows) / sum(len(r) * max(r) for r in rows)
+
+    assert padding(grouped) < 0.1 < padding(ungrouped)
+
+
+def test_hh_lengths_follow_the_trainers_cut():
+    from tokenratio.perf.lengths import DEFAULT_DATA, dataset_lengths
+
+    lengths = dataset_lengths(DEFAULT_DATA, 2048, 96, 48)
+    assert len(lengths) > 2000
+    assert all(1 <= p <= 48 and p + max(c, r) <= 96 and c >= 1 and r >= 1 for p, c, r in lengths)
+    assert len({p for p, _, _ in lengths}) > 20  # real, varied lengths
+
+
+def test_parameters_are_counted_without_building_the_model():
+    import torch
+
+    from tokenratio.perf.models import build_model, count_params
+
+    assert count_params("tiny") == sum(p.numel() for p in build_model("tiny").parameters())
+    assert count_params("llama3.2-1b") == pytest.approx(1.50e9, rel=0.02)  # untied 128k head
+    assert torch.nn.Linear(2, 2).weight.device.type == "cpu"  # the meta device did not leak
+
+
+def test_a_failed_row_leaves_the_finished_rows_on_disk(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(common, row):
+        calls.append(row)
+        if row == "tbpo-a":
+            raise RuntimeError("perf row tbpo-a failed")
+        return {
+            "times": [1.0],
+            "seconds": 1.0,
+            "step_s": 1.0,
+            "real_tokens": 100,
+            "response_tokens": 40,
+            "padded_tokens": 110,
+            "computed_tokens": 100,
+            "tensor_peak_bytes": None,
+            "peak_bytes": 2**20,
+        }
+
+    monkeypatch.setattr(harness, "_measure_row", fake)
+    with pytest.raises(RuntimeError):
+        harness.run_perf(
+            model="tiny",
+            rows=["dpo", "tbpo-a"],
+            steps=1,
+            warmup=0,
+            batch=2,
+            repeats=1,
+            out=tmp_path,
+            progress=lambda *_: None,
+        )
+    report = json.loads((tmp_path / "perf.json").read_text())
+    assert calls == ["dpo", "tbpo-a"] and not report["complete"]
+    assert [r["row"] for r in report["rows"]] == ["dpo"]
 
 
 def test_our_rows_time_the_trainers_own_step(monkeypatch):
@@ -64,16 +119,10 @@ def test_our_rows_time_the_trainers_own_step(monkeypatch):
         return real(step, micro_batches)
 
     monkeypatch.setattr(trainer, "train_step", counting)
-    args = {
-        "model": "tiny",
-        "device": "cpu",
-        "dtype": "fp32",
-        "batch": 2,
-        "prompt_len": 8,
-        "response_len": 8,
-        "warmup": 1,
-        "steps": 2,
-    }
-    times, tensor_peak = worker.run_ours("tdpo1[generator=sba]", args)
-    assert len(times) == 2 and tensor_peak > 0
+    lengths, plan, ungrouped = harness.plan_batches([(8, 5, 6), (6, 9, 3)], batch=2, steps=3)
+    args = {"model": "tiny", "device": "cpu", "dtype": "fp32", "batch": 2, "warmup": 1}
+    args.update(lengths=lengths, plan=plan, ungrouped_plan=ungrouped)
+    measured = worker.run_ours("tdpo1[generator=sba]+prefix_sharing=false", args)
+    assert len(measured["times"]) == 2 and measured["tensor_peak_bytes"] > 0
     assert calls == [("tdpo1", 1)] * 4  # 1 warm-up + 2 timed + 1 profiled
+    assert measured["real_tokens"] == measured["computed_tokens"]  # plain rows: no shared prompt

@@ -91,15 +91,19 @@ def judge_options(args) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenratio.data import DataError
-    from tokenratio.eval.evaluate import EvalConfig, markdown_table, run_eval
-    from tokenratio.eval.judges import JudgeError
-    from tokenratio.modeling import check_local_path
+    from tokenratio.paths import check_local_path
 
     try:
         models, reference, beta, chat_template = resolve_models(args)
         for path in [p for _, p in models] + [reference] * bool(reference):
-            check_local_path(path)  # every path before anything loads
+            check_local_path(path)  # every path before anything (torch included) loads
+    except (FileNotFoundError, ValueError) as err:
+        return fail("eval", err)
+    from tokenratio.data import DataError
+    from tokenratio.eval.evaluate import EvalConfig, markdown_table, run_eval
+    from tokenratio.eval.judges import JudgeError
+
+    try:
         data, records = resolve_data(args, models)
         cfg = EvalConfig(
             models=models,

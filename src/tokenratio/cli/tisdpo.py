@@ -34,8 +34,6 @@ rejected_weight (one number per response token, EOS included) and the raw contra
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenratio.data import DataError
-
     models = [
         f"tisdpo.{side}_model={json.dumps(trained_run(getattr(args, side))[0])}"
         for side in ("positive", "negative")
@@ -44,8 +42,15 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args, "tisdpo", models)
     if cfg is None:
         return 2
+    from tokenratio.paths import check_config_paths
+
+    try:
+        check_config_paths(cfg)  # before torch loads: a bad path fails at once
+    except FileNotFoundError as err:
+        return fail("tisdpo", err)
     from tokenratio.checkpoint import CheckpointError
     from tokenratio.cli.train import summary
+    from tokenratio.data import DataError
     from tokenratio.rundir import RunDirError
     from tokenratio.tisdpo import run_tisdpo
     from tokenratio.trainer import TrainingError

@@ -37,7 +37,7 @@ left alone; only lr, max_steps, cadences and logging may change) or --overwrite 
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokenratio.data import DataError
+    from tokenratio.paths import check_config_paths
 
     cfg = load_config(args, "train")
     if cfg is None:
@@ -47,7 +47,12 @@ def run(args: argparse.Namespace) -> int:
 
         print(config_as_toml(cfg), end="")
         return 0
+    try:
+        check_config_paths(cfg)  # before torch loads: a bad path fails at once
+    except FileNotFoundError as err:
+        return fail("train", err)
     from tokenratio.checkpoint import CheckpointError
+    from tokenratio.data import DataError
     from tokenratio.rundir import RunDirError
     from tokenratio.trainer import TrainingError, train
 
