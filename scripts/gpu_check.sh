@@ -6,7 +6,11 @@
 # as it finishes, so a part that runs long still leaves the others' results.
 #   1. FSDP (configs/accelerate/fsdp.yaml settings, 1 process, fp32) against a plain 1-process run
 #      of the same config on a tiny model: the same loss curve. (Accelerate has no FSDP on CPUs.)
-#   2. tokenratio perf on the SmolLM2-135M shape, bf16: our dpo/tbpo rows against TRL.
+#   2. tokenratio perf --preset gpu: random-weight SmolLM2-135M and Llama-3.2-1B shapes, bf16
+#      autocast over fp32 weights (as `tokenratio train`), HH lengths; our dpo/tbpo rows, the
+#      ablation rows and TRL (carry its wheel).
+# The device has no ../shared: copy the HH file into an ignored folder, carry it and point
+# TOKENRATIO_HH_PATH at it (tests/tiny.py reads it too).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:?give an output directory}
@@ -14,6 +18,7 @@ mkdir -p "$OUT"
 python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 2)" || {
   echo "gpu_check: no CUDA device" | tee "$OUT/gpu_check.txt"; exit 2; }
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONPATH="src:tests:${PYTHONPATH:-}"
+export TOKENRATIO_HH_PATH=${TOKENRATIO_HH_PATH:-../shared/data/hh-rlhf/harmless-base-test.jsonl.gz}
 nvidia-smi --query-gpu=name,memory.total --format=csv > "$OUT/gpu.txt"
 
 python - "$OUT" <<'PY'
@@ -44,7 +49,6 @@ same = plain and fsdp and all(abs((a or 0) - (b or 0)) < 1e-4 for a, b in zip(pl
 print(f"FSDP vs plain: {'the same loss curve' if same else 'DIFFERENT or failed'}\nplain {plain}\nfsdp  {fsdp}")
 PY
 
-timeout 540 python -m tokenratio.cli perf --model smollm2-135m --device cuda --dtype bf16 \
-  --rows dpo tbpo-a tbpo-q trl --steps 10 --warmup 3 --repeats 2 --out "$OUT/perf" \
+timeout 570 python -m tokenratio.cli perf --preset gpu --data "$TOKENRATIO_HH_PATH" --out "$OUT/perf" \
   > "$OUT/perf.log" 2>&1
-tail -20 "$OUT/perf.log"
+tail -40 "$OUT/perf.log"

@@ -3,14 +3,13 @@ memory on HH-RLHF text, and a 2-layer Llama from a config, saved with save_pretr
 
 import gzip
 import json
+import os
 from pathlib import Path
 
-HH_PATH = (
-    Path(__file__).resolve().parents[1].parent
-    / "shared"
-    / "data"
-    / "hh-rlhf"
-    / ("harmless-base-test.jsonl.gz")
+HH_PATH = Path(
+    os.environ.get("TOKENRATIO_HH_PATH")  # a copy, where ../shared is not beside the checkout
+    or Path(__file__).resolve().parents[1].parent
+    / "shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
 )
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"

@@ -28,26 +28,33 @@ def test_perf_harness_reports_every_row_on_hh_lengths(tmp_path, capsys):
     assert by_row["trl"]["tensor_mib"] is None  # measured for our rows only
     assert by_row["tbpo-a"]["tensor_vs_dpo"] > 0
     raw = report["raw"]
-    tokens = {run[0]["real_tokens"] for run in raw.values()}
-    assert len(tokens) == 1  # every row timed the same pairs: the same real tokens
-    assert raw["dpo"][0]["computed_tokens"] < raw["dpo+prefix_sharing=false"][0]["computed_tokens"]
-    (real_tokens,) = tokens
+    shared = {raw[row][0]["real_tokens"] for row in rows if row != "trl" and "prefix" not in row}
+    assert len(shared) == 1  # rows of one layout timed the same pairs: the same real tokens
+    plain = {raw[row][0]["real_tokens"] for row in ("trl", "dpo+prefix_sharing=false")}
+    assert len(plain) == 1
+    computed = raw["dpo"][0]["computed_tokens"]
+    assert computed < raw["dpo"][0]["real_tokens"]  # the prompt computed once per pair
     for r in report["rows"]:
         assert r["step_s"] > 0 and r["peak_mib"] > 0 and 0 < r["mfu"] < 1
+        real_tokens = raw[r["row"]][0]["real_tokens"]
         assert r["tokens_per_s"] == pytest.approx(real_tokens / (r["step_s"] * 2))
 
 
-def test_plans_draw_the_same_pairs_and_group_them_by_length():
+def test_plans_group_one_pool_by_each_layouts_row_length():
     lengths = [(p, c, r) for p in (5, 50) for c in (3, 30) for r in (4, 40)] * 20
-    drawn, grouped, ungrouped = harness.plan_batches(lengths, batch=4, steps=6)
-    assert len(grouped) == len(ungrouped) == 6 and all(len(b) == 4 for b in grouped + ungrouped)
-    assert {i for b in grouped + ungrouped for i in b} == set(range(len(drawn)))
+    drawn, plans = harness.plan_batches(lengths, batch=4, steps=6)
+    assert set(plans) == {"shared", "plain", "ungrouped"}
+    for plan in plans.values():
+        assert len(plan) == 6 and all(len(b) == 4 for b in plan)
+    assert {i for plan in plans.values() for b in plan for i in b} == set(range(len(drawn)))
 
-    def padding(plan):
-        rows = [[sum(drawn[i]) for i in b] for b in plan]
+    def padding(plan, row):
+        rows = [[row(*drawn[i]) for i in b] for b in plan]
         return sum(len(r) * max(r) - sum(r) for r in rows) / sum(len(r) * max(r) for r in rows)
 
-    assert padding(grouped) < 0.1 < padding(ungrouped)
+    shared, plain = (lambda p, c, r: p + c + r), (lambda p, c, r: p + max(c, r))
+    assert padding(plans["shared"], shared) < 0.1 < padding(plans["ungrouped"], shared)
+    assert padding(plans["plain"], plain) < 0.1
 
 
 def test_hh_lengths_follow_the_trainers_cut():
@@ -119,9 +126,9 @@ def test_our_rows_time_the_trainers_own_step(monkeypatch):
         return real(step, micro_batches)
 
     monkeypatch.setattr(trainer, "train_step", counting)
-    lengths, plan, ungrouped = harness.plan_batches([(8, 5, 6), (6, 9, 3)], batch=2, steps=3)
+    lengths, plans = harness.plan_batches([(8, 5, 6), (6, 9, 3)], batch=2, steps=3)
     args = {"model": "tiny", "device": "cpu", "dtype": "fp32", "batch": 2, "warmup": 1}
-    args.update(lengths=lengths, plan=plan, ungrouped_plan=ungrouped)
+    args.update(lengths=lengths, plans=plans)
     measured = worker.run_ours("tdpo1[generator=sba]+prefix_sharing=false", args)
     assert len(measured["times"]) == 2 and measured["tensor_peak_bytes"] > 0
     assert calls == [("tdpo1", 1)] * 4  # 1 warm-up + 2 timed + 1 profiled

@@ -4,9 +4,11 @@ Every row runs in its own process (a clean peak-memory reading), on the same mod
 same pairs in the same batches. Pair lengths follow a real dataset (`--data`, default the HH
 harmless pairs, tokenized and cut as `tokenratio train` would: `perf.lengths`) or are fixed
 (`--data fixed`); the tokens are random words of a word-level tokenizer built in memory, one token
-per word, so both libraries see exactly those lengths. The pairs are batched by length (as
-train.group_by_length does) and every row runs the same batches, so the real tokens per timed step
-are identical for every row: prompt counted once per side, as TRL counts it, padding not.
+per word, so both libraries see exactly those lengths. Every row draws its batches from the same
+pool of pairs, grouped by length as train.group_by_length groups them for the row's layout (the
+prefix-shared row, or the plain row that TRL computes too), so no layout pays for another's
+grouping; rows of one layout time exactly the same pairs. tokens/s counts each row's real tokens:
+prompt counted once per side, as TRL counts it, padding not.
 
 Rows: ours are a loss (or a loss with options, "tdpo1[generator=sba]") and optional train switches
 ("dpo+prefix_sharing=false+ref_cache=true"), timed in the training loop's own step
@@ -90,25 +92,30 @@ def matmul_peak(device: str, dtype, size: int = 2048, repeats: int = 10) -> floa
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def plan_batches(lengths: list, batch: int, steps: int, seed: int = 0) -> tuple[list, list, list]:
-    """`steps` batches as the trainer would draw them: a pool of 50 batches' worth of pairs,
-    grouped by length as train.group_by_length groups them (by prompt plus both responses, the
-    prefix-shared row), and `steps` of those batches at random; for rows that switch grouping
-    off, the same pairs in draw order.
-    Returns (the pool's (prompt, chosen, rejected) lengths, grouped plan, ungrouped plan)."""
+def plan_batches(lengths: list, batch: int, steps: int, seed: int = 0) -> tuple[list, dict]:
+    """`steps` batches as the trainer would draw them, for each layout: a pool of 50 batches'
+    worth of pairs, grouped by length as train.group_by_length groups them (by the row each layout
+    computes: prompt plus both responses when prefix-shared, prompt plus the longer response in
+    the plain layout, TRL's too), and `steps` of those batches at random; for rows that switch
+    grouping off, pairs in draw order. Returns (the pairs' (prompt, chosen, rejected) lengths,
+    {"shared": plan, "plain": plan, "ungrouped": plan}), a plan being lists of pair indices."""
     from tokenratio.data import length_grouped_order
 
     g = torch.Generator().manual_seed(seed)
     pool = [lengths[i] for i in torch.randint(0, len(lengths), (batch * 50,), generator=g)]
-    order = length_grouped_order([p + c + r for p, c, r in pool], batch, seed)
-    grouped = [order[i : i + batch] for i in range(0, len(order), batch)]
-    picked = torch.randperm(len(grouped), generator=g)[:steps].tolist()
-    grouped = [grouped[i] for i in picked]
-    ungrouped = [list(range(i * batch, (i + 1) * batch)) for i in range(steps)]
-    used = sorted({i for b in grouped + ungrouped for i in b})
+    picked = torch.randperm(50, generator=g)[:steps].tolist()
+    plans = {"ungrouped": [list(range(i * batch, (i + 1) * batch)) for i in range(steps)]}
+    for layout, row_length in (
+        ("shared", lambda p, c, r: p + c + r),
+        ("plain", lambda p, c, r: p + max(c, r)),
+    ):
+        order = length_grouped_order([row_length(*pair) for pair in pool], batch, seed)
+        grouped = [order[i : i + batch] for i in range(0, len(order), batch)]
+        plans[layout] = [grouped[i] for i in picked]
+    used = sorted({i for plan in plans.values() for b in plan for i in b})
     index = {old: new for new, old in enumerate(used)}
-    renumber = lambda plan: [[index[i] for i in b] for b in plan]  # noqa: E731
-    return [pool[i] for i in used], renumber(grouped), renumber(ungrouped)
+    plans = {k: [[index[i] for i in b] for b in plan] for k, plan in plans.items()}
+    return [pool[i] for i in used], plans
 
 
 def pair_lengths_for(data: str, model: str, settings: dict) -> list:
@@ -219,21 +226,18 @@ def run_perf(
     rows = _default_rows(rows, ablation)
     settings = dict(prompt_len=prompt_len, response_len=response_len, max_length=max_length)
     settings["max_prompt_length"] = max_prompt_length
-    lengths, plan, ungrouped = plan_batches(
-        pair_lengths_for(data, model, settings), batch, warmup + steps
-    )
+    lengths, plans = plan_batches(pair_lengths_for(data, model, settings), batch, warmup + steps)
     common = {
         "model": model,
         "warmup": warmup,
         "batch": batch,
         "lengths": lengths,
-        "plan": plan,
-        "ungrouped_plan": ungrouped,
+        "plans": plans,
         "device": device,
         "dtype": dtype,
         "threads": threads or torch.get_num_threads(),
     }
-    timed = [i for b in plan[warmup:] for i in b]
+    timed = [i for b in plans["shared"][warmup:] for i in b]
     config = {
         **{k: common[k] for k in ("model", "warmup", "batch", "device", "dtype", "threads")},
         "steps": steps,

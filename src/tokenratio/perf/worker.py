@@ -88,7 +88,8 @@ def _batches(cfg, step, model, args) -> list:
     if uses_ref_cache(cfg, step.needs):
         rows = _with_cached_reference(model, rows)
     collate = collate_fn(cfg)
-    plan = args["plan"] if cfg.train.group_by_length else args["ungrouped_plan"]
+    layout = "shared" if cfg.train.prefix_sharing else "plain"
+    plan = args["plans"][layout if cfg.train.group_by_length else "ungrouped"]
     return [collate([rows[i] for i in batch], 0).to(step.accelerator.device) for batch in plan]
 
 
@@ -100,7 +101,7 @@ def run_ours(row: str, args) -> dict:
     cfg = perf_config(method, args, switches)
     model = build_model(args["model"])
     accelerator = make_accelerator(cfg)
-    step = prepare_step(cfg, accelerator, len(args["plan"]) + 2, model=model)
+    step = prepare_step(cfg, accelerator, len(args["plans"]["shared"]) + 2, model=model)
     batches = _batches(cfg, step, model, args)
     times = []
     for batch in batches:
@@ -140,7 +141,8 @@ def run_trl(args) -> dict:
     model = build_model(args["model"])
     tokenizer = word_tokenizer(model.config.vocab_size)
     pairs = pairs_of_lengths(args["lengths"], model.config.vocab_size)
-    ordered = [pairs[i] for batch in args["plan"] for i in batch]
+    plan = args["plans"]["plain"]  # grouped by TRL's own row length
+    ordered = [pairs[i] for batch in plan for i in batch]
     times, last = [], [None]
 
     class Clock(TrainerCallback):
@@ -167,7 +169,7 @@ def run_trl(args) -> dict:
         precompute_ref_log_probs=True,
         per_device_train_batch_size=args["batch"],
         learning_rate=1e-6,
-        max_steps=len(args["plan"]),
+        max_steps=len(plan),
         save_strategy="no",
         logging_steps=10**6,
         max_length=longest + 8,
@@ -184,7 +186,7 @@ def run_trl(args) -> dict:
         callbacks=[Clock()],
     )
     trainer.train()
-    timed = args["plan"][args["warmup"] :]
+    timed = plan[args["warmup"] :]
     lengths = args["lengths"]
     return {
         "times": times[args["warmup"] :],
