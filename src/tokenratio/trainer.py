@@ -519,6 +519,8 @@ def _after_step(cfg, step: Step, heldout_loader, state, total_steps, window, bar
             "lr": step.scheduler.get_last_lr()[0],
             **_mean_metrics(accelerator, sums, pairs),
             "tokens_per_s": tokens * accelerator.num_processes / elapsed,
+            "tokens": tokens * accelerator.num_processes,  # real tokens since the last record
+            "seconds": elapsed,
         }
         bar.set_postfix(
             loss=f"{record['loss']:.4f}",

@@ -42,7 +42,8 @@ def test_perf_harness_reports_every_row_on_hh_lengths(tmp_path, capsys):
 
 def test_plans_group_one_pool_by_each_layouts_row_length():
     lengths = [(p, c, r) for p in (5, 50) for c in (3, 30) for r in (4, 40)] * 20
-    drawn, plans = harness.plan_batches(lengths, batch=4, steps=6)
+    drawn, plans, sources = harness.plan_batches(lengths, batch=4, steps=6)
+    assert [lengths[i] for i in sources] == drawn  # each pair traced back to its record
     assert set(plans) == {"shared", "plain", "ungrouped"}
     for plan in plans.values():
         assert len(plan) == 6 and all(len(b) == 4 for b in plan)
@@ -126,7 +127,7 @@ def test_our_rows_time_the_trainers_own_step(monkeypatch):
         return real(step, micro_batches)
 
     monkeypatch.setattr(trainer, "train_step", counting)
-    lengths, plans = harness.plan_batches([(8, 5, 6), (6, 9, 3)], batch=2, steps=3)
+    lengths, plans, _ = harness.plan_batches([(8, 5, 6), (6, 9, 3)], batch=2, steps=3)
     args = {"model": "tiny", "device": "cpu", "dtype": "fp32", "batch": 2, "warmup": 1}
     args.update(lengths=lengths, plans=plans)
     measured = worker.run_ours("tdpo1[generator=sba]+prefix_sharing=false", args)

@@ -40,11 +40,18 @@ from tokenratio.atomic import write_text
 from tokenratio.perf.models import MODELS, OUR_ROWS, count_params
 from tokenratio.perf.worker import _sync
 
-PRESETS = {  # one command each; the GPU one is written to finish within 10 minutes on one GPU
+# What each technique buys, one switch off at a time against the defaults (and all off).
+ABLATION = [
+    "dpo+prefix_sharing=false",
+    "dpo+group_by_length=false",
+    "dpo+prefix_sharing=false+group_by_length=false",
+    "dpo+ref_cache=true",
+    "dpo+compile=true",
+]
+PRESETS = {  # one command each; the GPU one is sized to finish within 10 minutes on one GPU
     "cpu": {
         "models": ["cpu20m"],
-        "rows": [*OUR_ROWS, "trl"],
-        "ablation": True,
+        "rows": [*OUR_ROWS, "trl", "train", *ABLATION],
         "batch": 8,
         "max_length": 512,
         "max_prompt_length": 256,
@@ -56,8 +63,7 @@ PRESETS = {  # one command each; the GPU one is written to finish within 10 minu
     },
     "gpu": {
         "models": ["smollm2-135m", "llama3.2-1b"],
-        "rows": ["dpo", "tbpo-a", "tbpo-q", "trl"],
-        "ablation": True,
+        "rows": ["dpo", "tbpo-a", "tbpo-q", "trl", "train", *ABLATION[:1], *ABLATION[3:]],
         "batch": 8,
         "max_length": 512,
         "max_prompt_length": 256,
@@ -68,14 +74,6 @@ PRESETS = {  # one command each; the GPU one is written to finish within 10 minu
         "dtype": "bf16",
     },
 }
-# What each technique buys, one switch off at a time against the defaults (and all off).
-ABLATION = [
-    "dpo+prefix_sharing=false",
-    "dpo+group_by_length=false",
-    "dpo+prefix_sharing=false+group_by_length=false",
-    "dpo+ref_cache=true",
-    "dpo+compile=true",
-]
 
 
 def matmul_peak(device: str, dtype, size: int = 2048, repeats: int = 10) -> float:
@@ -98,11 +96,13 @@ def plan_batches(lengths: list, batch: int, steps: int, seed: int = 0) -> tuple[
     computes: prompt plus both responses when prefix-shared, prompt plus the longer response in
     the plain layout, TRL's too), and `steps` of those batches at random; for rows that switch
     grouping off, pairs in draw order. Returns (the pairs' (prompt, chosen, rejected) lengths,
-    {"shared": plan, "plain": plan, "ungrouped": plan}), a plan being lists of pair indices."""
+    {"shared": plan, "plain": plan, "ungrouped": plan}, each pair's index in `lengths`), a plan
+    being lists of pair indices."""
     from tokenratio.data import length_grouped_order
 
     g = torch.Generator().manual_seed(seed)
-    pool = [lengths[i] for i in torch.randint(0, len(lengths), (batch * 50,), generator=g)]
+    drawn = torch.randint(0, len(lengths), (batch * 50,), generator=g).tolist()
+    pool = [lengths[i] for i in drawn]
     picked = torch.randperm(50, generator=g)[:steps].tolist()
     plans = {"ungrouped": [list(range(i * batch, (i + 1) * batch)) for i in range(steps)]}
     for layout, row_length in (
@@ -115,7 +115,7 @@ def plan_batches(lengths: list, batch: int, steps: int, seed: int = 0) -> tuple[
     used = sorted({i for plan in plans.values() for b in plan for i in b})
     index = {old: new for new, old in enumerate(used)}
     plans = {k: [[index[i] for i in b] for b in plan] for k, plan in plans.items()}
-    return [pool[i] for i in used], plans
+    return [lengths[drawn[i]] for i in used], plans, [drawn[i] for i in used]
 
 
 def pair_lengths_for(data: str, model: str, settings: dict) -> list:
@@ -191,14 +191,18 @@ def _add_ratios(summary: list[dict]) -> None:
         r["memory_vs_trl"] = r["peak_mib"] / trl["peak_mib"] if trl else None
 
 
-def _default_rows(rows, ablation: bool) -> list[str]:
+def _default_rows(rows, ablation: bool, progress=print) -> list[str]:
+    """The rows asked for (default: every loss, and TRL when installed), the ablation rows with
+    `ablation`; a TRL row is dropped, with a note, where TRL is not installed."""
     import importlib.util
 
-    chosen = list(rows or OUR_ROWS)
-    if not rows and importlib.util.find_spec("trl") is not None:
-        chosen.append("trl")
+    has_trl = importlib.util.find_spec("trl") is not None
+    chosen = list(rows or [*OUR_ROWS, "trl"])
     if ablation:
         chosen += [r for r in ABLATION if r not in chosen]
+    if "trl" in chosen and not has_trl:
+        progress("  trl is not installed: no TRL row (pip install 'tokenratio[trl]')")
+        chosen.remove("trl")
     return chosen
 
 
@@ -223,19 +227,26 @@ def run_perf(
 ) -> dict:
     """All rows, alternating, `repeats` times; medians, ratios, MFU. Writes out/perf.json (after
     every row) and out/perf.txt."""
-    rows = _default_rows(rows, ablation)
+    rows = _default_rows(rows, ablation, progress)
+    if "train" in rows and data == "fixed":
+        raise RuntimeError("the train row runs `tokenratio train` on a data file: give --data")
     settings = dict(prompt_len=prompt_len, response_len=response_len, max_length=max_length)
     settings["max_prompt_length"] = max_prompt_length
-    lengths, plans = plan_batches(pair_lengths_for(data, model, settings), batch, warmup + steps)
+    lengths, plans, sources = plan_batches(
+        pair_lengths_for(data, model, settings), batch, warmup + steps
+    )
     common = {
         "model": model,
         "warmup": warmup,
         "batch": batch,
         "lengths": lengths,
+        "sources": sources,  # each pair's entry in perf.lengths.dataset_lengths (the train row)
         "plans": plans,
         "device": device,
         "dtype": dtype,
         "threads": threads or torch.get_num_threads(),
+        "data": data,
+        **settings,
     }
     timed = [i for b in plans["shared"][warmup:] for i in b]
     config = {

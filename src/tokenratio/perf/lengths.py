@@ -27,16 +27,9 @@ def _bpe_tokenizer(texts: list[str], vocab_size: int):
     )
 
 
-@functools.cache
-def dataset_lengths(
-    path: str, vocab_size: int, max_length: int, max_prompt_length: int
-) -> list[tuple[int, int, int]]:
-    """(prompt, chosen, rejected) token counts of every valid record, responses with their EOS."""
-    from tokenratio.config import DataConfig
-    from tokenratio.data import load_raw, tokenize_dataset
+def _texts(raw) -> list[str]:
     from tokenratio.formats import detect_format, to_text
 
-    raw = load_raw(path, on_invalid="skip")
     fmt = detect_format(raw.dataset[0])
     texts = []
     for record in raw.dataset.select(range(min(len(raw.dataset), 4000))):
@@ -44,7 +37,22 @@ def dataset_lengths(
             texts.append("".join(to_text(record, fmt, None)))
         except Exception:  # invalid records are skipped by tokenize_dataset too
             continue
-    tokenizer = _bpe_tokenizer(texts, min(vocab_size, 32000))
+    return texts
+
+
+@functools.cache
+def data_tokenizer(path: str, vocab_size: int):
+    """A byte-level BPE tokenizer trained on the data's own text (<pad> 0, <s> 1, </s> 2)."""
+    from tokenratio.data import load_raw
+
+    return _bpe_tokenizer(_texts(load_raw(path, on_invalid="skip")), min(vocab_size, 32000))
+
+
+@functools.cache
+def _tokenized(path: str, vocab_size: int, max_length: int, max_prompt_length: int):
+    from tokenratio.config import DataConfig
+    from tokenratio.data import load_raw, tokenize_dataset
+
     cfg = DataConfig(
         path=path,
         max_length=max_length,
@@ -52,10 +60,34 @@ def dataset_lengths(
         on_invalid="skip",
         chat_template=False,
     )
-    data, _ = tokenize_dataset(raw, tokenizer, cfg)
+    raw = load_raw(path, on_invalid="skip")
+    data, _ = tokenize_dataset(raw, data_tokenizer(path, vocab_size), cfg)
+    return data
+
+
+def dataset_lengths(
+    path: str, vocab_size: int, max_length: int, max_prompt_length: int
+) -> list[tuple[int, int, int]]:
+    """(prompt, chosen, rejected) token counts of every valid record, responses with their EOS."""
+    data = _tokenized(path, vocab_size, max_length, max_prompt_length)
     return [
         (len(p), len(c), len(r))
         for p, c, r in zip(
             data["prompt_ids"], data["chosen_ids"], data["rejected_ids"], strict=True
         )
     ]
+
+
+def dataset_records(path: str, vocab_size: int, max_length: int, max_prompt_length: int) -> list:
+    """The file's record index of each entry of `dataset_lengths` (the train row's pairs)."""
+    return list(_tokenized(path, vocab_size, max_length, max_prompt_length)["record"])
+
+
+def response_share(path: str, args: dict) -> float:
+    """The responses' share of the real tokens (prompt once per side) over the whole dataset."""
+    from tokenratio.perf.models import MODELS
+
+    lengths = dataset_lengths(
+        path, MODELS[args["model"]][0], args["max_length"], args["max_prompt_length"]
+    )
+    return sum(c + r for _, c, r in lengths) / sum(2 * p + c + r for p, c, r in lengths)

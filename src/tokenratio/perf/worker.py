@@ -205,7 +205,14 @@ def run_trl(args) -> dict:
 def worker(args: dict) -> dict:
     """One row in this process; returns its timings, real tokens and peak memory."""
     torch.set_num_threads(args["threads"])
-    measured = run_trl(args) if args["row"] == "trl" else run_ours(args["row"], args)
+    if args["row"] == "trl":
+        measured = run_trl(args)
+    elif args["row"] == "train":
+        from tokenratio.perf.train_row import run_train
+
+        measured = run_train(args)
+    else:
+        measured = run_ours(args["row"], args)
     seconds = sum(measured["times"])
     return {
         "row": args["row"],
