@@ -85,6 +85,7 @@ def test_a_run_with_the_cache_never_builds_a_reference_and_matches_one_without(
     from test_trainer import run
     from tokenratio import modeling
 
+    monkeypatch.delenv("TOKENRATIO_REF_CACHE_DIR")  # the default place: beside the data
     data = tmp_path / "data" / "hh.jsonl"
     data.parent.mkdir()
     shutil.copy(hh_jsonl, data)

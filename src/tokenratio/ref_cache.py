@@ -8,8 +8,8 @@ which token-level losses cannot use.
 
 The cache file is named by a hash of what decides the values: the model directory's files (name,
 size, modification time), its dtype, the data file (size, modification time) and every data
-setting. It lies beside the data file (`<data>.ref-logps/`) or, where that directory is not
-writable, in ~/.cache/tokenratio/ref-logps/. Inside, each pair is found by a hash of its token ids,
+setting. It lies in $TOKENRATIO_REF_CACHE_DIR when that is set, else beside the data file
+(`<data>.ref-logps/`) or, where that directory is not writable, in ~/.cache/tokenratio/ref-logps/. Inside, each pair is found by a hash of its token ids,
 so a pair is never given another pair's values, whatever the order or the split.
 """
 
@@ -51,9 +51,12 @@ def cache_key(cfg) -> str:
 
 
 def cache_path(cfg) -> Path:
+    """$TOKENRATIO_REF_CACHE_DIR if set, else beside the data file, else the user's cache."""
     beside = Path(cfg.data.path).resolve().parent
     root = beside / f"{Path(cfg.data.path).name}.ref-logps"
-    if not os.access(beside, os.W_OK):
+    if os.environ.get("TOKENRATIO_REF_CACHE_DIR"):
+        root = Path(os.environ["TOKENRATIO_REF_CACHE_DIR"])
+    elif not os.access(beside, os.W_OK):
         root = Path.home() / ".cache" / "tokenratio" / "ref-logps"
     return root / f"{cache_key(cfg)}.pt"
 
@@ -79,15 +82,16 @@ def save(path: Path, cache: dict) -> None:
 
 @torch.no_grad()
 def score_missing(model, rows: list[dict], cache: dict, pad_id: int, batch_size: int) -> int:
-    """Score the rows whose pair is not in `cache` with the frozen reference; returns how many."""
-    from tokenratio.data import collate
+    """Score the rows whose pair is not in `cache` with the frozen reference (prompt computed once
+    per pair, `data.collate_shared`); returns how many."""
+    from tokenratio.data import collate_shared
     from tokenratio.logprobs import token_logps
     from tokenratio.scoring import batches, score_batches
 
     missing = list({pair_key(r): r for r in rows if pair_key(r) not in cache}.values())
     plain = [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in missing]
     scored = score_batches(
-        [model], batches(plain, pad_id, batch_size, collate), progress=True, desc="reference"
+        [model], batches(plain, pad_id, batch_size, collate_shared), progress=True, desc="reference"
     )
     done = 0
     for batch, [(logits, _)] in scored:
