@@ -9,7 +9,8 @@ which token-level losses cannot use.
 The cache file is named by a hash of what decides the values: the model directory's files (name,
 size, modification time), its dtype, the data file (size, modification time) and every data
 setting. It lies in $TOKENRATIO_REF_CACHE_DIR when that is set, else beside the data file
-(`<data>.ref-logps/`) or, where that directory is not writable, in ~/.cache/tokenratio/ref-logps/. Inside, each pair is found by a hash of its token ids,
+(`<data>.ref-logps/`) or, where that directory is not writable, in
+~/.cache/tokenratio/ref-logps/. Inside, each pair is found by a hash of its token ids,
 so a pair is never given another pair's values, whatever the order or the split.
 """
 
