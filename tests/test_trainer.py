@@ -192,6 +192,31 @@ def test_lora_uses_adapter_disabled_reference_and_merges(tiny_model_dir, hh_json
     assert all(d == 0 for n, d in diffs.items() if "embed" in n or "norm" in n)
 
 
+def test_lora_checkpoints_hold_the_adapter_and_resume_exactly(tiny_model_dir, hh_jsonl, tmp_path):
+    """A LoRA checkpoint holds what resuming needs: the adapter (and the TBPO-Q head), not the
+    frozen base model, which is also the reference; resuming from it reaches the same weights."""
+    extra = {
+        "loss.name": "tbpo-q",
+        "model.lora_r": 4,
+        "model.lora_alpha": 8,
+        "train.lr": 1e-2,
+        "train.save_every": 2,
+        "train.schedule": "constant",
+    }
+    run(tiny_model_dir, hh_jsonl, tmp_path / "straight", **extra)
+    run(tiny_model_dir, hh_jsonl, tmp_path / "parts", **{**extra, "train.max_steps": 2})
+    saved = load_file(tmp_path / "parts" / "checkpoints" / "step-000002" / "model.safetensors")
+    assert saved and all("lora_" in n or n.startswith("head.") for n in saved), sorted(saved)[:5]
+    assert main(
+        ["train", *overrides(tiny_model_dir, hh_jsonl, tmp_path / "parts", **extra), "--resume",
+         "--no-progress"]
+    ) == 0  # fmt: skip
+    straight = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    resumed = load_file(tmp_path / "parts" / "final" / "model.safetensors")
+    for name in straight:
+        torch.testing.assert_close(resumed[name], straight[name], rtol=0, atol=1e-6)
+
+
 def test_lora_on_the_last_layers_leaves_the_ones_below_untouched(
     tiny_model_dir, hh_jsonl, tmp_path, capsys
 ):

@@ -1,8 +1,9 @@
 """Atomic, resumable checkpoints: a checkpoint directory appears complete or not at all.
 
-Everything is written into `step-000123.tmp/` (Accelerate's state: model with the TBPO-Q head, both
-optimizers, every process's RNG; plus trainer_state.json with the data position and the learning-rate
-scheduler's state as plain JSON, so resuming unpickles nothing of ours), then
+Everything is written into `step-000123.tmp/` (Accelerate's state: model with the TBPO-Q head,
+its trainable parameters only when some are frozen, as with LoRA; both optimizers; every process's
+RNG; plus trainer_state.json with the data position and the learning-rate scheduler's state as
+plain JSON, so resuming unpickles nothing of ours), then
 renamed to `step-000123/` in one `os.replace`. A crash mid-write leaves only a `.tmp` directory, which
 is ignored and cleaned up; `latest()` never returns a half-written checkpoint.
 """
@@ -36,7 +37,11 @@ def save(accelerator, root: Path, step: int, trainer_state: dict, keep: int, sch
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(output_dir=str(tmp), safe_serialization=True)
+    handle = accelerator.register_save_state_pre_hook(_drop_frozen)
+    try:
+        accelerator.save_state(output_dir=str(tmp), safe_serialization=True)
+    finally:
+        handle.remove()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         state = {**trainer_state, "scheduler": scheduler.state_dict()}
@@ -48,6 +53,18 @@ def save(accelerator, root: Path, step: int, trainer_state: dict, keep: int, sch
         _rotate(root, keep)
     accelerator.wait_for_everyone()
     return final
+
+
+def _frozen_names(model) -> set[str]:
+    return {name for name, p in model.named_parameters() if not p.requires_grad}
+
+
+def _drop_frozen(models, weights, output_dir) -> None:
+    """Accelerate's save hook: parameters that never train (LoRA's base model, which is also the
+    reference) are rebuilt from model.name_or_path on resume, so checkpoints leave them out."""
+    for model, state in zip(models, weights, strict=False):  # FSDP/ZeRO pass no weights here
+        for name in _frozen_names(model) & set(state):
+            del state[name]
 
 
 def latest(root: Path) -> Path | None:
@@ -64,8 +81,13 @@ def load(accelerator, directory: Path, scheduler) -> dict:
     batch position)."""
     for pickled in directory.glob("custom_checkpoint_*.pkl"):  # older checkpoints' scheduler:
         pickled.rename(pickled.with_name(pickled.name + ".ignored"))  # never unpickled; replayed
+    frozen = any(_frozen_names(model) for model in accelerator._models)
     try:  # Accelerate loads with weights_only=True: a crafted pickle fails here, it does not run
-        accelerator.load_state(str(directory))
+        # strict=False only where frozen parameters were left out; `_check_trainable` then
+        # checks that every trainable one was in the file
+        accelerator.load_state(str(directory), strict=not frozen)
+        if frozen:
+            _check_trainable(accelerator, directory)
     except (pickle.UnpicklingError, RuntimeError, KeyError, ValueError, OSError) as err:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CheckpointError(
@@ -79,6 +101,20 @@ def load(accelerator, directory: Path, scheduler) -> dict:
         for _ in range(state["step"]):
             scheduler.step()
     return state
+
+
+def _check_trainable(accelerator, directory: Path) -> None:
+    from safetensors import safe_open
+
+    for i, model in enumerate(accelerator._models):
+        path = directory / f"model{f'_{i}' if i else ''}.safetensors"
+        with safe_open(str(path), framework="pt") as handle:
+            saved = set(handle.keys())
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if trainable - saved:
+            raise ValueError(
+                f"{len(trainable - saved)} trainable parameters missing from {path.name}"
+            )
 
 
 def _rotate(root: Path, keep: int) -> None:

@@ -6,15 +6,16 @@ import os
 from tokenratio.cli.common import add_config_arguments, examples, fail, load_config
 
 EXAMPLES = [
-    "tokenratio train configs/smollm2_hh_cpu.toml --set train.max_steps=2 "
-    "--set train.output_dir=runs/demo-tbpo-a",
-    "tokenratio train configs/smollm2_hh_cpu.toml --set loss.name=tbpo-q "
-    "--set train.max_steps=2 --set train.output_dir=runs/demo-tbpo-q",
+    "tokenratio train configs/smollm2_hh_cpu.toml --set train.max_steps=2 --set data.limit=40 "
+    "--set train.output_dir=runs/demo-tbpo-q",
+    "tokenratio train configs/smollm2_hh_cpu.toml --set loss.name=tbpo-a --set train.max_steps=2 "
+    "--set data.limit=40 --set train.output_dir=runs/demo-tbpo-a",
     "tokenratio train configs/smollm2_hh_cpu.toml --set loss.name=dpo --set train.max_steps=2 "
-    "--set train.output_dir=runs/demo-dpo",
+    "--set data.limit=40 --set train.output_dir=runs/demo-dpo",
     "tokenratio train configs/smollm2_hh_cpu.toml --print-config --set train.lr=1e-4",
     "tokenratio train configs/smollm2_hh_cpu.toml --set loss.name=dpo "
-    "--set data.swap_preferences=true --set train.max_steps=2 --set train.output_dir=runs/demo-flipped",
+    "--set data.swap_preferences=true --set train.max_steps=2 --set data.limit=40 "
+    "--set train.output_dir=runs/demo-flipped",
 ]
 HELP = f"""\
 Preference-optimize a Hugging Face causal LM with any loss of the registry (dpo, ipo, bpo, tdpo1,
