@@ -56,7 +56,9 @@ def save(accelerator, root: Path, step: int, trainer_state: dict, keep: int, sch
 
 
 def _frozen_names(model) -> set[str]:
-    return {name for name, p in model.named_parameters() if not p.requires_grad}
+    """Every name of a frozen parameter, tied ones included (a tied LM head is a second name)."""
+    params = model.named_parameters(remove_duplicate=False)
+    return {name for name, p in params if not p.requires_grad}
 
 
 def _drop_frozen(models, weights, output_dir) -> None:
