@@ -2,16 +2,16 @@
 values and gradients as running the reference, in both batch layouts; a training run with the
 cache never builds a reference, writes the cache beside the data, and a second run reads it."""
 
-import copy
 import json
 
 import pytest
 import torch
 
+from tiny import load_tiny_pairs, perturbed
 from tokenratio import ref_cache
-from tokenratio.data import collate, collate_shared, load_raw, tokenize_dataset
+from tokenratio.data import collate, collate_shared
 from tokenratio.losses import LOSSES
-from tokenratio.modeling import PolicyWithHead, load_pretrained
+from tokenratio.modeling import PolicyWithHead
 from tokenratio.scoring import frozen_reference, score_pairs
 
 CACHED = ["bpo", "dpo", "ipo", "tbpo-q", "tisdpo"]
@@ -24,13 +24,7 @@ def test_the_cache_applies_to_losses_without_a_kl_that_use_a_reference():
 
 @pytest.fixture(scope="module")
 def scored(tiny_model_dir, hh_jsonl):
-    from tokenratio.config import DataConfig
-
-    model, tokenizer, _ = load_pretrained(str(tiny_model_dir), device="cpu", dtype="float32")
-    raw = load_raw(str(hh_jsonl), limit=8)
-    data, _ = tokenize_dataset(
-        raw, tokenizer, DataConfig(path=str(hh_jsonl), max_length=384, on_invalid="skip")
-    )
+    model, tokenizer, data = load_tiny_pairs(tiny_model_dir, hh_jsonl, limit=8)
     cache = {}
     assert ref_cache.score_missing(model, list(data), cache, tokenizer.pad_token_id, 3) == 8
     assert ref_cache.score_missing(model, list(data), cache, tokenizer.pad_token_id, 3) == 0
@@ -43,11 +37,7 @@ def test_cached_reference_logps_give_the_same_losses_and_gradients(name, layout,
     from tokenratio.baseline import StateBaselineHead
 
     model, tokenizer, data, cached = scored
-    policy_model = copy.deepcopy(model)
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for p in policy_model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    policy_model = perturbed(model)
     needs = LOSSES[name].needs({})
     policy = PolicyWithHead(policy_model, StateBaselineHead(model.config.hidden_size))
     reference = frozen_reference(PolicyWithHead(model).eval())

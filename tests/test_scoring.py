@@ -5,7 +5,8 @@ loss the same values and gradients as the plain one, and frozen-model scoring of
 import pytest
 import torch
 
-from tokenratio.data import collate, collate_shared, load_raw, tokenize_dataset
+from tiny import load_tiny_pairs, perturbed
+from tokenratio.data import collate, collate_shared
 from tokenratio.losses import LOSSES, Needs
 from tokenratio.modeling import (
     PolicyWithHead,
@@ -18,14 +19,7 @@ from tokenratio.scoring import batches, frozen_reference, score_batches, score_p
 
 @pytest.fixture(scope="module")
 def tiny(tiny_model_dir, hh_jsonl):
-    from tokenratio.config import DataConfig
-
-    model, tokenizer, _ = load_pretrained(str(tiny_model_dir), device="cpu", dtype="float32")
-    raw = load_raw(str(hh_jsonl), limit=6)
-    data, _ = tokenize_dataset(
-        raw, tokenizer, DataConfig(path=str(hh_jsonl), max_length=384, on_invalid="skip")
-    )
-    return model, tokenizer, data
+    return load_tiny_pairs(tiny_model_dir, hh_jsonl, limit=6)
 
 
 def naive_label_logps(model, batch) -> torch.Tensor:
@@ -137,16 +131,10 @@ def _loss_and_grads(name, model, head, batch):
 def test_prefix_sharing_gives_every_loss_the_same_values_and_gradients(name, tiny):
     """Real HH pairs, fp32: the prefix-shared batch (prompt once) and the plain one (prompt twice)
     give every loss the same per-pair values and the same gradient, to float rounding."""
-    import copy
-
     from tokenratio.baseline import StateBaselineHead
 
     model, tokenizer, data = tiny
-    model = copy.deepcopy(model)
-    torch.manual_seed(0)
-    with torch.no_grad():  # a policy that differs from its reference, so every term is non-zero
-        for p in model.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    model = perturbed(model)
     head = StateBaselineHead(model.config.hidden_size)
     pairs = [data[i] for i in range(4)]
     if LOSSES[name].weights:

@@ -69,3 +69,33 @@ def write_hh_jsonl(path: Path, n: int, start: int = 0) -> Path:
     records = hh_records(start + n)[start:]
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def load_tiny_pairs(model_dir: Path, data: Path, limit: int):
+    """The tiny model in float32 on the CPU, its tokenizer, and the first `limit` records of
+    `data` tokenized as training would (max_length 384)."""
+    from tokenratio.config import DataConfig
+    from tokenratio.data import load_raw, tokenize_dataset
+    from tokenratio.modeling import load_pretrained
+
+    model, tokenizer, _ = load_pretrained(str(model_dir), device="cpu", dtype="float32")
+    raw = load_raw(str(data), limit=limit)
+    tokenized, _ = tokenize_dataset(
+        raw, tokenizer, DataConfig(path=str(data), max_length=384, on_invalid="skip")
+    )
+    return model, tokenizer, tokenized
+
+
+def perturbed(model, scale: float = 0.02):
+    """A seeded, perturbed copy: a policy that differs from its reference, so every term of a
+    loss is non-zero."""
+    import copy
+
+    import torch
+
+    model = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model

@@ -25,7 +25,7 @@ DTYPES = {
 }
 
 
-def _inner(model) -> nn.Module:
+def unwrap_peft(model) -> nn.Module:
     """The transformers model under a PEFT wrapper (LoRA layers are injected in place)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
@@ -36,7 +36,7 @@ def response_logits(model, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.
     Returns:
         logits (2B, T, V) and hidden (2B, T, H), response-aligned.
     """
-    inner = _inner(model)
+    inner = unwrap_peft(model)
     hidden = _response_hidden(inner, batch)
     logits = inner.get_output_embeddings()(hidden)
     config = inner.config
@@ -112,7 +112,7 @@ class PolicyWithHead(nn.Module):
     @property
     def _no_split_modules(self):
         """FSDP's transformer auto-wrap policy reads this from the module it is given."""
-        return getattr(_inner(self.model), "_no_split_modules", None)
+        return getattr(unwrap_peft(self.model), "_no_split_modules", None)
 
     def forward(self, batch: PreferenceBatch, with_baseline: bool = False):
         logits, hidden = response_logits(self.model, batch)
@@ -255,7 +255,7 @@ def build_models(
         model = get_peft_model(model, lora)
     elif needs.reference:
         reference = PolicyWithHead(copy.deepcopy(model)).eval().requires_grad_(False)
-    hidden = _inner(model).config.hidden_size
+    hidden = unwrap_peft(model).config.hidden_size
     head = StateBaselineHead(hidden, cfg.head_width) if needs.baseline else None
     return PolicyWithHead(model, head), reference
 

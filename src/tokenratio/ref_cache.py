@@ -81,30 +81,45 @@ def save(path: Path, cache: dict) -> None:
     write_bytes(path, buffer.getvalue())
 
 
+def missing(rows: list[dict], cache: dict) -> dict:
+    """{pair key: the pair's token ids} of the distinct pairs in `rows` that `cache` lacks."""
+    keys = {}
+    for row in rows:
+        key = pair_key(row)
+        if key not in cache:
+            keys[key] = {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    return keys
+
+
 @torch.no_grad()
-def score_missing(model, rows: list[dict], cache: dict, pad_id: int, batch_size: int) -> int:
-    """Score the rows whose pair is not in `cache` with the frozen reference (prompt computed once
-    per pair, `data.collate_shared`); returns how many."""
+def score_into(model, pairs: dict, cache: dict, pad_id: int, batch_size: int) -> None:
+    """Score `pairs` ({key: token ids}, from `missing`) with the frozen reference into `cache`
+    (prompt computed once per pair, `data.collate_shared`)."""
     from tokenratio.data import collate_shared
     from tokenratio.logprobs import token_logps
     from tokenratio.scoring import batches, score_batches
 
-    missing = list({pair_key(r): r for r in rows if pair_key(r) not in cache}.values())
-    plain = [{k: r[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")} for r in missing]
+    keys, rows = list(pairs), list(pairs.values())
     scored = score_batches(
-        [model], batches(plain, pad_id, batch_size, collate_shared), progress=True, desc="reference"
+        [model], batches(rows, pad_id, batch_size, collate_shared), progress=True, desc="reference"
     )
     done = 0
     for batch, [(logits, _)] in scored:
         logps = token_logps(logits.float(), batch.labels).cpu()
         B = batch.num_pairs
         for i in range(B):
-            row = plain[done + i]
+            row = rows[done + i]
             chosen = logps[i, : len(row["chosen_ids"])].clone()
             rejected = logps[B + i, : len(row["rejected_ids"])].clone()
-            cache[pair_key(row)] = (chosen, rejected)
+            cache[keys[done + i]] = (chosen, rejected)
         done += B
-    return done
+
+
+def score_missing(model, rows: list[dict], cache: dict, pad_id: int, batch_size: int) -> int:
+    """Score the rows whose pair `cache` lacks into it; returns how many pairs that was."""
+    todo = missing(rows, cache)
+    score_into(model, todo, cache, pad_id, batch_size)
+    return len(todo)
 
 
 def attach(dataset, cache: dict):

@@ -34,6 +34,7 @@ from tokenratio.modeling import (
     load_causal_lm,
     load_tokenizer,
     save_final,
+    unwrap_peft,
 )
 from tokenratio.provenance import SPLITS_NAME, splits_record
 from tokenratio.scoring import adapter_reference, frozen_reference, score_pairs
@@ -139,12 +140,7 @@ def prepare_step(cfg, accelerator, total_steps: int, model=None) -> Step:
     built = replace(needs, reference=False) if uses_ref_cache(cfg, needs) else needs
     policy, reference = build_models(cfg.model, built, model)
     if cfg.train.compile:
-        body = (
-            policy.model.get_base_model()
-            if hasattr(policy.model, "get_base_model")
-            else policy.model
-        )
-        body.base_model.compile(dynamic=True)
+        unwrap_peft(policy.model).base_model.compile(dynamic=True)
     optimizer, head_optimizer = _optimizers(cfg, policy)
     scheduler = _scheduler(cfg, optimizer, total_steps)
     optimizers = (optimizer, head_optimizer) if head_optimizer else (optimizer,)
@@ -183,12 +179,13 @@ def attach_reference_logps(cfg, accelerator, pad_id: int, *datasets) -> list:
     with accelerator.main_process_first():
         cache = ref_cache.load(path)
         rows = [row for data in datasets for row in data.with_format(None)]
-        if accelerator.is_main_process and any(ref_cache.pair_key(r) not in cache for r in rows):
+        missing = ref_cache.missing(rows, cache)
+        if accelerator.is_main_process and missing:
             model = load_causal_lm(cfg.model).to(accelerator.device).eval()
-            scored = ref_cache.score_missing(model, rows, cache, pad_id, cfg.train.eval_batch_size)
+            ref_cache.score_into(model, missing, cache, pad_id, cfg.train.eval_batch_size)
             del model
             ref_cache.save(path, cache)
-            accelerator.print(f"reference log-probs: scored {scored} pairs into {path}")
+            accelerator.print(f"reference log-probs: scored {len(missing)} pairs into {path}")
         else:
             accelerator.print(f"reference log-probs: read from {path}")
     return [ref_cache.attach(data, cache) for data in datasets]
@@ -463,7 +460,7 @@ def _loop(cfg, step: Step, data, heldout_loader, pad_id, state, total_steps, pro
     step.policy.train()
     while state["step"] < total_steps:
         for group in _epoch_batches(cfg, step, data, pad_id, state):
-            _guarded_step(step, group, state, window)
+            _run_step(step, group, state, window)
             bar.update(1)
             last = _after_step(cfg, step, heldout_loader, state, total_steps, window, bar) or last
             if state["step"] >= total_steps:
@@ -476,7 +473,7 @@ def _loop(cfg, step: Step, data, heldout_loader, pad_id, state, total_steps, pro
     return last
 
 
-def _guarded_step(step: Step, group, state, window: dict) -> None:
+def _run_step(step: Step, group, state, window: dict) -> None:
     """One optimizer step; its metric sums stay on the device in `window` until log time."""
     sums = train_step(step, group)
     state["micro_batch"] += len(group)

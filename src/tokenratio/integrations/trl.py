@@ -32,7 +32,7 @@ from tokenratio.baseline import StateBaselineHead
 from tokenratio.data import PreferenceBatch
 from tokenratio.logprobs import IGNORE_INDEX
 from tokenratio.losses import LOSSES, reduce
-from tokenratio.modeling import has_accelerator
+from tokenratio.modeling import has_accelerator, unwrap_peft
 from tokenratio.scoring import score_pairs
 
 HEAD_ATTRIBUTE = "tbpo_baseline_head"
@@ -59,10 +59,6 @@ class TBPOConfig(DPOConfig):
         if self.bf16 is None and not self.fp16 and not has_accelerator():
             self.bf16, self.use_cpu = False, True
         super().__post_init__()
-
-
-def _inner(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def response_layout(input_ids, completion_mask):
@@ -114,7 +110,7 @@ class TBPOTrainer(DPOTrainer):
         self._loss_options = dict(config.tokenratio_loss_options or {})
         self._needs = self._loss.needs(self._loss_options)
         if self._needs.baseline and not hasattr(self.model, HEAD_ATTRIBUTE):
-            hidden = _inner(self.model).config.hidden_size
+            hidden = unwrap_peft(self.model).config.hidden_size
             head = StateBaselineHead(hidden, config.baseline_head_width)
             setattr(self.model, HEAD_ATTRIBUTE, head.to(next(self.model.parameters()).device))
 
