@@ -22,6 +22,22 @@ def test_the_cache_applies_to_losses_without_a_kl_that_use_a_reference():
     assert applies == CACHED
 
 
+def test_shards_cover_every_pair_once_and_score_longest_first():
+    pairs = {
+        f"k{n}": {"prompt_ids": [1] * n, "chosen_ids": [2] * (n % 3 + 1), "rejected_ids": [3]}
+        for n in range(1, 12)
+    }
+    ordered = list(ref_cache.longest_first(pairs))
+    sizes = [sum(len(ids) for ids in pairs[k].values()) for k in ordered]
+    assert sizes == sorted(sizes, reverse=True) and sorted(ordered) == sorted(pairs)
+    shards = [ref_cache.shard(pairs, i, 3) for i in range(3)]
+    keys = [k for shard in shards for k in shard]
+    assert sorted(keys) == sorted(pairs) and len(set(keys)) == len(pairs)
+    assert [len(shard) for shard in shards] == [4, 4, 3]
+    assert list(shards[0]) == ordered[0::3]  # long and short pairs in every shard
+    assert ref_cache.shard(pairs, 0, 1) == ref_cache.longest_first(pairs)
+
+
 @pytest.fixture(scope="module")
 def scored(tiny_model_dir, hh_jsonl):
     model, tokenizer, data = load_tiny_pairs(tiny_model_dir, hh_jsonl, limit=8)
@@ -80,7 +96,8 @@ def test_a_run_with_the_cache_never_builds_a_reference_and_matches_one_without(
     data.parent.mkdir()
     shutil.copy(hh_jsonl, data)
     settings = {"loss.name": "dpo", "train.max_steps": 3, "train.eval_every": 0}
-    plain = run(tiny_model_dir, data, tmp_path / "plain", **settings)
+    plain = run(tiny_model_dir, data, tmp_path / "plain", **settings, **{"train.ref_cache": False})
+    assert not (data.parent / "hh.jsonl.ref-logps").exists()
     built = []
     real = modeling.build_models
 
@@ -89,7 +106,7 @@ def test_a_run_with_the_cache_never_builds_a_reference_and_matches_one_without(
         return real(cfg, needs, model)
 
     monkeypatch.setattr("tokenratio.trainer.build_models", spy)
-    cached = run(tiny_model_dir, data, tmp_path / "cached", **settings, **{"train.ref_cache": True})
+    cached = run(tiny_model_dir, data, tmp_path / "cached", **settings)  # on by default
     assert built == [False]
     assert "reference log-probs: scored" in capsys.readouterr().out
     assert len(list((data.parent / "hh.jsonl.ref-logps").glob("*.pt"))) == 1
@@ -98,6 +115,6 @@ def test_a_run_with_the_cache_never_builds_a_reference_and_matches_one_without(
         for key in ("loss", "reward_margin", "eval_loss"):
             if key in a:
                 assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
-    again = run(tiny_model_dir, data, tmp_path / "again", **settings, **{"train.ref_cache": True})
+    again = run(tiny_model_dir, data, tmp_path / "again", **settings)
     assert "reference log-probs: read from" in capsys.readouterr().out
     assert json.dumps(again[0]["loss"]) == json.dumps(cached[0]["loss"])

@@ -146,9 +146,12 @@ def test_resume_after_sigkill_reaches_the_uninterrupted_weights(tiny_model_dir, 
     ]  # rotation keeps 2, no .tmp leftovers
 
 
-def test_two_processes_match_one_process(tiny_model_dir, hh_jsonl, tmp_path):
-    """torchrun, 2 CPU processes (gloo), batch 2 each == 1 process, batch 4: same loss curve."""
-    extra = {"loss.name": "tbpo-a", "train.max_steps": 5, "train.group_by_length": False}
+@pytest.mark.parametrize("loss", ["tbpo-a", "tbpo-q"])
+def test_two_processes_match_one_process(loss, tiny_model_dir, hh_jsonl, tmp_path):
+    """torchrun, 2 CPU processes (gloo), batch 2 each == 1 process, batch 4: same loss curve.
+    tbpo-a runs the reference in the step; tbpo-q reads it from the cache, which the two
+    processes score half each (into a fresh cache directory)."""
+    extra = {"loss.name": loss, "train.max_steps": 5, "train.group_by_length": False}
     one = run(tiny_model_dir, hh_jsonl, tmp_path / "one", **extra)
     out = tmp_path / "two"
     cmd = [
@@ -163,9 +166,13 @@ def test_two_processes_match_one_process(tiny_model_dir, hh_jsonl, tmp_path):
         *overrides(tiny_model_dir, hh_jsonl, out, **{**extra, "train.batch_size": 2}),
         "--no-progress",
     ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "TOKENRATIO_REF_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("done: 5 steps") == 1
+    if loss == "tbpo-q":
+        assert result.stdout.count("reference log-probs: scored") == 1
+        assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
     two = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(two) == len(one)
     for a, b in zip(one, two, strict=True):

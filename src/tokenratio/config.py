@@ -88,9 +88,10 @@ class TrainConfig:
     # One row per pair, prompt + chosen + rejected (data.collate_shared): the prompt is computed
     # once for both responses, with the same logits (docs/method.md, "Prefix sharing").
     prefix_sharing: bool = True
-    # Losses that need the reference's log-probs of the response tokens only (no KL): score them
-    # once, keep them beside the data (ref_cache.py) and never load the reference while training.
-    ref_cache: bool = False
+    # Losses that need the reference's log-probs of the response tokens only (no KL: dpo, ipo,
+    # bpo, tbpo-q, tisdpo): score them once, keep them beside the data (ref_cache.py) and never
+    # load the reference while training. KL losses (tbpo-a, tdpo1/2) ignore it.
+    ref_cache: bool = True
     compile: bool = False  # torch.compile the policy's forward (measured: `tokenratio perf`)
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the end)

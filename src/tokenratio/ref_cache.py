@@ -91,14 +91,29 @@ def missing(rows: list[dict], cache: dict) -> dict:
     return keys
 
 
+def longest_first(pairs: dict) -> dict:
+    """The pairs ordered by their prefix-shared row length, longest first: batches of similar
+    length (little padding), and the largest batch first, so memory runs out at once if it will."""
+    return dict(sorted(pairs.items(), key=lambda kv: -sum(len(ids) for ids in kv[1].values())))
+
+
+def shard(pairs: dict, index: int, count: int) -> dict:
+    """Process `index`'s share of `pairs` (of `count` processes), every count-th pair of the
+    length order, so each process gets long and short pairs alike."""
+    ordered = list(longest_first(pairs).items())
+    return dict(ordered[index::count])
+
+
 @torch.no_grad()
 def score_into(model, pairs: dict, cache: dict, pad_id: int, batch_size: int) -> None:
-    """Score `pairs` ({key: token ids}, from `missing`) with the frozen reference into `cache`
-    (prompt computed once per pair, `data.collate_shared`)."""
+    """Score `pairs` ({key: token ids}, from `missing`) with the frozen reference into `cache`:
+    longest first, in batches of similar length, the prompt computed once per pair
+    (`data.collate_shared`)."""
     from tokenratio.data import collate_shared
     from tokenratio.logprobs import token_logps
     from tokenratio.scoring import batches, score_batches
 
+    pairs = longest_first(pairs)
     keys, rows = list(pairs), list(pairs.values())
     scored = score_batches(
         [model], batches(rows, pad_id, batch_size, collate_shared), progress=True, desc="reference"

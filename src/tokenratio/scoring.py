@@ -99,6 +99,12 @@ def score_pairs(
     logits, baseline = policy(batch, needs.baseline)
     ref_logits = None
     if needs.reference and batch.ref_logps is None:
+        if reference is None:
+            raise ValueError(
+                "the loss needs the reference's log-probs, but the batch carries none and no "
+                "reference was built: with train.ref_cache, batches need their cached "
+                "ref_logps (trainer.attach_reference_logps)"
+            )
         with torch.no_grad():
             ref_logits = reference(batch)
     logps, ref_logps, kl_values = label_logps_and_kl(

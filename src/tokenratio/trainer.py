@@ -137,7 +137,8 @@ def prepare_step(cfg, accelerator, total_steps: int, model=None) -> Step:
     and so checkpoints, stay as they are)."""
     loss = LOSSES[cfg.loss.name]
     needs = loss.needs(cfg.loss.options)
-    built = replace(needs, reference=False) if uses_ref_cache(cfg, needs) else needs
+    cached = uses_ref_cache(cfg, needs, accelerator)
+    built = replace(needs, reference=False) if cached else needs
     policy, reference = build_models(cfg.model, built, model)
     if cfg.train.compile:
         unwrap_peft(policy.model).base_model.compile(dynamic=True)
@@ -167,28 +168,61 @@ def prepare_step(cfg, accelerator, total_steps: int, model=None) -> Step:
     )
 
 
-def uses_ref_cache(cfg, needs: Needs) -> bool:
-    """train.ref_cache, for a loss that reads the reference through token log-probs only."""
-    return cfg.train.ref_cache and ref_cache.applies(needs)
+def uses_ref_cache(cfg, needs: Needs, accelerator) -> bool:
+    """train.ref_cache, for a loss that reads the reference through token log-probs only, where
+    each process can hold the whole reference for the scoring pass (not under FSDP or ZeRO,
+    whose sharded forwards need every process in step)."""
+    return cfg.train.ref_cache and ref_cache.applies(needs) and not _shards_models(accelerator)
+
+
+def _shards_models(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    sharding = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    return accelerator.distributed_type in sharding
+
+
+def _why_not_cached(cfg, needs: Needs) -> str:
+    if needs.kl:
+        return f"{cfg.loss.name}'s KL needs the reference's full distribution at every step"
+    return "the reference is sharded (FSDP or ZeRO): the scoring pass would load it whole"
 
 
 def attach_reference_logps(cfg, accelerator, pad_id: int, *datasets) -> list:
-    """The datasets with the reference's per-token log-probs, from the cache file; the pairs
-    it lacks are scored once (main process) with the reference loaded for that and dropped."""
+    """The datasets with the reference's per-token log-probs, from the cache file. The pairs it
+    lacks are scored once, shared out over the processes (each loads the reference for that and
+    drops it), under the training's autocast, and the main process writes the file."""
     path = ref_cache.cache_path(cfg)
-    with accelerator.main_process_first():
-        cache = ref_cache.load(path)
-        rows = [row for data in datasets for row in data.with_format(None)]
-        missing = ref_cache.missing(rows, cache)
-        if accelerator.is_main_process and missing:
-            model = load_causal_lm(cfg.model).to(accelerator.device).eval()
-            ref_cache.score_into(model, missing, cache, pad_id, cfg.train.eval_batch_size)
-            del model
+    cache = ref_cache.load(path)
+    rows = [row for data in datasets for row in data.with_format(None)]
+    missing = ref_cache.missing(rows, cache)
+    if missing:
+        share = ref_cache.shard(missing, accelerator.process_index, accelerator.num_processes)
+        scored = {}
+        model = load_causal_lm(cfg.model).to(accelerator.device).eval()
+        with accelerator.autocast():
+            ref_cache.score_into(model, share, scored, pad_id, cfg.train.eval_batch_size)
+        del model
+        cache.update(_gather_dicts(accelerator, scored))
+        if accelerator.is_main_process:
             ref_cache.save(path, cache)
-            accelerator.print(f"reference log-probs: scored {len(missing)} pairs into {path}")
-        else:
-            accelerator.print(f"reference log-probs: read from {path}")
+        accelerator.wait_for_everyone()
+        accelerator.print(f"reference log-probs: scored {len(missing)} pairs into {path}")
+    else:
+        accelerator.print(f"reference log-probs: read from {path}")
     return [ref_cache.attach(data, cache) for data in datasets]
+
+
+def _gather_dicts(accelerator, part: dict) -> dict:
+    """Every process's `part`, merged, on every process."""
+    if accelerator.num_processes == 1:
+        return part
+    from accelerate.utils import gather_object
+
+    merged = {}
+    for piece in gather_object([part]):
+        merged.update(piece)
+    return merged
 
 
 def _add_metrics(sums: dict, losses, metrics) -> None:
@@ -350,15 +384,12 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     tokenizer = load_tokenizer(cfg.model)
     data, heldout, report, splits = prepare_data(cfg, tokenizer, accelerator)
     _check_weights(cfg, needs, heldout)
-    if uses_ref_cache(cfg, needs):
+    if uses_ref_cache(cfg, needs, accelerator):
         data, heldout = attach_reference_logps(
             cfg, accelerator, tokenizer.pad_token_id, data, heldout
         )
-    elif cfg.train.ref_cache:
-        accelerator.print(
-            f"train.ref_cache: not used by {cfg.loss.name}, which needs the reference's full "
-            "distribution (a KL), not only its log-probs of the response tokens"
-        )
+    elif cfg.train.ref_cache and needs.reference:
+        accelerator.print(f"reference log-probs: not cached, {_why_not_cached(cfg, needs)}")
     total_steps = _total_steps(cfg, len(data), accelerator.num_processes)
     step = prepare_step(cfg, accelerator, total_steps)
     state = {"step": 0, "epoch": 0, "micro_batch": 0}

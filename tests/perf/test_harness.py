@@ -14,8 +14,9 @@ from tokenratio.perf import harness
 @pytest.mark.slow
 def test_perf_harness_reports_every_row_on_hh_lengths(tmp_path, capsys):
     # every loss runs the same step: test_train_step.py and test_scoring.py cover them all
-    rows = ["dpo", "tbpo-a", "trl", "train", "dpo+prefix_sharing=false", "dpo+ref_cache=true"]
+    rows = ["dpo", "tbpo-a", "trl", "train", "dpo+prefix_sharing=false", "dpo+ref_cache=false"]
     args = ["perf", "--model", "tiny", "--rows", *rows, "--steps", "2", "--warmup", "1"]
+    args += ["--ab", "dpo+ref_cache=false:tbpo-a"]
     args += ["--repeats", "1", "--batch", "2", "--max-length", "64", "--max-prompt-length", "32"]
     assert main([*args, "--out", str(tmp_path)]) == 0
     assert "speed/TRL" in capsys.readouterr().out
@@ -28,13 +29,20 @@ def test_perf_harness_reports_every_row_on_hh_lengths(tmp_path, capsys):
     assert by_row["trl"]["tensor_mib"] is None  # measured for our rows only
     assert by_row["tbpo-a"]["tensor_vs_dpo"] > 0
     raw = report["raw"]
-    shared = {raw[row][0]["real_tokens"] for row in ("dpo", "tbpo-a", "dpo+ref_cache=true")}
+    shared = {raw[row][0]["real_tokens"] for row in ("dpo", "tbpo-a", "dpo+ref_cache=false")}
     assert len(shared) == 1  # rows of one layout timed the same pairs: the same real tokens
     plain = {raw[row][0]["real_tokens"] for row in ("trl", "dpo+prefix_sharing=false")}
     assert len(plain) == 1
     computed = raw["dpo"][0]["computed_tokens"]
     assert computed < raw["dpo"][0]["real_tokens"]  # the prompt computed once per pair
     assert raw["train"][0]["real_tokens"] > 0  # tokenratio train's own logged tokens
+    [ab] = report["ab"]  # one process, alternating: 2 x repeats paired rounds
+    assert ab["rows"] == ["dpo+ref_cache=false", "tbpo-a"] and len(ab["ratios"]) == 2
+    assert ab["ratio"] == pytest.approx(sorted(ab["ratios"])[0] / 2 + sorted(ab["ratios"])[1] / 2)
+    assert (
+        "one process, alternating: tbpo-a / dpo+ref_cache=false"
+        in (tmp_path / "perf.txt").read_text()
+    )
     for r in report["rows"]:
         assert r["step_s"] > 0 and r["peak_mib"] > 0 and 0 < r["mfu"] < 1
         real_tokens = raw[r["row"]][0]["real_tokens"]

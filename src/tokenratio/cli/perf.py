@@ -6,7 +6,8 @@ import argparse
 from tokenratio.cli.common import examples, fail
 
 EXAMPLES = [
-    "tokenratio perf --model tiny --rows dpo tbpo-a --steps 2 --warmup 1 --repeats 1 --out perf_out",
+    "tokenratio perf --model tiny --rows dpo tbpo-a --ab dpo:tbpo-a --steps 2 --warmup 1 --repeats 1 "
+    "--out perf_out",
     "tokenratio perf --model tiny --rows dpo dpo+prefix_sharing=false --data fixed --steps 2 "
     "--warmup 1 --repeats 1 --out perf_out",
 ]
@@ -16,13 +17,15 @@ lengths follow --data (default: the HH harmless pairs in ../shared, cut as `toke
 cuts them), or fixed lengths (--data fixed). Rows alternate for --repeats rounds; medians, with
 ratios against our dpo and TRL's DPOTrainer (when trl is installed). Our rows time
 `trainer.train_step`, the function `tokenratio train` runs every step; a row may switch trainer
-settings off or on: dpo+prefix_sharing=false, dpo+ref_cache=true, dpo+compile=true.
+settings off or on: dpo+prefix_sharing=false, dpo+ref_cache=false, dpo+compile=true.
+--ab A:B times two rows alternating in ONE process, for step ratios that the rows' own
+processes cannot resolve on a noisy machine.
 tokens/s counts real tokens (prompt once per side, as TRL counts). Writes perf.json after every
 row (an interrupted run keeps its finished rows) and perf.txt at the end.
 
-Presets, one command each: --preset cpu (the 16M model, every loss, TRL and the ablation rows);
---preset gpu (random-weight SmolLM2-135M and Llama-3.2-1B shapes, bf16, one GPU, under 10 minutes;
-writes OUT/<model>/).
+Presets, one command each: --preset cpu (the 16M model, every loss, TRL, the ablation rows and
+the one-process step ratios); --preset gpu (random-weight SmolLM2-135M and Llama-3.2-1B shapes,
+bf16, one GPU, under 10 minutes; writes OUT/<model>/).
 
 {examples(EXAMPLES)}
 """
@@ -48,6 +51,7 @@ def run(args: argparse.Namespace) -> int:
             "max_length": args.max_length,
             "max_prompt_length": args.max_prompt_length,
             "repeats": args.repeats,
+            "ab": args.ab,
             "device": args.device,
             "dtype": args.dtype,
             "ablation": args.ablation,
@@ -84,10 +88,18 @@ def add_parser(sub) -> None:
         "--rows",
         nargs="+",
         help="losses, losses with options (quote them: 'tdpo1[generator=sba]'), losses with "
-        "train switches (dpo+ref_cache=true), and trl; default: dpo tbpo-a tbpo-q tdpo2 "
+        "train switches (dpo+ref_cache=false), and trl; default: dpo tbpo-a tbpo-q tdpo2 "
         "tdpo1[generator=sba] bpo tisdpo trl",
     )
     perf.add_argument("--ablation", action="store_true", help="add dpo with each switch flipped")
+    perf.add_argument(
+        "--ab",
+        nargs="+",
+        default=[],
+        metavar="A:B",
+        help="pairs of our rows timed alternating in one process (B's step over A's), e.g. "
+        "dpo:tbpo-q 'dpo+ref_cache=false:tbpo-a'",
+    )
     perf.add_argument(
         "--data", default=DEFAULT_DATA, help="preference data whose lengths to use, or fixed"
     )

@@ -45,9 +45,13 @@ ABLATION = [
     "dpo+prefix_sharing=false",
     "dpo+group_by_length=false",
     "dpo+prefix_sharing=false+group_by_length=false",
-    "dpo+ref_cache=true",
+    "dpo+ref_cache=false",
     "dpo+compile=true",
 ]
+# The issue's step ratios, each measured in one process (`worker.run_ab`): TBPO against DPO with
+# the defaults (TBPO-A's KL cannot use the reference cache, DPO's default step does), and TBPO-A
+# against DPO doing the same reference work.
+AB = ["dpo:tbpo-q", "dpo:tbpo-a", "dpo+ref_cache=false:tbpo-a"]
 PRESETS = {  # one command each; the GPU one is sized to finish within 10 minutes on one GPU
     "cpu": {
         "models": ["cpu20m"],
@@ -58,6 +62,7 @@ PRESETS = {  # one command each; the GPU one is sized to finish within 10 minute
         "steps": 4,
         "warmup": 1,
         "repeats": 2,
+        "ab": AB,
         "device": "cpu",
         "dtype": "fp32",
     },
@@ -70,6 +75,7 @@ PRESETS = {  # one command each; the GPU one is sized to finish within 10 minute
         "steps": 10,
         "warmup": 3,
         "repeats": 1,
+        "ab": [AB[0], AB[2]],  # dpo:tbpo-a is the rows' own step/dpo column
         "device": "cuda",
         "dtype": "bf16",
     },
@@ -147,6 +153,25 @@ def _measure_row(common: dict, row: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _measure_ab(common: dict, pair: str, repeats: int) -> dict:
+    """ "A:B": both rows' steps alternating in one process; B's step over A's, the median of the
+    paired ratios (each B round over the A round just before it)."""
+    rows = pair.split(":")
+    if len(rows) != 2:
+        raise RuntimeError(f"--ab {pair}: give two of our rows as A:B, e.g. dpo:tbpo-q")
+    measured = _measure_row({**common, "ab": rows, "ab_repeats": repeats}, "ab")
+    a, b = (measured["seconds"][row] for row in rows)
+    ratios = [tb / ta for ta, tb in zip(a, b, strict=True)]
+    steps = len(common["plans"]["shared"]) - common["warmup"]
+    return {
+        "pair": pair,
+        "rows": rows,
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "step_s": [statistics.median(a) / steps, statistics.median(b) / steps],
+    }
+
+
 def _summarise(measured: dict, config: dict) -> list[dict]:
     """Medians over repeats, tokens/s on real tokens, MFU, and ratios against our dpo and TRL."""
     summary = []
@@ -218,6 +243,7 @@ def run_perf(
     max_length=512,
     max_prompt_length=256,
     repeats=2,
+    ab=(),
     device="cpu",
     dtype="fp32",
     ablation=False,
@@ -225,8 +251,9 @@ def run_perf(
     out=None,
     progress=print,
 ) -> dict:
-    """All rows, alternating, `repeats` times; medians, ratios, MFU. Writes out/perf.json (after
-    every row) and out/perf.txt."""
+    """All rows, alternating, `repeats` times; medians, ratios, MFU; then each `ab` pair ("A:B")
+    alternating in one process, 2 x `repeats` rounds. Writes out/perf.json (after every row and
+    pair) and out/perf.txt."""
     rows = _default_rows(rows, ablation, progress)
     if "train" in rows and data == "fixed":
         raise RuntimeError("the train row runs `tokenratio train` on a data file: give --data")
@@ -274,6 +301,7 @@ def run_perf(
         else None,
     }
     measured: dict[str, list[dict]] = {r: [] for r in rows}
+    report = {"config": config, "rows": [], "raw": measured}
     for rep in range(repeats):
         for row in rows:
             measured[row].append(_measure_row(common, row))
@@ -283,6 +311,11 @@ def run_perf(
             report = {"config": config, "rows": _summarise(measured, config), "raw": measured}
             if out:
                 _write(out, report, final=False)
+    for pair in ab:
+        report.setdefault("ab", []).append(_measure_ab(common, pair, 2 * repeats))
+        progress(f"  one process, alternating, {pair}: {report['ab'][-1]['ratio']:.3f}x")
+        if out:
+            _write(out, report, final=False)
     if out:
         _write(out, report, final=True)
     return report
@@ -347,6 +380,13 @@ def format_report(report: dict) -> str:
             f"{r['row']:>46} {r['step_s']:>7.3f} {r['tokens_per_s']:>8.0f} {r['peak_mib']:>8.0f} "
             f"{100 * r['mfu']:>5.1f}% {pad:>5} {ratio(r, 'step_vs_dpo'):>8} {ratio(r, 'memory_vs_dpo'):>7} "
             f"{ratio(r, 'speed_vs_trl'):>9} {ratio(r, 'memory_vs_trl'):>7} {tensor:>10}"
+        )
+    for pair in report.get("ab", []):
+        a, b = pair["rows"]
+        lines.append(
+            f"one process, alternating: {b} / {a} step = {pair['ratio']:.3f}x (median of "
+            f"{len(pair['ratios'])} paired rounds, {min(pair['ratios']):.3f}-"
+            f"{max(pair['ratios']):.3f}; {pair['step_s'][1]:.3f} / {pair['step_s'][0]:.3f} s)"
         )
     lines.append(
         "tok/s: real tokens (prompt once per side, as TRL counts them; no padding), the same for every "

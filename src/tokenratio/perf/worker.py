@@ -85,7 +85,7 @@ def _batches(cfg, step, model, args) -> list:
     rows = token_rows(
         tokenizer, pairs_of_lengths(args["lengths"], model.config.vocab_size), step.needs.weights
     )
-    if uses_ref_cache(cfg, step.needs):
+    if uses_ref_cache(cfg, step.needs, step.accelerator):
         rows = _with_cached_reference(model, rows)
     collate = collate_fn(cfg)
     layout = "shared" if cfg.train.prefix_sharing else "plain"
@@ -93,22 +93,36 @@ def _batches(cfg, step, model, args) -> list:
     return [collate([rows[i] for i in batch], 0).to(step.accelerator.device) for batch in plan]
 
 
-def run_ours(row: str, args) -> dict:
-    """Step times of `trainer.train_step`, the function `tokenratio train` runs every step."""
-    from tokenratio.trainer import make_accelerator, prepare_step, train_step
+def prepare_row(row: str, args) -> tuple:
+    """(the row's Config, its `trainer.Step`, the plan's batches as its layout collates them)."""
+    from tokenratio.trainer import make_accelerator, prepare_step
 
     method, switches = parse_row(row)
     cfg = perf_config(method, args, switches)
     model = build_model(args["model"])
     accelerator = make_accelerator(cfg)
     step = prepare_step(cfg, accelerator, len(args["plans"]["shared"]) + 2, model=model)
-    batches = _batches(cfg, step, model, args)
+    return cfg, step, _batches(cfg, step, model, args)
+
+
+def _timed_steps(step, batches, device: str) -> list[float]:
+    from tokenratio.trainer import train_step
+
     times = []
     for batch in batches:
         start = time.perf_counter()
         train_step(step, [batch])
-        _sync(args["device"])
+        _sync(device)
         times.append(time.perf_counter() - start)
+    return times
+
+
+def run_ours(row: str, args) -> dict:
+    """Step times of `trainer.train_step`, the function `tokenratio train` runs every step."""
+    from tokenratio.trainer import train_step
+
+    _, step, batches = prepare_row(row, args)
+    times = _timed_steps(step, batches, args["device"])
     # One more step under the profiler: the exact peak of tensor memory it allocates on top of what
     # is resident (weights, optimizer state); the resident set is the issue's metric, but noisy here.
     tensor_peak = None
@@ -126,6 +140,22 @@ def run_ours(row: str, args) -> dict:
             1 - int(b.attention_mask.sum()) / b.input_ids.numel() for b in timed
         ),
     }
+
+
+def run_ab(args) -> dict:
+    """Two rows' steps in ONE process, alternating (A's timed batches, then B's, `repeats`
+    times, after a warm-up of each): step ratios that drift, noisy neighbours and process
+    layout cannot bend, as they do between the rows' own processes on a shared machine."""
+    rows = args["ab"]
+    prepared = [prepare_row(row, args) for row in rows]
+    warmup = args["warmup"]
+    times = {row: [] for row in rows}
+    for _, step, batches in prepared:
+        _timed_steps(step, batches[:warmup], args["device"])
+    for _ in range(args["ab_repeats"]):
+        for (_, step, batches), row in zip(prepared, rows, strict=True):
+            times[row].append(sum(_timed_steps(step, batches[warmup:], args["device"])))
+    return {"rows": rows, "seconds": times}
 
 
 def run_trl(args) -> dict:
@@ -205,6 +235,8 @@ def run_trl(args) -> dict:
 def worker(args: dict) -> dict:
     """One row in this process; returns its timings, real tokens and peak memory."""
     torch.set_num_threads(args["threads"])
+    if args["row"] == "ab":
+        return run_ab(args)
     if args["row"] == "trl":
         measured = run_trl(args)
     elif args["row"] == "train":
