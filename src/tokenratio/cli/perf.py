@@ -18,7 +18,7 @@ cuts them), or fixed lengths (--data fixed). Rows alternate for --repeats rounds
 ratios against our dpo and TRL's DPOTrainer (when trl is installed). Our rows time
 `trainer.train_step`, the function `tokenratio train` runs every step; a row may switch trainer
 settings off or on: dpo+prefix_sharing=false, dpo+ref_cache=false, dpo+compile=true.
---ab A:B times two rows alternating in ONE process, for step ratios that the rows' own
+--ab A:B times two rows step by step, alternating, in ONE process, for step ratios that the rows' own
 processes cannot resolve on a noisy machine.
 tokens/s counts real tokens (prompt once per side, as TRL counts). Writes perf.json after every
 row (an interrupted run keeps its finished rows) and perf.txt at the end.
@@ -97,7 +97,8 @@ def add_parser(sub) -> None:
         nargs="+",
         default=[],
         metavar="A:B",
-        help="pairs of our rows timed alternating in one process (B's step over A's), e.g. "
+        help="pairs of our rows timed step by step, alternating, in one process (B's step over "
+        "A's), e.g. "
         "dpo:tbpo-q 'dpo+ref_cache=false:tbpo-a'",
     )
     perf.add_argument(

@@ -154,21 +154,23 @@ def _measure_row(common: dict, row: str) -> dict:
 
 
 def _measure_ab(common: dict, pair: str, repeats: int) -> dict:
-    """ "A:B": both rows' steps alternating in one process; B's step over A's, the median of the
-    paired ratios (each B round over the A round just before it)."""
+    """ "A:B": both rows' steps alternating in one process, `repeats` rounds over the timed
+    batches; B's step over A's as the median of the per-step ratios (each on the same batch, one
+    right after the other) and as the ratio of the total times."""
     rows = pair.split(":")
     if len(rows) != 2:
         raise RuntimeError(f"--ab {pair}: give two of our rows as A:B, e.g. dpo:tbpo-q")
     measured = _measure_row({**common, "ab": rows, "ab_repeats": repeats}, "ab")
     a, b = (measured["seconds"][row] for row in rows)
     ratios = [tb / ta for ta, tb in zip(a, b, strict=True)]
-    steps = len(common["plans"]["shared"]) - common["warmup"]
     return {
         "pair": pair,
         "rows": rows,
         "ratio": statistics.median(ratios),
+        "quartiles": statistics.quantiles(ratios, n=4) if len(ratios) > 1 else ratios * 3,
+        "total_ratio": sum(b) / sum(a),
         "ratios": ratios,
-        "step_s": [statistics.median(a) / steps, statistics.median(b) / steps],
+        "step_s": [statistics.median(a), statistics.median(b)],
     }
 
 
@@ -252,8 +254,8 @@ def run_perf(
     progress=print,
 ) -> dict:
     """All rows, alternating, `repeats` times; medians, ratios, MFU; then each `ab` pair ("A:B")
-    alternating in one process, 2 x `repeats` rounds. Writes out/perf.json (after every row and
-    pair) and out/perf.txt."""
+    alternating step by step in one process, 2 x `repeats` rounds over the timed batches. Writes
+    out/perf.json (after every row and pair) and out/perf.txt."""
     rows = _default_rows(rows, ablation, progress)
     if "train" in rows and data == "fixed":
         raise RuntimeError("the train row runs `tokenratio train` on a data file: give --data")
@@ -313,7 +315,7 @@ def run_perf(
                 _write(out, report, final=False)
     for pair in ab:
         report.setdefault("ab", []).append(_measure_ab(common, pair, 2 * repeats))
-        progress(f"  one process, alternating, {pair}: {report['ab'][-1]['ratio']:.3f}x")
+        progress(f"  one process, step by step, {pair}: {report['ab'][-1]['ratio']:.3f}x")
         if out:
             _write(out, report, final=False)
     if out:
@@ -383,10 +385,12 @@ def format_report(report: dict) -> str:
         )
     for pair in report.get("ab", []):
         a, b = pair["rows"]
+        low, _, high = pair["quartiles"]
         lines.append(
-            f"one process, alternating: {b} / {a} step = {pair['ratio']:.3f}x (median of "
-            f"{len(pair['ratios'])} paired rounds, {min(pair['ratios']):.3f}-"
-            f"{max(pair['ratios']):.3f}; {pair['step_s'][1]:.3f} / {pair['step_s'][0]:.3f} s)"
+            f"one process, step by step: {b} / {a} = {pair['ratio']:.3f}x (median of "
+            f"{len(pair['ratios'])} paired steps, quartiles {low:.3f}-{high:.3f}; total time "
+            f"{pair['total_ratio']:.3f}x; median steps {pair['step_s'][1]:.3f} / "
+            f"{pair['step_s'][0]:.3f} s)"
         )
     lines.append(
         "tok/s: real tokens (prompt once per side, as TRL counts them; no padding), the same for every "

@@ -143,18 +143,22 @@ def run_ours(row: str, args) -> dict:
 
 
 def run_ab(args) -> dict:
-    """Two rows' steps in ONE process, alternating (A's timed batches, then B's, `repeats`
-    times, after a warm-up of each): step ratios that drift, noisy neighbours and process
-    layout cannot bend, as they do between the rows' own processes on a shared machine."""
+    """Two rows' steps in ONE process, alternating step by step on the same batch (A then B,
+    then B then A on the next, so neither always goes first), after a warm-up of each: step
+    ratios that drift, noisy neighbours and process layout cannot bend, as they do between the
+    rows' own processes on a shared machine. Returns each row's step times, paired by index."""
     rows = args["ab"]
-    prepared = [prepare_row(row, args) for row in rows]
+    prepared = {row: prepare_row(row, args)[1:] for row in rows}
     warmup = args["warmup"]
-    times = {row: [] for row in rows}
-    for _, step, batches in prepared:
+    for step, batches in prepared.values():
         _timed_steps(step, batches[:warmup], args["device"])
-    for _ in range(args["ab_repeats"]):
-        for (_, step, batches), row in zip(prepared, rows, strict=True):
-            times[row].append(sum(_timed_steps(step, batches[warmup:], args["device"])))
+    times = {row: [] for row in rows}
+    for round_ in range(args["ab_repeats"]):
+        for i in range(warmup, len(prepared[rows[0]][1])):
+            order = rows if (round_ + i) % 2 == 0 else rows[::-1]
+            for row in order:
+                step, batches = prepared[row]
+                times[row] += _timed_steps(step, batches[i : i + 1], args["device"])
     return {"rows": rows, "seconds": times}
 
 
