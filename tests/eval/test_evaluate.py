@@ -81,7 +81,7 @@ HH = HH_PATH
 
 
 @pytest.mark.slow
-def test_eval_on_smollm2_over_20_hh_prompts(smollm2, reward_model_dir, tmp_path, capsys):
+def test_eval_on_smollm2_over_20_hh_prompts(smollm2_dir, reward_model_dir, tmp_path, capsys):
     """The real model over 20 HH-RLHF harmless prompts, with a local reward-model judge: every
     metric of the paper but the remote LLM judge."""
     out = tmp_path / "eval"
@@ -90,9 +90,9 @@ def test_eval_on_smollm2_over_20_hh_prompts(smollm2, reward_model_dir, tmp_path,
             [
                 "eval",
                 "--model",
-                f"smollm2={smollm2}",
+                f"smollm2={smollm2_dir}",
                 "--reference",
-                str(smollm2),
+                str(smollm2_dir),
                 "--data",
                 str(HH),
                 "--num-prompts",

@@ -6,8 +6,7 @@ import argparse
 from tokenratio.cli.common import examples, fail
 
 EXAMPLES = [
-    "tokenratio perf --model tiny --rows dpo tbpo-a --ab dpo:tbpo-a --steps 2 --warmup 1 --repeats 1 "
-    "--out perf_out",
+    "tokenratio perf --model tiny --rows dpo tbpo-a --steps 2 --warmup 1 --repeats 1 --out perf_out",
     "tokenratio perf --model tiny --rows dpo dpo+prefix_sharing=false --data fixed --steps 2 "
     "--warmup 1 --repeats 1 --out perf_out",
 ]
