@@ -8,7 +8,7 @@
 #      of the same config on a tiny model: the same loss curve. (Accelerate has no FSDP on CPUs.)
 #   2. tokenratio perf --preset gpu: random-weight SmolLM2-135M and Llama-3.2-1B shapes, bf16
 #      autocast over fp32 weights (as `tokenratio train`), HH lengths; our dpo/tbpo rows, the
-#      ablation rows and TRL (carry its wheel).
+#      ablation rows, TRL (carry its wheel) and the one-process TBPO step ratios (--ab).
 # The device has no ../shared: copy the HH file into an ignored folder, carry it and point
 # TOKENRATIO_HH_PATH at it (tests/tiny.py reads it too).
 set -uo pipefail
