@@ -97,8 +97,7 @@ def add_parser(sub) -> None:
         default=[],
         metavar="A:B",
         help="pairs of our rows timed step by step, alternating, in one process (B's step over "
-        "A's), e.g. "
-        "dpo:tbpo-q 'dpo+ref_cache=false:tbpo-a'",
+        "A's), e.g. dpo:tbpo-q 'dpo+ref_cache=false:tbpo-a'",
     )
     perf.add_argument(
         "--data", default=DEFAULT_DATA, help="preference data whose lengths to use, or fixed"

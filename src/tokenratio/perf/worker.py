@@ -94,7 +94,7 @@ def _batches(cfg, step, model, args) -> list:
 
 
 def prepare_row(row: str, args) -> tuple:
-    """(the row's Config, its `trainer.Step`, the plan's batches as its layout collates them)."""
+    """(the row's `trainer.Step`, the plan's batches as its layout collates them)."""
     from tokenratio.trainer import make_accelerator, prepare_step
 
     method, switches = parse_row(row)
@@ -102,7 +102,7 @@ def prepare_row(row: str, args) -> tuple:
     model = build_model(args["model"])
     accelerator = make_accelerator(cfg)
     step = prepare_step(cfg, accelerator, len(args["plans"]["shared"]) + 2, model=model)
-    return cfg, step, _batches(cfg, step, model, args)
+    return step, _batches(cfg, step, model, args)
 
 
 def _timed_steps(step, batches, device: str) -> list[float]:
@@ -121,7 +121,7 @@ def run_ours(row: str, args) -> dict:
     """Step times of `trainer.train_step`, the function `tokenratio train` runs every step."""
     from tokenratio.trainer import train_step
 
-    _, step, batches = prepare_row(row, args)
+    step, batches = prepare_row(row, args)
     times = _timed_steps(step, batches, args["device"])
     # One more step under the profiler: the exact peak of tensor memory it allocates on top of what
     # is resident (weights, optimizer state); the resident set is the issue's metric, but noisy here.
@@ -148,7 +148,7 @@ def run_ab(args) -> dict:
     ratios that drift, noisy neighbours and process layout cannot bend, as they do between the
     rows' own processes on a shared machine. Returns each row's step times, paired by index."""
     rows = args["ab"]
-    prepared = {row: prepare_row(row, args)[1:] for row in rows}
+    prepared = {row: prepare_row(row, args) for row in rows}
     warmup = args["warmup"]
     for step, batches in prepared.values():
         _timed_steps(step, batches[:warmup], args["device"])
