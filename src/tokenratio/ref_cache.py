@@ -105,10 +105,12 @@ def shard(pairs: dict, index: int, count: int) -> dict:
 
 
 @torch.no_grad()
-def score_into(model, pairs: dict, cache: dict, pad_id: int, batch_size: int) -> None:
+def score_into(
+    model, pairs: dict, cache: dict, pad_id: int, batch_size: int, progress: bool = True
+) -> None:
     """Score `pairs` ({key: token ids}, from `missing`) with the frozen reference into `cache`:
     longest first, in batches of similar length, the prompt computed once per pair
-    (`data.collate_shared`)."""
+    (`data.collate_shared`); a progress bar with `progress`."""
     from tokenratio.data import collate_shared
     from tokenratio.logprobs import token_logps
     from tokenratio.scoring import batches, score_batches
@@ -116,7 +118,10 @@ def score_into(model, pairs: dict, cache: dict, pad_id: int, batch_size: int) ->
     pairs = longest_first(pairs)
     keys, rows = list(pairs), list(pairs.values())
     scored = score_batches(
-        [model], batches(rows, pad_id, batch_size, collate_shared), progress=True, desc="reference"
+        [model],
+        batches(rows, pad_id, batch_size, collate_shared),
+        progress=progress,
+        desc="reference",
     )
     done = 0
     for batch, [(logits, _)] in scored:

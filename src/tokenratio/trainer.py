@@ -188,7 +188,7 @@ def _why_not_cached(cfg, needs: Needs) -> str:
     return "the reference is sharded (FSDP or ZeRO): the scoring pass would load it whole"
 
 
-def attach_reference_logps(cfg, accelerator, pad_id: int, *datasets) -> list:
+def attach_reference_logps(cfg, accelerator, pad_id: int, *datasets, progress=True) -> list:
     """The datasets with the reference's per-token log-probs, from the cache file. The pairs it
     lacks are scored once, shared out over the processes (each loads the reference for that and
     drops it), under the training's autocast, and the main process writes the file."""
@@ -199,10 +199,12 @@ def attach_reference_logps(cfg, accelerator, pad_id: int, *datasets) -> list:
     if missing:
         share = ref_cache.shard(missing, accelerator.process_index, accelerator.num_processes)
         scored = {}
+        bar = progress and accelerator.is_main_process  # one bar, as the training loop's
         if share:  # fewer pairs than processes leaves some with none
             model = load_causal_lm(cfg.model).to(accelerator.device).eval()
             with accelerator.autocast():
-                ref_cache.score_into(model, share, scored, pad_id, cfg.train.eval_batch_size)
+                batch_size = cfg.train.eval_batch_size
+                ref_cache.score_into(model, share, scored, pad_id, batch_size, progress=bar)
             del model
         cache.update(_gather_dicts(accelerator, scored))
         if accelerator.is_main_process:
@@ -387,7 +389,7 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     _check_weights(cfg, needs, heldout)
     if uses_ref_cache(cfg, needs, accelerator):
         data, heldout = attach_reference_logps(
-            cfg, accelerator, tokenizer.pad_token_id, data, heldout
+            cfg, accelerator, tokenizer.pad_token_id, data, heldout, progress=progress
         )
     elif cfg.train.ref_cache and needs.reference:
         accelerator.print(f"reference log-probs: not cached, {_why_not_cached(cfg, needs)}")
