@@ -241,3 +241,21 @@ def test_consuming_the_reference_logits_gives_the_same_gradient(dtype):
         assert_close(a, b)
     if dtype == torch.float32:
         assert torch.equal(reference, grads[1])  # the memory was reused, as documented
+
+
+def test_token_logps_at_k_tokens_equals_k_naive_gathers_in_values_and_gradients():
+    from tokenratio.logprobs import token_logps_at
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 11, dtype=torch.float64, generator=g).requires_grad_()
+    tokens = torch.randint(0, 11, (2, 5, 3), generator=g)
+    tokens[0, 1, 2] = tokens[0, 1, 0]  # the same token twice at one position
+    tokens[1, 4] = IGNORE_INDEX
+    weights = torch.randn(2, 5, 3, dtype=torch.float64, generator=g)
+    fused = token_logps_at(logits, tokens, chunk_elements=22)  # 2 rows a chunk
+    safe = tokens.clamp_min(0)
+    naive = logits.log_softmax(-1).gather(-1, safe).masked_fill(tokens == IGNORE_INDEX, 0.0)
+    torch.testing.assert_close(fused, naive)
+    (grad,) = torch.autograd.grad((fused * weights).sum(), logits)
+    (expected,) = torch.autograd.grad((naive * weights).sum(), logits)
+    torch.testing.assert_close(grad, expected)

@@ -452,7 +452,18 @@ def test_metrics_are_detached_and_accurate():
     _, metrics = LOSSES["dpo"](batch, beta=0.5)
     margin = metrics["reward_chosen"] - metrics["reward_rejected"]
     assert_close(metrics["reward_margin"], margin)
-    assert_close(metrics["reward_accuracy"], (margin > 0).float())
+    assert_close(metrics["reward_accuracy"], (margin > 0).float() + 0.5 * (margin == 0))
+
+
+def test_a_tie_counts_half_in_the_one_accuracy_definition():
+    from tokenratio.losses import preference_accuracy
+
+    chosen, rejected = torch.tensor([1.0, 0.0, -2.0]), torch.tensor([0.0, 0.0, 1.0])
+    assert preference_accuracy(chosen, rejected).tolist() == [1.0, 0.5, 0.0]
+    batch = random_batch()  # the policy equal to the reference: every margin 0, accuracy 0.5
+    batch = replace(batch, policy_chosen=batch.ref_chosen, policy_rejected=batch.ref_rejected)
+    _, metrics = LOSSES["dpo"](batch, beta=0.5)
+    assert metrics["reward_accuracy"].tolist() == [0.5] * 5
 
 
 def test_unknown_names_and_options_are_value_errors():

@@ -10,11 +10,12 @@ from tokenratio.data import collate, collate_shared
 from tokenratio.losses import LOSSES, Needs
 from tokenratio.modeling import (
     PolicyWithHead,
-    build_models,
+    build_policy,
     load_pretrained,
     segment_mask,
 )
-from tokenratio.scoring import batches, frozen_reference, score_batches, score_pairs
+from tokenratio.reference import module_forward
+from tokenratio.scoring import batches, score_batches, score_pairs
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_score_pairs_matches_a_full_sequence_log_softmax(tiny):
     reference = PolicyWithHead(model).eval()
     with torch.no_grad():
         scored = score_pairs(
-            reference, frozen_reference(reference), batch, Needs(kl="exact"), chunk_elements=1 << 12
+            reference, module_forward(reference), batch, Needs(kl="exact"), chunk_elements=1 << 12
         )
         expected = naive_label_logps(model, batch)
     mask = batch.labels >= 0
@@ -65,14 +66,12 @@ def test_a_loss_without_reference_never_runs_one(tiny):
     assert losses.shape == (2,) and losses.requires_grad
 
 
-def test_build_models_loads_no_reference_for_sft(tiny_model_dir):
+def test_build_policy_adds_the_head_only_for_losses_that_read_it(tiny_model_dir):
     from tokenratio.config import ModelConfig
 
     cfg = ModelConfig(name_or_path=str(tiny_model_dir))
-    policy, reference = build_models(cfg, LOSSES["sft"].needs())
-    assert reference is None and policy.head is None
-    policy, reference = build_models(cfg, LOSSES["tbpo-q"].needs())
-    assert reference is not None and policy.head is not None
+    assert build_policy(cfg, LOSSES["sft"].needs()).head is None
+    assert build_policy(cfg, LOSSES["tbpo-q"].needs()).head is not None
 
 
 def test_score_batches_moves_batches_to_the_models_device_and_keeps_row_order(tiny):
@@ -120,7 +119,7 @@ def _loss_and_grads(name, model, head, batch):
     policy = PolicyWithHead(model, head if needs.baseline else None)
     reference = PolicyWithHead(copy.deepcopy(model)).eval()
     policy.zero_grad(set_to_none=True)
-    scored = score_pairs(policy, frozen_reference(reference), batch, needs, chunk_elements=1 << 12)
+    scored = score_pairs(policy, module_forward(reference), batch, needs, chunk_elements=1 << 12)
     losses, _ = loss(scored, beta=0.1, **options)
     losses.mean().backward()
     grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}

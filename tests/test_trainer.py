@@ -172,7 +172,7 @@ def test_two_processes_match_one_process(loss, tiny_model_dir, hh_jsonl, tmp_pat
     assert result.stdout.count("done: 5 steps") == 1
     if loss == "tbpo-q":
         assert result.stdout.count("reference log-probs: scored") == 1
-        assert len(list((tmp_path / "cache").glob("*.pt"))) == 1
+        assert len(list((tmp_path / "cache").glob("*/shard-*.safetensors"))) == 2  # one each
     two = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(two) == len(one)
     for a, b in zip(one, two, strict=True):

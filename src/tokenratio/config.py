@@ -88,10 +88,14 @@ class TrainConfig:
     # One row per pair, prompt + chosen + rejected (data.collate_shared): the prompt is computed
     # once for both responses, with the same logits (docs/method.md, "Prefix sharing").
     prefix_sharing: bool = True
-    # Losses that need the reference's log-probs of the response tokens only (no KL: dpo, ipo,
-    # bpo, tbpo-q, tisdpo): score them once, keep them beside the data (ref_cache.py) and never
-    # load the reference while training. KL losses (tbpo-a, tdpo1/2) ignore it.
+    # Losses that read the reference through its log-probs of the response tokens (dpo, ipo,
+    # bpo, tbpo-q, tisdpo) or through k3 samples (tbpo-a with kl_estimator = "k3"): score them
+    # once, keep them beside the data (reference/cache.py) and never run the reference while
+    # training. Exact-KL losses (tbpo-a's default, tdpo1/2) run it every step.
     ref_cache: bool = True
+    # TBPO-A's cached k3: tokens a ~ pi_ref drawn per response position (epoch e uses sample
+    # e mod k3_samples).
+    k3_samples: int = 1
     compile: bool = False  # torch.compile the policy's forward (measured: `tokenratio perf`)
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the end)
@@ -137,6 +141,8 @@ CHOICES = {
     ("train", "schedule"): ("cosine", "constant"),
     ("train", "mixed_precision"): ("no", "bf16", "fp16"),
 }
+
+POSITIVE = {("train", "k3_samples")}
 
 
 # Names users bring from transformers/TRL, for suggestions (typos of them too: learnig_rate -> lr).
@@ -214,6 +220,8 @@ def build_section(cls, table: dict, where: str):
             choices = CHOICES.get((where.rstrip("."), key))
             if choices and values[key] not in choices:
                 raise ConfigError(f"{where}{key} = {value!r}: choose one of {list(choices)}")
+            if (where.rstrip("."), key) in POSITIVE and values[key] < 1:
+                raise ConfigError(f"{where}{key} = {value!r}: must be at least 1")
     return cls(**values)
 
 

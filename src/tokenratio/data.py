@@ -54,7 +54,10 @@ class PreferenceBatch:
             after the prompt), else None (0..L-1).
         source_rows: (2B,) int64 in the prefix-shared layout: the input row of each output row.
         ref_logps: (2B, T) float32 or None: the reference's log-prob of each response token, from
-            the cache (`ref_cache.py`, train.ref_cache), 0 beyond the response.
+            the cache (`reference.CachedValues.fill`, train.ref_cache), 0 beyond the response.
+        ref_sample_tokens, ref_sample_logps: (2B, T) int64 and float32, or None: the cache's token
+            a ~ pi_ref at each response position and log pi_ref(a) (TBPO-A's k3), IGNORE_INDEX
+            and 0 beyond the response.
         real_tokens: the pairs' tokens as two rows each would hold them (prompt counted once per
             side, padding not): counted on the CPU when collated, so reading it never waits for
             the device.
@@ -70,6 +73,8 @@ class PreferenceBatch:
     position_ids: torch.Tensor | None = None
     source_rows: torch.Tensor | None = None
     ref_logps: torch.Tensor | None = None
+    ref_sample_tokens: torch.Tensor | None = None
+    ref_sample_logps: torch.Tensor | None = None
     real_tokens: int = 0
 
     @property
@@ -382,7 +387,6 @@ def collate(examples: list[dict], pad_token_id: int) -> PreferenceBatch:
 
 TOKEN_VALUES = {  # batch field: the (chosen, rejected) per-token fields of a pair that fill it
     "weights": ("chosen_weight", "rejected_weight"),  # TIS-DPO
-    "ref_logps": ("chosen_ref_logps", "rejected_ref_logps"),  # ref_cache.FIELDS
 }
 
 

@@ -66,12 +66,12 @@ class _LogpsAndKL(torch.autograd.Function):
 
         lse_p, lse_q = per_row(), None if ref is None else per_row()
         safe_labels = valid = logps = ref_logps = kl = None
-        if labels is not None:
-            flat_labels = labels.reshape(-1)
+        if labels is not None:  # (N, k): k labels per row (k = 1 but for `token_logps_at`)
+            flat_labels = labels.reshape(N, -1)
             valid = flat_labels != ignore_index
             safe_labels = torch.where(valid, flat_labels, torch.zeros_like(flat_labels))
-            logps = per_row()
-            ref_logps = None if ref is None else per_row()
+            logps = torch.empty(flat_labels.shape, dtype=dtype, device=logits.device)
+            ref_logps = None if ref is None else torch.empty_like(logps)
         if ref is not None:
             kl = per_row()
         step = _rows_per_chunk(V, chunk_elements)
@@ -81,7 +81,7 @@ class _LogpsAndKL(torch.autograd.Function):
             if ref is None:
                 lse_p[rows] = torch.logsumexp(z, dim=-1)
                 if logps is not None:
-                    logps[rows] = z.gather(1, safe_labels[rows, None]).squeeze(1) - lse_p[rows]
+                    logps[rows] = z.gather(1, safe_labels[rows]) - lse_p[rows, None]
                 continue
             r = ref[rows].to(dtype)
             log_p = torch.log_softmax(z, dim=-1)  # (n, V); the same kernel gives lse for free:
@@ -89,8 +89,8 @@ class _LogpsAndKL(torch.autograd.Function):
             lse_p[rows] = z[:, 0] - log_p[:, 0]
             lse_q[rows] = r[:, 0] - log_q[:, 0]
             if logps is not None:
-                logps[rows] = log_p.gather(1, safe_labels[rows, None]).squeeze(1)
-                ref_logps[rows] = log_q.gather(1, safe_labels[rows, None]).squeeze(1)
+                logps[rows] = log_p.gather(1, safe_labels[rows])
+                ref_logps[rows] = log_q.gather(1, safe_labels[rows])
             q = log_q.exp_()  # two (n, V) temporaries per chunk: q and r - z (in log_p's buffer)
             kl[rows] = (
                 torch.linalg.vecdot(q, torch.sub(r, z, out=log_p)) - lse_q[rows] + lse_p[rows]
@@ -108,7 +108,11 @@ class _LogpsAndKL(torch.autograd.Function):
             and ref_logits.is_contiguous()
         )
         shape = logits.shape[:-1]
-        outputs = [None if t is None else t.view(shape) for t in (logps, kl, ref_logps)]
+        label_shape = shape if labels is None else labels.shape
+        outputs = [
+            None if t is None else t.view(s)
+            for t, s in ((logps, label_shape), (kl, shape), (ref_logps, label_shape))
+        ]
         if outputs[2] is not None:
             ctx.mark_non_differentiable(outputs[2])
         return tuple(outputs)
@@ -121,7 +125,9 @@ class _LogpsAndKL(torch.autograd.Function):
         N = flat.shape[0]
         ref = None if ref_logits is None else ref_logits.reshape(-1, V)
         dtype = _compute_dtype(logits)
-        g_lp = None if grad_logps is None else (grad_logps.reshape(-1).to(dtype) * valid)[:, None]
+        g_lp = None  # (N, k)
+        if grad_logps is not None:
+            g_lp = grad_logps.reshape(N, -1).to(dtype) * valid
         g_kl = None if (grad_kl is None or ref is None) else grad_kl.reshape(-1, 1).to(dtype)
         grad = ref if ctx.consume_ref else torch.empty_like(flat)  # (N, V)
         in_place = grad.dtype == dtype  # half-precision logits: compute in float32, then cast
@@ -138,12 +144,12 @@ class _LogpsAndKL(torch.autograd.Function):
             if g_kl is not None:
                 coef = coef + g_kl[rows]
             if g_lp is not None:
-                coef = coef - g_lp[rows]
+                coef = coef - g_lp[rows].sum(1, keepdim=True)
             out.mul_(coef)  # (g_kl - g_lp) p
             if q is not None:
                 out.sub_(q.mul_(g_kl[rows]))
             if g_lp is not None:
-                out.scatter_add_(1, safe_labels[rows, None], g_lp[rows])
+                out.scatter_add_(1, safe_labels[rows], g_lp[rows])
             if not in_place:
                 grad[rows] = out
         return grad.view_as(logits), None, None, None, None, None
@@ -213,6 +219,28 @@ def token_logps(
     """
     _check_labels(logits, labels)
     return _LogpsAndKL.apply(logits, labels, None, ignore_index, chunk_elements, False)[0]
+
+
+def token_logps_at(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    *,
+    ignore_index: int = IGNORE_INDEX,
+    chunk_elements: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """Log-probabilities of k tokens per position in one sweep over the logits (one normaliser,
+    one gradient buffer): `token_logps` of each `tokens[..., j]`, as a cached k3 step needs for
+    the label and the sampled token together.
+
+    Args:
+        logits: (..., V); tokens: (..., k) int64, `ignore_index` where there is none.
+
+    Returns:
+        (..., k) float32 log-probabilities, 0 at ignored entries.
+    """
+    if logits.shape[:-1] != tokens.shape[:-1]:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
+    return _LogpsAndKL.apply(logits, tokens, None, ignore_index, chunk_elements, False)[0]
 
 
 def token_kl(
@@ -285,8 +313,10 @@ def sampled_k3(
     *,
     generator: torch.Generator | None = None,
     chunk_elements: int = CHUNK_ELEMENTS,
+    tokens: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Schulman's k3 estimate of KL(pi_ref || pi_theta) per position from one fresh a ~ pi_ref.
+    """Schulman's k3 estimate of KL(pi_ref || pi_theta) per position from one fresh a ~ pi_ref
+    (or at the given `tokens`, e.g. a cache's samples).
 
     k3 = (rho - 1) - log rho, rho = pi_theta(a) / pi_ref(a): unbiased, >= 0, no full-vocabulary sum
     (TBPO-A as the paper's text states it). Gradient flows through log pi_theta(a).
@@ -295,7 +325,8 @@ def sampled_k3(
         (...) float32 estimates.
     """
     _check_ref(policy_logits, ref_logits)
-    tokens = sample_tokens(ref_logits, generator=generator, chunk_elements=chunk_elements)
+    if tokens is None:
+        tokens = sample_tokens(ref_logits, generator=generator, chunk_elements=chunk_elements)
     log_rho = token_logps(policy_logits, tokens, chunk_elements=chunk_elements) - token_logps(
         ref_logits.detach(), tokens, chunk_elements=chunk_elements
     )

@@ -148,6 +148,13 @@ def reduce(losses: Tensor, num_pairs: int | None = None) -> Tensor:
     return losses.sum() / num_pairs
 
 
+def preference_accuracy(chosen_reward: Tensor, rejected_reward: Tensor) -> Tensor:
+    """1 where the chosen response's implicit reward is higher, 0 where lower, 0.5 at a tie (a
+    tie is a coin flip: the untrained policy, equal to the reference, scores 0.5, not 0). The
+    one definition the trainer, eval and the study use."""
+    return (chosen_reward > rejected_reward).float() + 0.5 * (chosen_reward == rejected_reward)
+
+
 def _sequence_metrics(batch: TokenLogps, beta: float) -> dict[str, Tensor]:
     """Implicit rewards beta * sum_t r_t (DPO's), their margin and the preference accuracy."""
     chosen_ratio, rejected_ratio = log_ratios(batch)
@@ -157,7 +164,7 @@ def _sequence_metrics(batch: TokenLogps, beta: float) -> dict[str, Tensor]:
         "reward_chosen": chosen,
         "reward_rejected": rejected,
         "reward_margin": chosen - rejected,
-        "reward_accuracy": (chosen > rejected).float(),
+        "reward_accuracy": preference_accuracy(chosen, rejected),
     }
 
 

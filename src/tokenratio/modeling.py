@@ -224,20 +224,14 @@ def package_dir(package: str) -> str:
     return spec.submodule_search_locations[0]
 
 
-def build_models(
-    cfg, needs, model: nn.Module | None = None
-) -> tuple[PolicyWithHead, PolicyWithHead | None]:
-    """Policy (with LoRA if lora_r > 0, with the head if the loss needs it) and its reference.
-
-    With LoRA the reference is None: the policy with its adapter disabled, no second copy in memory.
-    Otherwise the reference is a frozen deep copy taken before training, or None when the loss
-    needs no reference (sft). `model` skips loading (the perf harness's random-weight shapes).
-    """
+def build_policy(cfg, needs, model: nn.Module | None = None) -> PolicyWithHead:
+    """The policy: the loaded causal LM (`model` skips loading: the perf harness's random-weight
+    shapes), with LoRA if lora_r > 0 and the TBPO-Q head if the loss needs it. The reference is
+    the `reference` package's (`reference.frozen_copy`, taken from `model` before this)."""
     model = load_causal_lm(cfg) if model is None else model
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-    reference = None
     if cfg.lora_r > 0:
         try:
             from peft import LoraConfig, get_peft_model
@@ -253,11 +247,9 @@ def build_models(
             task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, lora)
-    elif needs.reference:
-        reference = PolicyWithHead(copy.deepcopy(model)).eval().requires_grad_(False)
     hidden = unwrap_peft(model).config.hidden_size
     head = StateBaselineHead(hidden, cfg.head_width) if needs.baseline else None
-    return PolicyWithHead(model, head), reference
+    return PolicyWithHead(model, head)
 
 
 def _last_layers(model, count: int) -> list[int] | None:

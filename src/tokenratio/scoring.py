@@ -12,8 +12,14 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 
 from tokenratio.data import PreferenceBatch, collate
-from tokenratio.logprobs import IGNORE_INDEX, sampled_k3, token_logps, token_logps_and_kl
-from tokenratio.losses import Needs, TokenLogps
+from tokenratio.logprobs import (
+    IGNORE_INDEX,
+    sampled_k3,
+    token_logps,
+    token_logps_and_kl,
+    token_logps_at,
+)
+from tokenratio.losses import Needs, TokenLogps, k3
 from tokenratio.modeling import response_logits
 
 Tensor = torch.Tensor
@@ -58,6 +64,31 @@ def label_logps_and_kl(logits, ref_logits, labels, *, kl: str | None, chunk_elem
     return logps, ref_logps, kl_values
 
 
+def cached_logps_and_kl(logits, batch: PreferenceBatch, *, kl: str | None, chunk_elements: int):
+    """Policy log-probs of the labels beside the cache's reference values (no reference
+    forward). For k3 the policy's log-prob of each cached token a ~ pi_ref comes from the same
+    sweep over the logits, and k3 = (rho - 1) - log rho with rho = pi_theta(a) / pi_ref(a)
+    (docs/method.md, TBPO step 2): the same value as `sampled_k3` at those tokens.
+
+    Returns:
+        (logps, ref_logps, kl values or None), each (2B, T) float32.
+    """
+    if kl is None:
+        return (
+            token_logps(logits, batch.labels, chunk_elements=chunk_elements),
+            batch.ref_logps,
+            None,
+        )
+    if kl != "k3" or batch.ref_sample_tokens is None:
+        raise ValueError(
+            f"a {kl} KL needs the reference at every step, and this batch carries cached "
+            "reference values only (reference.plan decides which a run gets)"
+        )
+    tokens = torch.stack([batch.labels, batch.ref_sample_tokens], -1)  # (2B, T, 2)
+    both = token_logps_at(logits, tokens, chunk_elements=chunk_elements)
+    return both[..., 0], batch.ref_logps, k3(both[..., 1] - batch.ref_sample_logps)
+
+
 def split_pairs(
     batch: PreferenceBatch, logps, ref_logps, kl_values=None, baseline=None
 ) -> TokenLogps:
@@ -90,44 +121,30 @@ def score_pairs(
 
     Args:
         policy: the policy's forward, e.g. a (possibly Accelerate-wrapped) PolicyWithHead.
-        reference: the reference's forward (`frozen_reference` or `adapter_reference`); unused
-            when `needs.reference` is False or the batch carries cached `ref_logps`.
+        reference: the reference's forward (`reference.forward`); unused when
+            `needs.reference` is False or the batch carries cached `ref_logps`.
         batch: 2B rows, chosen first.
         needs: what the loss needs (`LOSSES[name].needs(options)`).
         chunk_elements: chunk size of the log-prob / KL kernels.
     """
     logits, baseline = policy(batch, needs.baseline)
+    if needs.reference and batch.ref_logps is not None:  # cached: no reference forward at all
+        values = cached_logps_and_kl(logits, batch, kl=needs.kl, chunk_elements=chunk_elements)
+        return split_pairs(batch, *values, baseline)
     ref_logits = None
-    if needs.reference and batch.ref_logps is None:
+    if needs.reference:
         if reference is None:
             raise ValueError(
                 "the loss needs the reference's log-probs, but the batch carries none and no "
-                "reference was built: with train.ref_cache, batches need their cached "
-                "ref_logps (trainer.attach_reference_logps)"
+                "reference was built: with train.ref_cache, batches need their cached values "
+                "(reference.CachedValues.fill)"
             )
         with torch.no_grad():
             ref_logits = reference(batch)
     logps, ref_logps, kl_values = label_logps_and_kl(
         logits, ref_logits, batch.labels, kl=needs.kl, chunk_elements=chunk_elements
     )
-    if batch.ref_logps is not None:  # cached (train.ref_cache): no reference forward at all
-        ref_logps = batch.ref_logps
     return split_pairs(batch, logps, ref_logps, kl_values, baseline)
-
-
-def frozen_reference(module) -> ReferenceForward:
-    """A frozen PolicyWithHead-like module as the reference forward."""
-    return lambda batch: module(batch)[0]
-
-
-def adapter_reference(policy, unwrapped) -> ReferenceForward:
-    """The LoRA policy as its own reference: the same weights with the adapter switched off."""
-
-    def forward(batch):
-        with unwrapped.model.disable_adapter():
-            return policy(batch)[0]
-
-    return forward
 
 
 def batches(rows: list, pad_id: int, batch_size: int, collate_fn=collate) -> Iterator:

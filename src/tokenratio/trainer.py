@@ -11,13 +11,13 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from tokenratio import checkpoint, ref_cache, rundir
+from tokenratio import checkpoint, reference, rundir
 from tokenratio.curves import plot_run
 from tokenratio.data import (
     collate,
@@ -29,7 +29,7 @@ from tokenratio.data import (
 )
 from tokenratio.losses import LOSSES, Loss, Needs, reduce
 from tokenratio.modeling import (
-    build_models,
+    build_policy,
     has_accelerator,
     load_causal_lm,
     load_tokenizer,
@@ -37,7 +37,7 @@ from tokenratio.modeling import (
     unwrap_peft,
 )
 from tokenratio.provenance import SPLITS_NAME, splits_record
-from tokenratio.scoring import adapter_reference, frozen_reference, score_pairs
+from tokenratio.scoring import score_pairs
 
 
 class TrainingError(RuntimeError):
@@ -54,7 +54,7 @@ class Step:
 
     accelerator: object
     policy: object  # the Accelerate-prepared PolicyWithHead
-    reference: object  # a ReferenceForward, or None when the loss needs none
+    reference: object  # a ReferenceForward (`reference.forward`), or None when none runs
     optimizers: tuple  # the policy's optimizer, and the TBPO-Q head's when there is one
     scheduler: object
     loss: Loss
@@ -63,6 +63,8 @@ class Step:
     beta: float
     chunk_elements: int
     max_grad_norm: float
+    reference_plan: reference.Plan
+    cached_values: reference.CachedValues | None = None  # what `reference_plan` "cached" reads
 
 
 def prepare_data(cfg, tokenizer, accelerator):
@@ -93,15 +95,24 @@ def collate_fn(cfg):
     return collate_shared if cfg.train.prefix_sharing else collate
 
 
-def _loader(dataset, batch_size, pad_id, collate_pairs, order=None, drop_last=True):
+def _loader(dataset, batch_size, collate_batch, order=None, drop_last=True):
     subset = dataset if order is None else dataset.select(order)
     return DataLoader(
         subset.with_format(None),
         batch_size=batch_size,
         shuffle=False,
         drop_last=drop_last,
-        collate_fn=lambda rows: collate_pairs(rows, pad_id),
+        collate_fn=collate_batch,
     )
+
+
+def batch_collator(cfg, step: "Step", pad_id: int, epoch: int = 0):
+    """rows -> the PreferenceBatch the step reads: the configured layout, with the cached
+    reference values of epoch `epoch` when the run reads them."""
+    collate_pairs, values = collate_fn(cfg), step.cached_values
+    if values is None:
+        return lambda rows: collate_pairs(rows, pad_id)
+    return lambda rows: values.fill(collate_pairs(rows, pad_id), rows, epoch)
 
 
 def _fused(kind) -> dict:
@@ -129,34 +140,31 @@ def _scheduler(cfg, optimizer, total_steps):
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
-def prepare_step(cfg, accelerator, total_steps: int, model=None) -> Step:
+def prepare_step(
+    cfg, accelerator, total_steps: int, model=None, plan=None, cached_values=None
+) -> Step:
     """Models, optimizers and scheduler for `cfg`, prepared by Accelerate (`model`: skip loading).
 
-    With train.ref_cache (and a loss it applies to) no reference is built: the batches carry its
-    log-probs. With train.compile the transformer body is compiled in place (its parameter names,
-    and so checkpoints, stay as they are)."""
+    The reference is `plan`'s (default `reference.plan(...)`): with a cached plan none is built
+    and the batches carry its values (`cached_values`, from `reference.load_or_score`). With
+    train.compile the transformer body is compiled in place (its parameter names, and so
+    checkpoints, stay as they are)."""
     loss = LOSSES[cfg.loss.name]
     needs = loss.needs(cfg.loss.options)
-    cached = uses_ref_cache(cfg, needs, accelerator)
-    built = replace(needs, reference=False) if cached else needs
-    policy, reference = build_models(cfg.model, built, model)
+    plan = plan or reference.plan(cfg, needs, accelerator)
+    model = load_causal_lm(cfg.model) if model is None else model
+    frozen = reference.frozen_copy(plan, model)
+    policy = build_policy(cfg.model, needs, model)
     if cfg.train.compile:
         unwrap_peft(policy.model).base_model.compile(dynamic=True)
     optimizer, head_optimizer = _optimizers(cfg, policy)
     scheduler = _scheduler(cfg, optimizer, total_steps)
     optimizers = (optimizer, head_optimizer) if head_optimizer else (optimizer,)
     policy, *optimizers = accelerator.prepare(policy, *optimizers)
-    if reference is not None:
-        prepared = accelerator.prepare_model(reference, evaluation_mode=True)
-        # Frozen: checkpoints need not hold it (it is rebuilt from model.name_or_path on resume).
-        accelerator._models[:] = [m for m in accelerator._models if m not in (reference, prepared)]
-        reference = frozen_reference(prepared)
-    elif built.reference:  # LoRA: the policy with its adapter disabled
-        reference = adapter_reference(policy, accelerator.unwrap_model(policy))
     return Step(
         accelerator,
         policy,
-        reference,
+        reference.forward(plan, accelerator, policy, frozen),
         tuple(optimizers),
         scheduler,
         loss,
@@ -165,67 +173,9 @@ def prepare_step(cfg, accelerator, total_steps: int, model=None) -> Step:
         cfg.loss.beta,
         cfg.train.logprob_chunk_elements,
         cfg.train.max_grad_norm or float("inf"),
+        plan,
+        cached_values,
     )
-
-
-def uses_ref_cache(cfg, needs: Needs, accelerator) -> bool:
-    """train.ref_cache, for a loss that reads the reference through token log-probs only, where
-    each process can hold the whole reference for the scoring pass (not under FSDP or ZeRO,
-    whose sharded forwards need every process in step)."""
-    return cfg.train.ref_cache and ref_cache.applies(needs) and not _shards_models(accelerator)
-
-
-def _shards_models(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    sharding = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
-    return accelerator.distributed_type in sharding
-
-
-def _why_not_cached(cfg, needs: Needs) -> str:
-    if needs.kl:
-        return f"{cfg.loss.name}'s KL needs the reference's full distribution at every step"
-    return "the reference is sharded (FSDP or ZeRO): the scoring pass would load it whole"
-
-
-def attach_reference_logps(cfg, accelerator, pad_id: int, *datasets, progress=True) -> list:
-    """The datasets with the reference's per-token log-probs, from the cache file. The pairs it
-    lacks are scored once, shared out over the processes (each loads the reference for that and
-    drops it), under the training's autocast, and the main process writes the file."""
-    path = ref_cache.cache_path(cfg)
-    cache = ref_cache.load(path)
-    rows = [row for data in datasets for row in data.with_format(None)]
-    missing = ref_cache.missing(rows, cache)
-    if missing:
-        share = ref_cache.shard(missing, accelerator.process_index, accelerator.num_processes)
-        scored = {}
-        bar = progress and accelerator.is_main_process  # one bar, as the training loop's
-        if share:  # fewer pairs than processes leaves some with none
-            model = load_causal_lm(cfg.model).to(accelerator.device).eval()
-            with accelerator.autocast():
-                batch_size = cfg.train.eval_batch_size
-                ref_cache.score_into(model, share, scored, pad_id, batch_size, progress=bar)
-            del model
-        cache.update(_gather_dicts(accelerator, scored))
-        if accelerator.is_main_process:
-            ref_cache.save(path, cache)
-        accelerator.wait_for_everyone()
-        accelerator.print(f"reference log-probs: scored {len(missing)} pairs into {path}")
-    else:
-        accelerator.print(f"reference log-probs: read from {path}")
-    return [ref_cache.attach(data, cache) for data in datasets]
-
-
-def _gather_dicts(accelerator, part: dict) -> dict:
-    """Every process's `part`, merged, on every process."""
-    if accelerator.num_processes == 1:
-        return part
-    from accelerate.utils import gather_object
-
-    merged = {}
-    for piece in gather_object([part]):
-        merged.update(piece)
-    return merged
 
 
 def _add_metrics(sums: dict, losses, metrics) -> None:
@@ -387,14 +337,15 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     tokenizer = load_tokenizer(cfg.model)
     data, heldout, report, splits = prepare_data(cfg, tokenizer, accelerator)
     _check_weights(cfg, needs, heldout)
-    if uses_ref_cache(cfg, needs, accelerator):
-        data, heldout = attach_reference_logps(
-            cfg, accelerator, tokenizer.pad_token_id, data, heldout, progress=progress
+    plan = reference.plan(cfg, needs, accelerator)
+    accelerator.print(f"reference: {plan.reason}")
+    values = None
+    if plan.cached:
+        values = reference.load_or_score(
+            cfg, plan, accelerator, tokenizer, (data, heldout), progress=progress
         )
-    elif cfg.train.ref_cache and needs.reference:
-        accelerator.print(f"reference log-probs: not cached, {_why_not_cached(cfg, needs)}")
     total_steps = _total_steps(cfg, len(data), accelerator.num_processes)
-    step = prepare_step(cfg, accelerator, total_steps)
+    step = prepare_step(cfg, accelerator, total_steps, plan=plan, cached_values=values)
     state = {"step": 0, "epoch": 0, "micro_batch": 0}
     if plan.action == "resume":
         state = checkpoint.load(accelerator, plan.checkpoint, step.scheduler)
@@ -406,7 +357,9 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     accelerator.print(f"data: {json.dumps(report)}")
     pad_id = tokenizer.pad_token_id
     heldout_loader = accelerator.prepare_data_loader(
-        _loader(heldout, cfg.train.eval_batch_size, pad_id, collate_fn(cfg), drop_last=False)
+        _loader(
+            heldout, cfg.train.eval_batch_size, batch_collator(cfg, step, pad_id), drop_last=False
+        )
     )
     started = time.perf_counter()
     last = _loop(cfg, step, data, heldout_loader, pad_id, state, total_steps, progress)
@@ -465,8 +418,9 @@ def _epoch_batches(cfg, step: Step, data, pad_id, state):
         order = length_grouped_order(lengths, cfg.train.batch_size, seed)
     else:
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    collate_batch = batch_collator(cfg, step, pad_id, state["epoch"])
     loader = step.accelerator.prepare_data_loader(
-        _loader(data, cfg.train.batch_size, pad_id, collate_fn(cfg), order)
+        _loader(data, cfg.train.batch_size, collate_batch, order)
     )
     loader = step.accelerator.skip_first_batches(loader, state["micro_batch"])
     group = []

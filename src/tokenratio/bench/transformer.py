@@ -25,7 +25,8 @@ from tokenratio.bench.tabular import resolve, with_contrast_weights
 from tokenratio.data import PreferenceBatch
 from tokenratio.losses import reduce
 from tokenratio.modeling import PolicyWithHead
-from tokenratio.scoring import batch_contrasts, frozen_reference, score_pairs
+from tokenratio.reference import module_forward
+from tokenratio.scoring import batch_contrasts, score_pairs
 
 
 class ResponseVocabLM(nn.Module):
@@ -167,7 +168,7 @@ def train_lm(
         )
         tl = score_pairs(
             policy,
-            frozen_reference(reference),
+            module_forward(reference),
             _pairs_batch(mdp, sub),
             needs,
             chunk_elements=1 << 20,

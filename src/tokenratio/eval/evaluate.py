@@ -26,6 +26,7 @@ from tokenratio.data import collate_rows, load_raw, tokenize_dataset
 from tokenratio.eval import metrics
 from tokenratio.formats import to_text
 from tokenratio.logprobs import IGNORE_INDEX, token_kl, token_logps
+from tokenratio.losses import preference_accuracy
 from tokenratio.modeling import load_pretrained
 from tokenratio.provenance import run_dir_of, trained_on
 from tokenratio.scoring import batches, score_batches
@@ -88,7 +89,7 @@ def preference_metrics(
         ratio = token_logps(logits, batch.labels) - token_logps(ref_logits, batch.labels)
         reward = beta * (ratio * mask).sum(-1)  # (2B,)
         B = batch.num_pairs
-        accuracy += ((reward[:B] > reward[B:]).float() + 0.5 * (reward[:B] == reward[B:])).tolist()
+        accuracy += preference_accuracy(reward[:B], reward[B:]).tolist()
         margin += (reward[:B] - reward[B:]).tolist()
         # KL(pi || pi_ref) = token_kl with the roles swapped (token_kl(p, q) = KL(q || p)).
         per_response = (token_kl(ref_logits, logits) * mask).sum(-1)  # (2B,)

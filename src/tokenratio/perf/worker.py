@@ -64,44 +64,39 @@ def perf_config(method: str, args: dict, switches: dict | None = None):
     )
 
 
-def _with_cached_reference(model, rows: list[dict]) -> list[dict]:
-    """train.ref_cache's one scoring pass (untimed, as TRL's precompute), done by the same code."""
-    from tokenratio import ref_cache
-
-    cache = {}
-    ref_cache.score_missing(model.eval(), rows, cache, 0, 8)
-    model.train()
-    return [
-        {**r, **dict(zip(ref_cache.FIELDS, cache[ref_cache.pair_key(r)], strict=True))}
-        for r in rows
-    ]
-
-
 def _batches(cfg, step, model, args) -> list:
-    """The plan's batches as this row's layout collates them, on the row's device."""
-    from tokenratio.trainer import collate_fn, uses_ref_cache
+    """The plan's batches as this row's layout collates them, with the row's cached reference
+    values (train.ref_cache's one scoring pass, untimed, as TRL's precompute), on its device."""
+    from tokenratio.reference import score_rows
+    from tokenratio.trainer import batch_collator
 
     tokenizer = word_tokenizer(model.config.vocab_size)
     rows = token_rows(
         tokenizer, pairs_of_lengths(args["lengths"], model.config.vocab_size), step.needs.weights
     )
-    if uses_ref_cache(cfg, step.needs, step.accelerator):
-        rows = _with_cached_reference(model, rows)
-    collate = collate_fn(cfg)
+    if step.reference_plan.cached:
+        step.cached_values = score_rows(model.eval(), rows, 0, 8, step.reference_plan.samples)
+        model.train()
+    collate = batch_collator(cfg, step, 0)
     layout = "shared" if cfg.train.prefix_sharing else "plain"
     plan = args["plans"][layout if cfg.train.group_by_length else "ungrouped"]
-    return [collate([rows[i] for i in batch], 0).to(step.accelerator.device) for batch in plan]
+    return [collate([rows[i] for i in batch]).to(step.accelerator.device) for batch in plan]
 
 
 def prepare_row(row: str, args) -> tuple:
     """(the row's `trainer.Step`, the plan's batches as its layout collates them)."""
+    from tokenratio import reference
+    from tokenratio.losses import LOSSES
     from tokenratio.trainer import make_accelerator, prepare_step
 
     method, switches = parse_row(row)
     cfg = perf_config(method, args, switches)
     model = build_model(args["model"])
     accelerator = make_accelerator(cfg)
-    step = prepare_step(cfg, accelerator, len(args["plans"]["shared"]) + 2, model=model)
+    needs = LOSSES[cfg.loss.name].needs(cfg.loss.options)
+    plan = reference.plan(cfg, needs, accelerator, identity=f"random:{args['model']}")
+    steps = len(args["plans"]["shared"]) + 2
+    step = prepare_step(cfg, accelerator, steps, model=model, plan=plan)
     return step, _batches(cfg, step, model, args)
 
 

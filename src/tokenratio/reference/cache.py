@@ -1,0 +1,173 @@
+"""`train.ref_cache`: the reference's per-token values, scored once and kept on disk, so later
+runs, seeds and evaluations never load or run the reference.
+
+Where: $TOKENRATIO_REF_CACHE_DIR when set (and only there), else beside a local data file
+(`<data>.ref-logps/`), else ~/.cache/tokenratio/ref-logps/ (also where a read-only data directory
+sends it); inside, one directory per cache key (`key.cache_key`) holding shard files
+(`store.py`). Every readable location is read; the first writable one is written. Inside, each
+pair is found by a hash of its token ids, so a pair is never given another pair's values,
+whatever the order or the split.
+"""
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from tokenratio.reference import key as keys
+from tokenratio.reference import score as scoring
+from tokenratio.reference import store
+from tokenratio.reference.store import CachedValues, DamagedShardError, ShardWriter
+
+ENV = "TOKENRATIO_REF_CACHE_DIR"
+
+
+class CacheLocationError(RuntimeError):
+    """No location the cache can be written to; the message says which and what to change."""
+
+
+def roots(data_path: str) -> list[Path]:
+    """Where caches lie, in the order they are written (module docstring)."""
+    if os.environ.get(ENV):
+        return [Path(os.environ[ENV]).expanduser()]
+    found = []
+    local = Path(data_path).expanduser()
+    if local.is_file():
+        found.append(local.resolve().parent / f"{local.name}.ref-logps")
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return [*found, Path(xdg) / "tokenratio" / "ref-logps"]
+
+
+def _writable(directory: Path) -> bool:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".probe.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
+def writable_dir(directories: list[Path]) -> Path:
+    """The first of `directories` that can be written; CacheLocationError before any scoring."""
+    for directory in directories:
+        if _writable(directory):
+            return directory
+    where = ", ".join(str(d) for d in directories)
+    fix = (
+        f"point ${ENV} at a writable directory"
+        if os.environ.get(ENV)
+        else f"set ${ENV} to a writable directory"
+    )
+    raise CacheLocationError(
+        f"reference cache: cannot write to {where}: {fix}, or set train.ref_cache = false"
+    )
+
+
+def read(
+    directories: list[Path], cache_key: str, samples: int, vocab_size: int, say
+) -> CachedValues:
+    """Every good shard under `directories`; a bad one is named in one line (via `say`), removed
+    where it can be, and its pairs are scored again."""
+    values = CachedValues(samples)
+    for directory in directories:
+        if not directory.is_dir():
+            continue
+        if os.access(directory, os.W_OK):
+            store.remove_leftovers(directory)
+        for path in sorted(directory.glob("shard-*.safetensors")):
+            try:
+                values.add(store.read_shard(path, cache_key, samples, vocab_size), path)
+            except DamagedShardError as err:
+                _drop(path, str(err), say)
+    return values
+
+
+def _drop(path: Path, why: str, say) -> None:
+    say(f"reference cache: {path}: {why}; its pairs are scored again")
+    with contextlib.suppress(OSError):  # read-only: rescored into a writable location
+        path.unlink()
+
+
+def fill_missing(model_loader, values: CachedValues, todo: dict, writer: ShardWriter, run) -> None:
+    """Score this process's share of `todo` into `writer` (shards on disk as it goes) and
+    `values`. `run`: the pad id, eval batch size, progress flag and autocast context."""
+    pad_id, batch_size, progress, autocast = run
+    if todo:
+        model = model_loader()
+        with autocast():
+            for entries in scoring.score(model, todo, pad_id, batch_size, values.samples, progress):
+                writer.add(entries)
+        del model
+    writer.flush()
+
+
+def gather(accelerator, shards: list[dict]) -> list[dict]:
+    """Every process's freshly scored shards, on every process."""
+    if accelerator.num_processes == 1:
+        return shards
+    from accelerate.utils import gather_object
+
+    return [tensors for part in gather_object([shards]) for tensors in part]
+
+
+def directory_for(root: Path, cache_key: str) -> Path:
+    return root / cache_key
+
+
+def load_or_score(cfg, plan, accelerator, tokenizer, datasets, progress: bool) -> CachedValues:
+    """The cached values of every pair in `datasets`; the missing ones are scored once, shared
+    out over the processes (each loads the reference for that and drops it), under the
+    training's autocast, and each process writes its shards as it goes."""
+    from tokenratio.modeling import load_causal_lm
+
+    device = accelerator.device
+    cache_key = keys.cache_key(cfg, plan.identity, tokenizer, device.type, plan.samples)
+    directories = [directory_for(r, cache_key) for r in roots(cfg.data.path)]
+    say = accelerator.print
+    values = read(directories, cache_key, plan.samples, len(tokenizer), say)
+    rows = [row for data in datasets for row in data.with_format(None)]
+    for path in values.drop_mismatched(rows):
+        _drop(path, "entries whose lengths differ from their pairs'", say)
+    todo = scoring.missing(rows, values)
+    if not todo:
+        say(f"reference log-probs: read {len(values)} pairs from {_found_in(directories)}")
+        return values
+    target = writable_dir(directories)  # before scoring, never after
+    accelerator.wait_for_everyone()  # every process has read before any writes
+    share = scoring.shard(todo, accelerator.process_index, accelerator.num_processes)
+    writer = ShardWriter(target, cache_key, plan.samples)
+    bar = progress and accelerator.is_main_process  # one bar, as the training loop's
+
+    def loader():
+        return load_causal_lm(cfg.model).to(device).eval()
+
+    run = (tokenizer.pad_token_id, cfg.train.eval_batch_size, bar, accelerator.autocast)
+    fill_missing(loader, values, share, writer, run)
+    for tensors in gather(accelerator, writer.written):
+        values.add(tensors)
+    accelerator.wait_for_everyone()
+    say(f"reference log-probs: scored {len(todo)} pairs into {target}")
+    return values
+
+
+def _found_in(directories: list[Path]) -> str:
+    return ", ".join(str(d) for d in directories if d.is_dir())
+
+
+@torch.no_grad()
+def score_rows(model, rows: list[dict], pad_id: int, batch_size: int, samples: int) -> CachedValues:
+    """The cached values of `rows` scored in memory, no file (the perf harness's untimed pass,
+    as TRL's precompute)."""
+    values = CachedValues(samples)
+    writer = ShardWriter(None, "", samples)
+    for entries in scoring.score(
+        model, scoring.missing(rows, values), pad_id, batch_size, samples, False
+    ):
+        writer.add(entries)
+    writer.flush()
+    for tensors in writer.written:
+        values.add(tensors)
+    return values

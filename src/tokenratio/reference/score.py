@@ -1,0 +1,84 @@
+"""The scoring pass: the frozen reference over the pairs the cache lacks, longest first, in
+batches of similar length with the prompt shared (`data.collate_shared`), and, for TBPO-A's k3,
+`samples` tokens a ~ pi_ref per response position drawn by Gumbel-max from a generator seeded
+by the pair's key (so a pair's samples never depend on batching, sharding or order)."""
+
+from collections.abc import Iterator
+
+import torch
+
+from tokenratio.reference.store import pair_key
+
+SAMPLE_SEED = 0x7B90A  # mixed into each pair's seed: the samples are the cache's, not the run's
+
+
+def missing(rows, values) -> dict:
+    """{pair key: token ids} of the distinct pairs among `rows` that `values` lacks."""
+    todo = {}
+    for row in rows:
+        key = pair_key(row)
+        if key not in values and key not in todo:
+            todo[key] = {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+    return todo
+
+
+def longest_first(pairs: dict) -> dict:
+    """The pairs by their prefix-shared row length, longest first: little padding per batch, and
+    the largest batch first, so memory runs out at once if it will."""
+    return dict(sorted(pairs.items(), key=lambda kv: -sum(len(ids) for ids in kv[1].values())))
+
+
+def shard(pairs: dict, index: int, count: int) -> dict:
+    """Process `index`'s share of `pairs` (of `count`): every count-th pair of the length order,
+    so each process gets long and short pairs alike."""
+    return dict(list(longest_first(pairs).items())[index::count])
+
+
+def _generator(key: bytes, side: int, device) -> torch.Generator:
+    seed = (int.from_bytes(key[:8], "little") ^ SAMPLE_SEED) + side
+    return torch.Generator(device=device).manual_seed(seed % (1 << 63))
+
+
+def _samples(logits: torch.Tensor, key: bytes, side: int, samples: int) -> tuple:
+    """`samples` tokens a ~ softmax(logits) per row of (n, V) logits and their log-probs."""
+    from tokenratio.logprobs import sample_tokens
+
+    generator = _generator(key, side, logits.device)
+    tokens = torch.stack([sample_tokens(logits, generator=generator) for _ in range(samples)], 1)
+    logps = logits.float().log_softmax(-1).gather(-1, tokens)
+    return tokens.cpu(), logps.cpu()
+
+
+@torch.no_grad()
+def score(model, pairs: dict, pad_id: int, batch_size: int, samples: int, progress: bool):
+    """Score `pairs` ({key: token ids}) with the frozen reference; yields each batch's entries
+    (pair key, {"chosen_logps": (C,) float32, ...}) as `store.pack` takes them."""
+    from tokenratio.data import collate_shared
+    from tokenratio.logprobs import token_logps
+    from tokenratio.scoring import batches, score_batches
+
+    pairs = longest_first(pairs)
+    keys, rows = list(pairs), list(pairs.values())
+    scored = score_batches(
+        [model],
+        batches(rows, pad_id, batch_size, collate_shared),
+        progress=progress,
+        desc="reference",
+    )
+    done = 0
+    for batch, [(logits, _)] in scored:
+        logps = token_logps(logits.float(), batch.labels).cpu()
+        yield list(_entries(keys, rows, done, batch.num_pairs, logits, logps, samples))
+        done += batch.num_pairs
+
+
+def _entries(keys, rows, done, B, logits, logps, samples) -> Iterator:
+    for i in range(B):
+        key, row, entry = keys[done + i], rows[done + i], {}
+        for side, (name, offset) in enumerate((("chosen", 0), ("rejected", B))):
+            n = len(row[f"{name}_ids"])
+            entry[f"{name}_logps"] = logps[offset + i, :n].clone()
+            if samples:
+                tokens, token_logps = _samples(logits[offset + i, :n], key, side, samples)
+                entry[f"{name}_tokens"], entry[f"{name}_token_logps"] = tokens, token_logps
+        yield key, entry

@@ -1,0 +1,255 @@
+"""The cache on disk and in memory: shards of per-token reference values, checked on every read.
+
+A cache is a directory named by its key (`key.cache_key`) holding shard files, each a safetensors
+file (plain tensors, nothing to unpickle, so a crafted file runs nothing) with:
+    keys (n, 16) uint8            each pair's key (`pair_key`: its token ids)
+    chosen_len, rejected_len (n,) response lengths
+    chosen_logps, rejected_logps  log pi_ref of each response token, concatenated (float32)
+    chosen_tokens, rejected_tokens (tokens, m) int64 and chosen_token_logps, ... (tokens, m)
+                                  with m = k3 samples > 0: tokens a ~ pi_ref and log pi_ref(a)
+and in its metadata the format, the cache key, m and a sha256 of the tensors. A shard that is
+damaged, foreign, of another format or whose values are impossible (non-finite, a log-prob > 0,
+a token outside the vocabulary) is dropped with one line naming it and why: its pairs are scored
+again. Shards are written as scoring goes (`ShardWriter`, about one a minute), so a kill loses at
+most the last minute; a write goes to a temporary file, is fsynced, renamed and the directory
+fsynced, and temporary files left by killed writers are removed.
+"""
+
+import hashlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tokenratio.logprobs import IGNORE_INDEX
+from tokenratio.reference.key import FORMAT
+
+SIDES = ("chosen", "rejected")
+SHARD_SECONDS = 60.0
+LOGP_SLACK = 1e-3  # log-probs computed in low precision may round a little above 0
+
+
+class DamagedShardError(ValueError):
+    """A shard that cannot be used; the message says why."""
+
+
+def pair_key(row: dict) -> bytes:
+    """16 bytes that identify a pair by its token ids (prompt, chosen, rejected)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        ids = np.asarray(row[name], dtype="<i8")
+        digest.update(len(ids).to_bytes(8, "little"))
+        digest.update(ids.tobytes())
+    return digest.digest()
+
+
+def _checksum(tensors: dict) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        digest.update(name.encode())
+        digest.update(tensors[name].contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def pack(entries: list[tuple[bytes, dict]], samples: int) -> dict:
+    """Scored pairs -> one shard's tensors. An entry: (pair key, {"chosen_logps": (C,), ...,
+    with samples also "chosen_tokens": (C, m), "chosen_token_logps": (C, m), ...})."""
+    keys = torch.tensor(np.frombuffer(b"".join(k for k, _ in entries), np.uint8).reshape(-1, 16))
+    tensors = {"keys": keys}
+    fields = ["logps"] + (["tokens", "token_logps"] if samples else [])
+    for side in SIDES:
+        tensors[f"{side}_len"] = torch.tensor([len(v[f"{side}_logps"]) for _, v in entries])
+        for field in fields:
+            name = f"{side}_{field}"
+            tensors[name] = torch.cat([v[name] for _, v in entries]).contiguous()
+    return tensors
+
+
+def write_shard(directory: Path, tensors: dict, cache_key: str, samples: int) -> Path:
+    """One shard, complete or not at all: temporary file, fsync, rename, fsync the directory."""
+    from safetensors.torch import save
+
+    metadata = {
+        "format": FORMAT,
+        "key": cache_key,
+        "samples": str(samples),
+        "sha256": _checksum(tensors),
+    }
+    data = save(tensors, metadata=metadata)
+    path = directory / f"shard-{uuid.uuid4().hex[:16]}.safetensors"
+    tmp = directory / f".{path.name}~{socket.gethostname()}~{os.getpid()}.tmp"
+    with tmp.open("wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return path
+
+
+def read_shard(path: Path, cache_key: str, samples: int, vocab_size: int) -> dict:
+    """A shard's tensors, checked (DamagedShardError says what is wrong)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+    except Exception as err:  # truncated, empty, not safetensors: all say the same to a user
+        raise DamagedShardError(f"not a readable safetensors file ({type(err).__name__})") from None
+    if metadata.get("format") != FORMAT:
+        raise DamagedShardError(f"format {metadata.get('format')!r}, expected {FORMAT!r}")
+    if metadata.get("key") != cache_key or metadata.get("samples") != str(samples):
+        raise DamagedShardError("written for another reference, data or setting")
+    if metadata.get("sha256") != _checksum(tensors):
+        raise DamagedShardError("its checksum does not match its contents")
+    _check_values(tensors, samples, vocab_size)
+    return tensors
+
+
+def _check_values(tensors: dict, samples: int, vocab_size: int) -> None:
+    n = tensors["keys"].shape[0] if "keys" in tensors else -1
+    if n < 0 or tensors["keys"].shape != (n, 16) or tensors["keys"].dtype != torch.uint8:
+        raise DamagedShardError("no (n, 16) uint8 pair keys")
+    for side in SIDES:
+        lengths, logps = tensors.get(f"{side}_len"), tensors.get(f"{side}_logps")
+        if lengths is None or logps is None or lengths.shape != (n,) or logps.ndim != 1:
+            raise DamagedShardError(f"{side} entries missing or of the wrong shape")
+        if logps.dtype != torch.float32 or int(lengths.sum()) != logps.shape[0]:
+            raise DamagedShardError(f"{side} log-probs do not match their lengths")
+        if not bool(torch.isfinite(logps).all()) or bool((logps > LOGP_SLACK).any()):
+            raise DamagedShardError(
+                f"{side} log-probs that no distribution gives (> 0 or non-finite)"
+            )
+        if samples:
+            tokens = tensors.get(f"{side}_tokens")
+            token_logps = tensors.get(f"{side}_token_logps")
+            shape = (logps.shape[0], samples)
+            if tokens is None or token_logps is None or tokens.shape != shape:
+                raise DamagedShardError(f"{side} sampled tokens missing or of the wrong shape")
+            if token_logps.shape != shape or not bool(torch.isfinite(token_logps).all()):
+                raise DamagedShardError(f"{side} sampled tokens' log-probs missing or non-finite")
+            if bool(((tokens < 0) | (tokens >= vocab_size)).any()):
+                raise DamagedShardError(f"{side} sampled tokens outside the vocabulary")
+
+
+def remove_leftovers(directory: Path) -> None:
+    """Temporary files of killed writers: this host's whose process is gone, anyone's after a day."""
+    host = socket.gethostname()
+    for tmp in directory.glob(".shard-*.tmp"):
+        _, tmp_host, pid = [*tmp.name.removesuffix(".tmp").split("~"), "", ""][:3]
+        stale = time.time() - tmp.stat().st_mtime > 86400
+        if stale or (tmp_host == host and pid.isdigit() and not _alive(int(pid))):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CachedValues:
+    """The cache's values in memory: shards as read, and each pair key's place in them."""
+
+    def __init__(self, samples: int):
+        self.samples = samples
+        self.shards: list[dict] = []
+        self.where: dict[bytes, tuple[int, int]] = {}  # pair key -> (shard, entry)
+        self.paths: list[Path | None] = []  # each shard's file (None: scored in memory)
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.where
+
+    def add(self, tensors: dict, path: Path | None = None) -> None:
+        """One shard's tensors (checked, from `path`, or freshly scored)."""
+        for side in SIDES:
+            lengths = tensors[f"{side}_len"]
+            tensors[f"{side}_start"] = torch.cumsum(lengths, 0) - lengths
+        number = len(self.shards)
+        self.shards.append(tensors)
+        self.paths.append(path)
+        for i, key in enumerate(tensors["keys"].numpy()):
+            self.where[key.tobytes()] = (number, i)
+
+    def entry(self, key: bytes, side: str, field: str = "logps") -> torch.Tensor:
+        shard, i = self.where[key]
+        tensors = self.shards[shard]
+        start = int(tensors[f"{side}_start"][i])
+        return tensors[f"{side}_{field}"][start : start + int(tensors[f"{side}_len"][i])]
+
+    def drop_mismatched(self, rows: Iterable[dict]) -> list:
+        """Drop every shard holding an entry whose lengths differ from its pair's (a shard
+        consistent in itself but not with the data); returns the dropped shards' paths."""
+        bad = set()
+        for row in rows:
+            key = pair_key(row)
+            if key not in self.where:
+                continue
+            for side in SIDES:
+                if len(self.entry(key, side)) != len(row[f"{side}_ids"]):
+                    bad.add(self.where[key][0])
+        self.where = {k: v for k, v in self.where.items() if v[0] not in bad}
+        return [self.paths[number] for number in sorted(bad)]
+
+    def fill(self, batch, rows: list[dict], epoch: int = 0):
+        """The collated `batch` of `rows` with the cached values: ref_logps and, with samples,
+        the tokens of sample `epoch mod m` and their log-probs (IGNORE_INDEX beyond a response)."""
+        shape = batch.labels.shape
+        batch.ref_logps = torch.zeros(shape, dtype=torch.float32)
+        if self.samples:
+            batch.ref_sample_tokens = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+            batch.ref_sample_logps = torch.zeros(shape, dtype=torch.float32)
+        column = epoch % max(1, self.samples)
+        B = len(rows)
+        for i, row in enumerate(rows):
+            key = pair_key(row)
+            for offset, side in ((0, "chosen"), (B, "rejected")):
+                values = self.entry(key, side)
+                batch.ref_logps[offset + i, : len(values)] = values
+                if self.samples:
+                    tokens = self.entry(key, side, "tokens")[:, column]
+                    batch.ref_sample_tokens[offset + i, : len(tokens)] = tokens
+                    logps = self.entry(key, side, "token_logps")[:, column]
+                    batch.ref_sample_logps[offset + i, : len(logps)] = logps
+        return batch
+
+
+class ShardWriter:
+    """Scored pairs to shard files as they come: one shard about every SHARD_SECONDS."""
+
+    def __init__(self, directory: Path | None, cache_key: str, samples: int):
+        self.directory, self.cache_key, self.samples = directory, cache_key, samples
+        self.pending: list[tuple[bytes, dict]] = []
+        self.written: list[dict] = []  # every shard's tensors, for the other processes
+        self.last = time.perf_counter()
+
+    def add(self, entries: list[tuple[bytes, dict]]) -> None:
+        self.pending += entries
+        if time.perf_counter() - self.last >= SHARD_SECONDS:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            tensors = pack(self.pending, self.samples)
+            if self.directory is not None:
+                write_shard(self.directory, tensors, self.cache_key, self.samples)
+            self.written.append(tensors)
+            self.pending = []
+        self.last = time.perf_counter()

@@ -1,0 +1,265 @@
+"""The reference cache cannot lie: values equal to running the reference, every damaged,
+foreign or crafted file rescored with one line naming it, scoring saved as it goes, leftovers
+cleaned up, and a read-only location refused or avoided before any scoring."""
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tiny import load_tiny_pairs, perturbed
+from tokenratio import reference
+from tokenratio.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
+from tokenratio.data import collate, collate_shared
+from tokenratio.losses import LOSSES
+from tokenratio.modeling import PolicyWithHead
+from tokenratio.reference import cache, score, store
+from tokenratio.scoring import score_pairs
+
+CACHED = ["bpo", "dpo", "ipo", "tbpo-q", "tisdpo"]
+
+
+def test_shards_cover_every_pair_once_and_score_longest_first():
+    pairs = {
+        f"k{n}": {"prompt_ids": [1] * n, "chosen_ids": [2] * (n % 3 + 1), "rejected_ids": [3]}
+        for n in range(1, 12)
+    }
+    ordered = list(score.longest_first(pairs))
+    sizes = [sum(len(ids) for ids in pairs[k].values()) for k in ordered]
+    assert sizes == sorted(sizes, reverse=True) and sorted(ordered) == sorted(pairs)
+    shards = [score.shard(pairs, i, 3) for i in range(3)]
+    keys = [k for part in shards for k in part]
+    assert sorted(keys) == sorted(pairs) and len(set(keys)) == len(pairs)
+    assert [len(part) for part in shards] == [4, 4, 3]
+    assert list(shards[0]) == ordered[0::3]  # long and short pairs in every shard
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, hh_jsonl):
+    return load_tiny_pairs(tiny_model_dir, hh_jsonl, limit=8)
+
+
+@pytest.mark.parametrize("layout", [collate, collate_shared], ids=["plain", "shared"])
+@pytest.mark.parametrize("name", CACHED)
+def test_cached_reference_logps_give_the_same_losses_and_gradients(name, layout, tiny):
+    from tokenratio.baseline import StateBaselineHead
+
+    model, tokenizer, data = tiny
+    rows = [dict(r) for r in data]
+    for r in rows if LOSSES[name].weights else ():
+        r["chosen_weight"] = [1.5] * len(r["chosen_ids"])
+        r["rejected_weight"] = [0.5] * len(r["rejected_ids"])
+    values = reference.score_rows(model, rows, tokenizer.pad_token_id, 3, 0)
+    assert len(values) == 8
+    needs = LOSSES[name].needs({})
+    policy = PolicyWithHead(perturbed(model), StateBaselineHead(model.config.hidden_size))
+    results = []
+    for ref in (reference.module_forward(PolicyWithHead(model).eval()), None):
+        batch = layout(rows, tokenizer.pad_token_id)
+        if ref is None:
+            batch = values.fill(batch, rows)
+        policy.zero_grad(set_to_none=True)
+        scored = score_pairs(policy, ref, batch, needs, chunk_elements=4096)
+        losses, _ = LOSSES[name](scored, beta=0.1)
+        losses.mean().backward()
+        grads = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
+        results.append((losses.detach(), grads))
+    (plain, plain_grads), (fast, fast_grads) = results
+    assert plain_grads and plain_grads.keys() == fast_grads.keys()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+    for key, grad in plain_grads.items():
+        torch.testing.assert_close(fast_grads[key], grad, rtol=1e-4, atol=1e-6, msg=key)
+
+
+class Said(list):
+    def __call__(self, line):
+        self.append(line)
+
+
+def _accelerator():
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=True)
+
+
+def _cfg(model_dir, data):
+    return Config(
+        model=ModelConfig(name_or_path=str(model_dir)),
+        data=DataConfig(path=str(data), max_length=384),
+        loss=LossConfig(name="dpo"),
+        train=TrainConfig(eval_batch_size=4),
+    )
+
+
+def _load(model_dir, data, tokenizer, datasets, samples=0):
+    cfg = _cfg(model_dir, data)
+    plan = reference.Plan("cached", "", samples, "tiny-identity")
+    accelerator = _accelerator()
+    said = Said()
+    accelerator.print = said
+    values = reference.load_or_score(cfg, plan, accelerator, tokenizer, datasets, progress=False)
+    return values, said
+
+
+def _same(values, clean, rows):
+    for row in rows:
+        k = store.pair_key(row)
+        for side in store.SIDES:
+            assert torch.equal(values.entry(k, side), clean.entry(k, side))
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(cache.ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def _shards(cache_dir: Path) -> list[Path]:
+    return sorted(cache_dir.glob("*/shard-*.safetensors"))
+
+
+def _evil_pickle(marker: Path) -> bytes:
+    class Evil:
+        def __reduce__(self):
+            return (Path.write_text, (marker, "ran"))
+
+    return pickle.dumps(Evil())
+
+
+DAMAGE = {
+    "truncated": lambda data, _: data[: len(data) // 2],
+    "empty": lambda data, _: b"",
+    "garbage": lambda data, _: bytes(range(256)) * 20,
+    "crafted pickle": lambda data, marker: _evil_pickle(marker),
+    "values zeroed": None,  # the checksum no longer matches
+    "halved with a new checksum": None,
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_shard_is_named_in_one_line_and_rescored(
+    damage, tiny, tiny_model_dir, hh_jsonl, cache_dir, tmp_path
+):
+    _, tokenizer, data = tiny
+    clean, said = _load(tiny_model_dir, hh_jsonl, tokenizer, [data])
+    assert said == [f"reference log-probs: scored 8 pairs into {_shards(cache_dir)[0].parent}"]
+    [path] = _shards(cache_dir)
+    floats = sum(len(r["chosen_ids"]) + len(r["rejected_ids"]) for r in data) * 4
+    assert path.stat().st_size < floats + 8 * 40 + 2048  # about the size of the floats it holds
+    marker = tmp_path / "marker"
+    if DAMAGE[damage] is not None:
+        path.write_bytes(DAMAGE[damage](path.read_bytes(), marker))
+    else:
+        _tamper(path, damage)
+    values, said = _load(tiny_model_dir, hh_jsonl, tokenizer, [data])
+    assert len(said) == 2 and said[0].startswith(f"reference cache: {path}: "), said
+    assert "scored again" in said[0] and said[1].startswith("reference log-probs: scored 8")
+    assert not marker.exists()  # nothing in a crafted file ever runs
+    _same(values, clean, list(data))
+    _, said = _load(tiny_model_dir, hh_jsonl, tokenizer, [data])
+    assert said[0].startswith("reference log-probs: read 8 pairs")
+
+
+def _tamper(path: Path, how: str) -> None:
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    if how == "values zeroed":
+        tensors["chosen_logps"] = torch.zeros_like(tensors["chosen_logps"])
+    else:  # a consistent shard whose entries are half as long as their pairs'
+        for side in store.SIDES:
+            lengths = tensors[f"{side}_len"]
+            tensors[f"{side}_len"] = (lengths + 1) // 2
+            parts = torch.split(tensors[f"{side}_logps"], lengths.tolist())
+            tensors[f"{side}_logps"] = torch.cat([p[: (len(p) + 1) // 2] for p in parts])
+        metadata["sha256"] = store._checksum(tensors)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def test_a_foreign_shard_is_refused(tiny, tiny_model_dir, hh_jsonl, cache_dir):
+    _, tokenizer, data = tiny
+    _load(tiny_model_dir, hh_jsonl, tokenizer, [data])
+    [path] = _shards(cache_dir)
+    other = cache_dir / "another-key"
+    other.mkdir()
+    moved = other / path.name
+    shutil.move(path, moved)
+    path.parent.rmdir()
+    shutil.move(other, path.parent)  # the other cache's shard under this cache's name
+    (path.parent / moved.name).rename(path)
+    # written for the same key: still good. Now claim another key in its metadata.
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = {**handle.metadata(), "key": "0" * 24}
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}  # noqa: SIM118
+    save_file(tensors, str(path), metadata=metadata)
+    _, said = _load(tiny_model_dir, hh_jsonl, tokenizer, [data])
+    assert "written for another reference, data or setting" in said[0]
+
+
+def test_a_killed_scoring_pass_keeps_its_shards_and_a_rerun_continues(
+    tiny, tiny_model_dir, hh_jsonl, cache_dir, monkeypatch
+):
+    _, tokenizer, data = tiny
+    monkeypatch.setattr(store, "SHARD_SECONDS", 0.0)  # a shard after every batch
+    real = score.score
+
+    def killed_after_one_batch(*args):
+        yield next(real(*args))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(score, "score", killed_after_one_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _load(tiny_model_dir, hh_jsonl, tokenizer, [data])
+    assert len(_shards(cache_dir)) == 1  # the first batch of 4 pairs, on disk
+    # a leftover of a killed write (a process that is gone) is removed on the next read
+    leftover = _shards(cache_dir)[0].parent / f".shard-0.safetensors~{_host()}~999999999.tmp"
+    leftover.write_bytes(b"half")
+    monkeypatch.setattr(score, "score", real)
+    values, said = _load(tiny_model_dir, hh_jsonl, tokenizer, [data])
+    assert not list(_shards(cache_dir)[0].parent.glob("*.tmp"))
+    assert len(values) == 8 and said[-1].startswith("reference log-probs: scored 4 pairs")
+
+
+def _host():
+    import socket
+
+    return socket.gethostname()
+
+
+def test_a_read_only_cache_location_stops_before_scoring(
+    tiny, tiny_model_dir, hh_jsonl, tmp_path, monkeypatch
+):
+    from tokenratio import modeling
+
+    _, tokenizer, data = tiny
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv(cache.ENV, str(blocker / "cache"))  # cannot be created, even by root
+    loaded = []
+    monkeypatch.setattr(modeling, "load_causal_lm", lambda cfg: loaded.append(cfg))
+    with pytest.raises(reference.CacheLocationError, match="TOKENRATIO_REF_CACHE_DIR"):
+        _load(tiny_model_dir, hh_jsonl, tokenizer, [data])
+    assert loaded == []
+
+
+def test_an_unwritable_place_beside_the_data_falls_back_to_the_user_cache(
+    tiny, tiny_model_dir, hh_jsonl, tmp_path, monkeypatch
+):
+    _, tokenizer, data = tiny
+    monkeypatch.delenv(cache.ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    local = tmp_path / "data" / "hh.jsonl"
+    local.parent.mkdir()
+    shutil.copy(hh_jsonl, local)
+    (local.parent / "hh.jsonl.ref-logps").write_text("")  # a file: no directory can go there
+    _, said = _load(tiny_model_dir, local, tokenizer, [data])
+    assert str(tmp_path / "xdg" / "tokenratio" / "ref-logps") in said[-1]
+    assert list((tmp_path / "xdg").rglob("shard-*.safetensors"))
