@@ -337,15 +337,15 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     tokenizer = load_tokenizer(cfg.model)
     data, heldout, report, splits = prepare_data(cfg, tokenizer, accelerator)
     _check_weights(cfg, needs, heldout)
-    plan = reference.plan(cfg, needs, accelerator)
-    accelerator.print(f"reference: {plan.reason}")
+    ref_plan = reference.plan(cfg, needs, accelerator)
+    accelerator.print(f"reference: {ref_plan.reason}")
     values = None
-    if plan.cached:
+    if ref_plan.cached:
         values = reference.load_or_score(
-            cfg, plan, accelerator, tokenizer, (data, heldout), progress=progress
+            cfg, ref_plan, accelerator, tokenizer, (data, heldout), progress=progress
         )
     total_steps = _total_steps(cfg, len(data), accelerator.num_processes)
-    step = prepare_step(cfg, accelerator, total_steps, plan=plan, cached_values=values)
+    step = prepare_step(cfg, accelerator, total_steps, plan=ref_plan, cached_values=values)
     state = {"step": 0, "epoch": 0, "micro_batch": 0}
     if plan.action == "resume":
         state = checkpoint.load(accelerator, plan.checkpoint, step.scheduler)

@@ -263,3 +263,61 @@ def test_an_unwritable_place_beside_the_data_falls_back_to_the_user_cache(
     _, said = _load(tiny_model_dir, local, tokenizer, [data])
     assert str(tmp_path / "xdg" / "tokenratio" / "ref-logps") in said[-1]
     assert list((tmp_path / "xdg").rglob("shard-*.safetensors"))
+
+
+@pytest.mark.slow
+def test_weights_swapped_in_place_are_rescored_not_read(tiny_model_dir, hh_jsonl, tmp_path, capsys):
+    """The issue's case end to end: a cache written, the model's weights replaced in place by
+    others of the same shapes with the old mtime; the next run must score again, and its step-1
+    DPO loss is log 2 (policy = reference), not the stale cache's."""
+    import math
+    import os
+
+    from safetensors.torch import load_file, save_file
+
+    from test_trainer import run
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    settings = {"loss.name": "dpo", "train.max_steps": 1, "train.eval_every": 0}
+    first = run(model, hh_jsonl, tmp_path / "first", **settings)
+    assert "reference log-probs: scored" in capsys.readouterr().out
+    assert first[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    weights = model / "model.safetensors"
+    stat = weights.stat()
+    g = torch.Generator().manual_seed(1)
+    swapped = {
+        k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in load_file(weights).items()
+    }
+    save_file(swapped, weights, metadata={"format": "pt"})
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    second = run(model, hh_jsonl, tmp_path / "second", **settings)
+    out = capsys.readouterr().out
+    assert (
+        "reference log-probs: scored" in out and "read" not in out.split("reference log-probs:")[1]
+    )
+    assert second[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_tbpo_a_with_k3_trains_from_the_cache_without_a_reference(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys, monkeypatch
+):
+    from test_trainer import run
+
+    copies = []
+    real = reference.frozen_copy
+    monkeypatch.setattr(reference, "frozen_copy", lambda p, m: copies.append(p) or real(p, m))
+    settings = {"loss.name": "tbpo-a", "loss.options.kl_estimator": "k3", "train.max_steps": 3}
+    records = run(tiny_model_dir, hh_jsonl, tmp_path / "k3", **settings, **{"train.k3_samples": 2})
+    out = capsys.readouterr().out
+    assert "reference: cached per-token log-probs and 2 k3 token(s)" in out
+    assert [p.source for p in copies] == ["cached"]  # no frozen copy, no adapter: nothing runs
+    assert all(math_finite(r["loss"]) for r in records if "loss" in r)
+    assert any("eval_loss" in r for r in records)
+
+
+def math_finite(x):
+    import math
+
+    return math.isfinite(x)

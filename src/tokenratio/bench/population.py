@@ -102,7 +102,9 @@ def fit_population(
     """
     policy, baseline = tabular_params(mdp)
     optimizer = torch.optim.Adam([policy, baseline], lr=lr)
-    objective = pair_objective(policy, baseline, mdp, loss, beta, dict(options or {}))
+    # a k3 KL reads one a ~ pi_ref per pair position drawn once, as a cached run does: a fresh
+    # draw every step would make the objective noisy, and it would never be flat
+    objective = pair_objective(policy, baseline, mdp, loss, beta, dict(options or {}), "cached")
     history = []
 
     def on_step(step, value):
@@ -123,7 +125,10 @@ def fit_population(
 # TDPO1 also runs with the other Bregman generators under sequence labels (docs/method.md §6: every
 # strictly convex generator has the same minimiser) and under the per-position labels.
 CONTROLS = {
-    "sequence": [("tdpo1", {"generator": g}) for g in ("sba", "kliep", "lsif")],
+    "sequence": [
+        *[("tdpo1", {"generator": g}) for g in ("sba", "kliep", "lsif")],
+        ("tbpo-a", {"kl_estimator": "k3"}),
+    ],
     "position-Q": [
         ("tbpo-q", {}),
         ("tbpo-q", {"center_log_w": False, "log_w_clamp": None}),
@@ -131,6 +136,7 @@ CONTROLS = {
     ],
     "position-A": [
         ("tbpo-a", {}),
+        ("tbpo-a", {"kl_estimator": "k3"}),  # cached draws, as train.ref_cache runs it
         ("tbpo-a", {"kl_estimator": "k3-response"}),
         ("tbpo-a", {"detach_kl": True}),
         ("tdpo1", {}),

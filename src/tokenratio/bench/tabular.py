@@ -22,6 +22,7 @@ def tabular_token_logps(
     pairs: task.PreferencePairs,
     baseline: torch.Tensor | None = None,
     kl: str | None = None,
+    k3_tokens: tuple | None = None,
 ) -> TokenLogps:
     """The loss contract's inputs for a tabular policy, through the real kernels.
 
@@ -29,7 +30,8 @@ def tabular_token_logps(
     rows, and each pair's tokens are gathered from the result: the same values and gradients as
     running them on every pair's tokens, without paying their per-row cost N*T times (torch's
     reductions over a handful of actions are dominated by per-row overhead). The sampled k3 draws
-    a fresh a ~ pi_ref at every pair position, so it runs per pair.
+    a fresh a ~ pi_ref at every pair position, so it runs per pair; with `k3_tokens` ((N, T)
+    chosen, rejected) it reads those instead, as a cached run does (train.ref_cache).
     """
     P, T, S, V = policy_logits.shape
     steps = torch.arange(mdp.length)[None]
@@ -43,17 +45,18 @@ def tabular_token_logps(
         table = token_logps(every_action, actions)
     table = table.reshape(P, T, S, V)  # log pi(a | state)
 
-    def side(responses, prev):
+    def side(responses, prev, tokens):
         prev = task.states_of(responses, mdp.vocab_size) if prev is None else prev
         index = (pairs.prompts[:, None], steps, prev)
         logps, ref_logps = table[(*index, responses)], mdp.ref_logps[(*index, responses)]
         kl_values = table_kl[index] if kl == "exact" else None
         if kl == "k3":
-            kl_values = sampled_k3(policy_logits[index], mdp.ref_logps[index])
+            kl_values = sampled_k3(policy_logits[index], mdp.ref_logps[index], tokens=tokens)
         return logps, ref_logps, kl_values, None if baseline is None else baseline[index]
 
-    pc, rc, kc, bc = side(pairs.chosen, pairs.chosen_prev)
-    pr, rr, kr, br = side(pairs.rejected, pairs.rejected_prev)
+    chosen_tokens, rejected_tokens = k3_tokens or (None, None)
+    pc, rc, kc, bc = side(pairs.chosen, pairs.chosen_prev, chosen_tokens)
+    pr, rr, kr, br = side(pairs.rejected, pairs.rejected_prev, rejected_tokens)
     mask = torch.ones_like(pairs.chosen, dtype=torch.bool)
     weights = pairs.chosen_weight, pairs.rejected_weight
     return TokenLogps(pc, pr, rc, rr, mask, mask, kc, kr, bc, br, *weights)
@@ -100,14 +103,37 @@ def resolve(method: str, extra: dict | None = None) -> tuple[Loss, dict]:
     return LOSSES[name], {**options, **(extra or {})}
 
 
-def pair_objective(policy, baseline, mdp, method: str, beta: float, options: dict) -> Callable:
+def cached_k3_tokens(mdp, pairs: task.PreferencePairs, seed: int = 0) -> tuple:
+    """One a ~ pi_ref per pair position, drawn once ((N, T) chosen, rejected): what a cached
+    k3 run reads at every step (reference/score.py draws them in its scoring pass)."""
+    g = torch.Generator().manual_seed(seed)
+    steps = torch.arange(mdp.length)[None]
+
+    def draw(responses, prev):
+        prev = task.states_of(responses, mdp.vocab_size) if prev is None else prev
+        probs = mdp.ref_logps[pairs.prompts[:, None], steps, prev].exp()  # (N, T, V)
+        flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=g)
+        return flat.view(probs.shape[:-1])
+
+    return draw(pairs.chosen, pairs.chosen_prev), draw(pairs.rejected, pairs.rejected_prev)
+
+
+def pair_objective(
+    policy, baseline, mdp, method: str, beta: float, options: dict, k3_draws: str = "fresh"
+) -> Callable:
     """pairs -> (loss, share of pairs/tokens at the log R clamp): the mean over pairs, or, for
-    weighted pairs (the population regime's exact distribution), the weighted sum."""
+    weighted pairs (the population regime's exact distribution), the weighted sum. A k3 KL
+    draws a fresh a ~ pi_ref at every evaluation (k3_draws "fresh", the in-step path) or reads
+    one drawn once per pair position ("cached", train.ref_cache's)."""
     entry, options = resolve(method, options)
     kl = entry.needs(options).kl
+    drawn = {}
 
     def objective(pairs: task.PreferencePairs) -> tuple[torch.Tensor, float]:
-        batch = tabular_token_logps(policy, mdp, pairs, baseline, kl)
+        tokens = None
+        if kl == "k3" and k3_draws == "cached":
+            tokens = drawn.setdefault(id(pairs), cached_k3_tokens(mdp, pairs))
+        batch = tabular_token_logps(policy, mdp, pairs, baseline, kl, tokens)
         losses, metrics = entry(batch, beta=beta, **options)
         at_clamp = metrics.get("clamp_fraction", torch.zeros_like(losses))
         if pairs.weights is None:

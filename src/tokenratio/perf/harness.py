@@ -48,14 +48,19 @@ ABLATION = [
     "dpo+ref_cache=false",
     "dpo+compile=true",
 ]
-# The issue's step ratios, each measured in one process (`worker.run_ab`): TBPO against DPO with
-# the defaults (TBPO-A's KL cannot use the reference cache, DPO's default step does), and TBPO-A
-# against DPO doing the same reference work.
-AB = ["dpo:tbpo-q", "dpo:tbpo-a", "dpo+ref_cache=false:tbpo-a"]
+# The step ratios, each measured in one process (`worker.run_ab`): TBPO against DPO with the
+# defaults (TBPO-A's exact KL cannot use the reference cache; its k3 form reads cached samples),
+# and exact TBPO-A against DPO doing the same reference work.
+AB = [
+    "dpo:tbpo-q",
+    "dpo:tbpo-a[kl_estimator=k3]",
+    "dpo:tbpo-a",
+    "dpo+ref_cache=false:tbpo-a",
+]
 PRESETS = {  # one command each; the GPU one is sized to finish within 10 minutes on one GPU
     "cpu": {
         "models": ["cpu20m"],
-        "rows": [*OUR_ROWS, "trl", "train", *ABLATION],
+        "rows": [*OUR_ROWS, "tbpo-a[kl_estimator=k3]", "trl", "train", *ABLATION],
         "batch": 8,
         "max_length": 512,
         "max_prompt_length": 256,
@@ -75,7 +80,7 @@ PRESETS = {  # one command each; the GPU one is sized to finish within 10 minute
         "steps": 10,
         "warmup": 3,
         "repeats": 1,
-        "ab": [AB[0], AB[2]],  # dpo:tbpo-a is the rows' own step/dpo column
+        "ab": [AB[0], AB[1], AB[3]],  # dpo:tbpo-a is the rows' own step/dpo column
         "device": "cuda",
         "dtype": "bf16",
     },
