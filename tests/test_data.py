@@ -305,3 +305,87 @@ def test_pair_lengths_counts_the_prompt_and_the_longer_response():
         }
     )
     assert pair_lengths(data) == [5, 4]
+
+
+def test_cutting_text_before_tokenizing_keeps_every_kept_token(tiny_model_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    from tokenratio import data
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    record = {"prompt": "Hi there. " * 3000, "chosen": " yes sir" * 5000, "rejected": " no" * 9000}
+    cut = data.tokenize_record(record, "trl", tokenizer, 64, 32)
+    monkeypatch.setattr(data, "CHARS_PER_TOKEN", 10**9)  # no cut: the whole text tokenized
+    whole = data.tokenize_record(record, "trl", tokenizer, 64, 32)
+    assert cut == whole and cut["truncated"] and cut["prompt_truncated"]
+
+
+@pytest.mark.slow
+def test_one_enormous_line_is_skipped_in_bounded_memory(tiny_model_dir, hh_jsonl, tmp_path):
+    """A 120 MB `chosen` response among real records: read past, counted, and the process stays
+    far below what tokenizing it would take (21.6 GiB before)."""
+    import subprocess
+    import sys
+
+    lines = hh_jsonl.read_text().splitlines()[:20]
+    huge = json.dumps({"chosen": "Human: hi\n\nAssistant: " + "a" * (120 << 20), "rejected": "x"})
+    path = tmp_path / "huge.jsonl"
+    path.write_text("\n".join([*lines[:10], huge, *lines[10:]]) + "\n")
+    script = (
+        "import json\n"
+        "from transformers import AutoTokenizer\n"
+        "from tokenratio.config import DataConfig\n"
+        "from tokenratio.data import load_raw, tokenize_dataset\n"
+        f"raw = load_raw({str(path)!r}, on_invalid='skip')\n"
+        f"tok = AutoTokenizer.from_pretrained({str(tiny_model_dir)!r})\n"
+        f"data, report = tokenize_dataset(raw, tok, DataConfig(path={str(path)!r}, on_invalid='skip'))\n"
+        "status = open('/proc/self/status').read().split('VmHWM:')[1]\n"
+        "peak = int(status.split()[0]) / 1024  # this process's own peak (ru_maxrss outlives exec)\n"
+        "print(json.dumps({'rows': len(data), 'report': report, 'peak_mib': peak}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["rows"] == 20
+    assert "line too long" in json.dumps(result["report"])
+    assert result["peak_mib"] < 1024, result["peak_mib"]
+
+
+def test_csv_files_load_and_other_file_types_are_named(tmp_path):
+    import csv
+
+    from tokenratio.data import DataError, load_raw
+
+    path = tmp_path / "pairs.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, ["prompt", "chosen", "rejected"])
+        writer.writeheader()
+        writer.writerow({"prompt": "Hi?", "chosen": " Hello.", "rejected": " Go away."})
+    assert load_raw(str(path)).dataset[0]["chosen"] == " Hello."
+    other = tmp_path / "pairs.tsv"
+    other.write_text("a\tb\n")
+    with pytest.raises(
+        DataError, match=r"pairs.tsv: a \.tsv file is not a format tokenratio reads"
+    ):
+        load_raw(str(other))
+
+
+def test_a_directory_split_is_chosen_by_name_and_a_missing_one_lists_the_others(tmp_path):
+    from tokenratio.data import DataError, load_raw
+
+    (tmp_path / "test.jsonl").write_text(json.dumps(hh_records(1)[0]) + "\n")
+    assert len(load_raw(str(tmp_path), split="test").dataset) == 1
+    with pytest.raises(DataError, match=r"no split 'train', it has \['test'\]"):
+        load_raw(str(tmp_path))
+
+
+def test_an_unknown_format_lists_the_formats_even_when_skipped(tmp_path):
+    from tokenratio.data import DataError, load_raw
+
+    path = tmp_path / "unknown.jsonl"
+    path.write_text('{"question": "a", "answer": "b"}\n')
+    with pytest.raises(DataError) as err:
+        load_raw(str(path), on_invalid="skip")
+    assert "prompt/chosen/rejected" in str(err.value) and "line 1" in str(err.value)

@@ -275,3 +275,38 @@ def test_non_finite_loss_stops_with_a_clear_message(tiny_model_dir, hh_jsonl, tm
     state = load_file(next(last.glob("model*.safetensors")))
     assert all(torch.isfinite(t).all() for t in state.values())
     assert not (tmp_path / "final").exists()
+
+
+def test_a_resume_after_the_final_evaluation_logs_it_once_and_warns_of_a_lost_rng_state(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys
+):
+    """Killed between the final evaluation and publishing final/ (final/ removed here), with the
+    checkpoint's RNG state damaged: the resumed run publishes final/, logs no step twice, and
+    says in one line that the RNG state could not be restored."""
+    out = tmp_path / "run"
+    records = run(tiny_model_dir, hh_jsonl, out, **{"train.save_every": 4})
+    shutil.rmtree(out / "final")
+    rng = out / "checkpoints" / "step-000004" / "random_states_0.pkl"
+    rng.write_bytes(b"not a pickle")
+    capsys.readouterr()
+    assert main(["train", *overrides(tiny_model_dir, hh_jsonl, out, **{"train.save_every": 4}),
+                 "--resume", "--no-progress"]) == 0  # fmt: skip
+    said = capsys.readouterr().out
+    assert f"warning: {rng} could not be restored" in said
+    again = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert again == records  # the same records, none twice
+    assert (out / "final" / "COMPLETE").exists()
+
+
+def test_a_truncated_checkpoint_is_refused_in_one_line(tiny_model_dir, hh_jsonl, tmp_path, capsys):
+    out = tmp_path / "run"
+    run(tiny_model_dir, hh_jsonl, out, **{"train.save_every": 2, "train.max_steps": 2})
+    shutil.rmtree(out / "final")
+    weights = out / "checkpoints" / "step-000002" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    code = main(["train", *overrides(tiny_model_dir, hh_jsonl, out, **{"train.save_every": 2,
+                 "train.max_steps": 2}), "--resume", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert "step-000002 could not be loaded" in err[0] and "delete it" in err[0]

@@ -15,6 +15,8 @@ import re
 import shutil
 from pathlib import Path
 
+from safetensors import SafetensorError
+
 STATE_NAME = "trainer_state.json"
 
 
@@ -78,9 +80,43 @@ def latest(root: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def load(accelerator, directory: Path, scheduler) -> dict:
+def read_state(directory: Path, total_steps: int | None = None) -> dict:
+    """A checkpoint's trainer_state.json, checked: a JSON object whose step (>= 1, at most
+    `total_steps`, the one its directory is named by), epoch and batch position are counts."""
+    path = directory / STATE_NAME
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path}: not a readable trainer state ({err}){_FIX}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(state).__name__}{_FIX}")
+    for key, least in (("step", 1), ("epoch", 0), ("micro_batch", 0)):
+        value = state.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            raise CheckpointError(
+                f"{path}: {key} = {value!r}, expected an integer >= {least}{_FIX}"
+            )
+    named = PATTERN.match(directory.name)
+    if named and int(named.group(1)) != state["step"]:
+        raise CheckpointError(
+            f"{path}: step {state['step']} in a checkpoint named {directory.name}{_FIX}"
+        )
+    if total_steps is not None and state["step"] > total_steps:
+        raise CheckpointError(
+            f"{path}: step {state['step']} is past this run's {total_steps} steps (another "
+            f"train.max_steps or data?){_FIX}"
+        )
+    return state
+
+
+_FIX = ": delete that checkpoint to resume from an older one, or start over with --overwrite"
+
+
+def load(accelerator, directory: Path, scheduler, total_steps: int | None = None) -> dict:
     """Restore Accelerate's state and the scheduler's; return the trainer state (step, epoch,
-    batch position)."""
+    batch position). The trainer state is checked first (`read_state`), before any weights load;
+    an RNG state that Accelerate could not restore (it says nothing) is warned about in one line."""
+    state = read_state(directory, total_steps)
     for pickled in directory.glob("custom_checkpoint_*.pkl"):  # older checkpoints' scheduler:
         pickled.rename(pickled.with_name(pickled.name + ".ignored"))  # never unpickled; replayed
     frozen = any(_frozen_names(model) for model in accelerator._models)
@@ -90,19 +126,45 @@ def load(accelerator, directory: Path, scheduler) -> dict:
         accelerator.load_state(str(directory), strict=not frozen)
         if frozen:
             _check_trainable(accelerator, directory)
-    except (pickle.UnpicklingError, RuntimeError, KeyError, ValueError, OSError) as err:
+    except (
+        pickle.UnpicklingError,
+        RuntimeError,
+        KeyError,
+        ValueError,
+        OSError,
+        SafetensorError,
+    ) as err:
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise CheckpointError(
             f"checkpoint {directory} could not be loaded ({reason}): delete it to resume from "
             "an older one, or start over with --overwrite"
         ) from None
-    state = json.loads((directory / STATE_NAME).read_text())
+    _warn_unless_rng_restored(accelerator, directory)
     if "scheduler" in state:
         scheduler.load_state_dict(state.pop("scheduler"))
     else:  # a checkpoint from before the scheduler's state was saved here: replay its steps
         for _ in range(state["step"]):
             scheduler.step()
     return state
+
+
+def _warn_unless_rng_restored(accelerator, directory: Path) -> None:
+    """Accelerate ignores an RNG state file it cannot load; then dropout and sampling draw other
+    numbers than the uninterrupted run would, and resuming is no longer exact: say so."""
+    import torch
+    from accelerate.utils import load as load_file
+
+    path = directory / f"random_states_{accelerator.process_index}.pkl"
+    try:
+        restored = torch.equal(load_file(path)["torch_manual_seed"], torch.get_rng_state())
+        why = "it differs from the state restored"
+    except Exception as err:  # missing, damaged or foreign: all mean the same here
+        restored, why = False, f"{type(err).__name__}: {str(err)[:80]}"
+    if not restored:
+        print(
+            f"warning: {path} could not be restored ({why}); the run goes on, but not exactly "
+            "as it would have without the interruption (dropout and sampling draw other numbers)"
+        )
 
 
 def _check_trainable(accelerator, directory: Path) -> None:

@@ -2,9 +2,10 @@
 moving average), with the held-out evaluations as points. Written by the trainer at every
 evaluation and at the end, from metrics.jsonl alone (so it can be redrawn for any run)."""
 
-import json
 import os
 from pathlib import Path
+
+from tokenratio import runlog
 
 PANELS = [("loss", "loss"), ("reward_accuracy", "reward accuracy"), ("reward_margin", "margin")]
 
@@ -12,7 +13,7 @@ PANELS = [("loss", "loss"), ("reward_accuracy", "reward accuracy"), ("reward_mar
 def read_metrics(path: Path) -> list[dict]:
     if not Path(path).exists():
         return []
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    return runlog.read(path)
 
 
 def moving_average(values: list[float], window: int) -> list[float]:

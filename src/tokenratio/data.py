@@ -113,7 +113,7 @@ class RawData:
         """The records at `indices`, in that order (their line numbers kept)."""
         indices = [int(i) for i in indices]
         lines = None if self.lines is None else [self.lines[i] for i in indices]
-        return RawData(self.dataset.select(indices), self.source, lines)
+        return RawData(self.dataset.select(indices), self.source, lines, self.skipped)
 
     def where(self, index: int) -> str:
         if self.lines is not None and index < len(self.lines):
@@ -136,27 +136,42 @@ def load_raw(
     local = Path(path)
     lines, skipped = None, []
     if local.is_file() and local.name.endswith(JSON_SUFFIXES) and not is_json_array(local):
-        records, lines, skipped = read_records(local, fmt, on_invalid, DataError)
+        records, lines, skipped = read_records(local, fmt, on_invalid, DataError, limit)
         dataset = _arrow(records, local)
     elif local.is_file() and local.name.endswith(JSON_SUFFIXES):
         lines = _scan_json_array(local)
         dataset = datasets.load_dataset("json", data_files=str(local), split="train")
-    elif local.is_file() and local.suffix == ".parquet":
-        dataset = datasets.load_dataset("parquet", data_files=str(local), split="train")
+    elif local.is_file() and local.suffix in (".parquet", ".csv"):
+        dataset = datasets.load_dataset(local.suffix[1:], data_files=str(local), split="train")
+    elif local.is_file():
+        raise DataError(
+            f"{path}: a {local.suffix or 'suffix-less'} file is not a format tokenratio reads: "
+            "use JSON lines (.jsonl, .jsonl.gz), a JSON array (.json), Parquet (.parquet), CSV "
+            "(.csv) or a directory that `datasets` loads"
+        )
     elif local.is_dir() and (local / "dataset_info.json").exists():
         dataset = datasets.load_from_disk(str(local))
     elif local.is_dir():
-        dataset = datasets.load_dataset(str(local), split=split)
+        dataset = datasets.load_dataset(str(local))  # every split: a missing one is named below
     elif local.suffix or "/" not in path or path.startswith((".", "/")):
         raise DataError(f"{path}: no such file or directory")
     else:
         dataset = datasets.load_dataset(path, split=split)
     if isinstance(dataset, datasets.DatasetDict):
+        if split not in dataset:
+            raise DataError(
+                f"{path}: no split {split!r}, it has {sorted(dataset)}: choose one with "
+                "data.split (train) or --split (eval)"
+            )
         dataset = dataset[split]
     if limit is not None:
         dataset = dataset.select(range(min(limit, len(dataset))))
     if len(dataset) == 0:
-        reasons = f" ({len(skipped)} invalid: {_reasons(skipped)})" if skipped else ""
+        reasons = (
+            f" ({len(skipped)} invalid: {_reasons(skipped)}; first: {skipped[0][1]})"
+            if skipped
+            else ""
+        )
         raise DataError(f"{path}: no usable records{reasons}")
     return RawData(dataset, str(path), lines, skipped)
 
@@ -198,6 +213,9 @@ def _token_weights(record: dict, field: str, kept: int, full: int) -> list[float
     return [float(v) for v in values[:kept]]
 
 
+CHARS_PER_TOKEN = 256  # more than any token of a real vocabulary spans
+
+
 def tokenize_record(
     record: dict,
     fmt: str,
@@ -214,7 +232,11 @@ def tokenize_record(
     """
     prompt, chosen, rejected = to_text(record, fmt, tokenizer)
     templated = fmt in TEMPLATED or isinstance(record.get("prompt"), list)
-    prompt_ids = tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+    # Text far beyond what the length policy keeps is cut before tokenizing (an enormous record
+    # would otherwise cost gigabytes): CHARS_PER_TOKEN characters a kept token, so the cut lies
+    # beyond every kept token and changes none of them.
+    limit = CHARS_PER_TOKEN * max_length
+    prompt_ids = tokenizer(prompt[-limit:], add_special_tokens=not templated)["input_ids"]
     if not prompt_ids:  # the first response token needs a hidden state to be predicted from
         raise RecordError("prompt", "empty prompt (and the tokenizer adds no BOS token)")
     prompt_truncated = len(prompt_ids) > max_prompt_length
@@ -225,14 +247,15 @@ def tokenize_record(
     if swap:
         sides = [("chosen", rejected, "rejected"), ("rejected", chosen, "chosen")]
     for name, text, source in sides:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if tokenizer.eos_token_id is not None:
+        ids = tokenizer(text[:limit], add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None and len(text) <= limit:
             ids = [*ids, tokenizer.eos_token_id]
-        out["truncated"] |= len(ids) > budget
+        out["truncated"] |= len(ids) > budget or len(text) > limit
         out[f"{name}_ids"] = ids[:budget]
         if with_weights:
             kept = len(out[f"{name}_ids"])
-            out[f"{name}_weight"] = _token_weights(record, f"{source}_weight", kept, len(ids))
+            full = len(ids) if len(text) <= limit else float("inf")  # cut: its length unknown
+            out[f"{name}_weight"] = _token_weights(record, f"{source}_weight", kept, full)
     if out["chosen_ids"] == out["rejected_ids"]:
         raise RecordError("rejected", "identical to chosen after tokenization and truncation")
     return out
@@ -295,7 +318,7 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
             message = f"{raw.where(index)}: {err}"
             if cfg.on_invalid == "error":
                 raise DataError(
-                    f"{message}\n(set data.on_invalid=skip to skip and count invalid records)"
+                    f"{message} (set data.on_invalid=skip to skip and count invalid records)"
                 ) from None
             empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
             if with_weights:

@@ -92,6 +92,8 @@ def detect_format(record: dict) -> str:
         f"unknown record format with fields {sorted(record)}; expected one of: "
         "chosen/rejected (HH-RLHF), prompt/chosen/rejected (TRL, UltraFeedback), "
         "info/summaries/choice (TL;DR)",
+        reason="unknown record format (expected the fields chosen/rejected, "
+        "prompt/chosen/rejected or info/summaries/choice)",
     )
 
 

@@ -16,6 +16,9 @@ from pathlib import Path
 from tokenratio.formats import KNOWN_FIELDS, RecordError, check_types, detect_format
 
 BOM = b"\xef\xbb\xbf"
+# The longest line read: a record past it is a fault (skipped and counted, or the run stops),
+# read past in pieces and never held, so one enormous line costs no more memory than this.
+MAX_LINE_BYTES = 16 << 20
 
 
 class LineFaultError(ValueError):
@@ -24,14 +27,17 @@ class LineFaultError(ValueError):
         self.reason = reason
 
 
-def read_records(path: Path, fmt: str, on_invalid: str, error_type=ValueError):
+def read_records(path: Path, fmt: str, on_invalid: str, error_type=ValueError, limit=None):
     """(records, their line numbers, skipped faults as (reason, 'file, line N: detail')).
 
     `fmt`: the configured format, or "auto" (the first usable record's). Records keep only the
-    fields some format reads, so unrelated columns of mixed types cannot upset Arrow.
+    fields some format reads, so unrelated columns of mixed types cannot upset Arrow. With
+    `limit`, reading stops after that many records (a bad line after them is never read).
     """
     records, numbers, skipped = [], [], []
     for number, raw in _numbered_lines(path, error_type):
+        if limit is not None and len(records) >= limit:
+            break
         try:
             record = parse_line(raw, first=number == 1)
             if record is None:
@@ -42,7 +48,7 @@ def read_records(path: Path, fmt: str, on_invalid: str, error_type=ValueError):
             where = f"{path}, line {number}: {fault}"
             if on_invalid == "error":
                 raise error_type(
-                    f"{where}\n(set data.on_invalid=skip to skip and count invalid records)"
+                    f"{where} (set data.on_invalid=skip to skip and count invalid records)"
                 ) from None
             skipped.append((fault.reason, where))
             continue
@@ -51,8 +57,15 @@ def read_records(path: Path, fmt: str, on_invalid: str, error_type=ValueError):
     return records, numbers, skipped
 
 
-def parse_line(raw: bytes, first: bool = False) -> dict | None:
-    """One line's record (None for a blank line), or LineFaultError."""
+def parse_line(raw: bytes | None, first: bool = False) -> dict | None:
+    """One line's record (None for a blank line), or LineFaultError (`raw` None: a line over
+    MAX_LINE_BYTES)."""
+    if raw is None:
+        raise LineFaultError(
+            "line too long",
+            f"a line over {MAX_LINE_BYTES >> 20} MiB, far beyond any record data.max_length "
+            "keeps; cut or remove it",
+        )
     if first and raw.startswith(BOM):
         raw = raw[len(BOM) :]
     if not raw.strip():
@@ -92,7 +105,12 @@ def _numbered_lines(path: Path, error_type):
     number = 0
     try:
         with opener(path, "rb") as handle:
-            for number, raw in enumerate(handle, start=1):
+            while raw := handle.readline(MAX_LINE_BYTES + 1):
+                number += 1
+                if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                    raw = None
+                    while (rest := handle.readline(1 << 20)) and not rest.endswith(b"\n"):
+                        pass  # the rest of the line, read and dropped
                 yield number, raw
     except (EOFError, gzip.BadGzipFile, zlib.error) as err:
         raise error_type(f"{path}: damaged or cut short after line {number} ({err})") from None

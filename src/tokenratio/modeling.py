@@ -185,9 +185,9 @@ def load_causal_lm(cfg) -> nn.Module:
     if cfg.attn_implementation:
         kwargs["attn_implementation"] = cfg.attn_implementation
     if not cfg.gguf_file:
-        return AutoModelForCausalLM.from_pretrained(cfg.name_or_path, **kwargs)
-    loaded = AutoModelForCausalLM.from_pretrained(
-        cfg.name_or_path, gguf_file=cfg.gguf_file, **kwargs
+        return _from_pretrained(AutoModelForCausalLM, cfg.name_or_path, **kwargs)
+    loaded = _from_pretrained(
+        AutoModelForCausalLM, cfg.name_or_path, gguf_file=cfg.gguf_file, **kwargs
     )
     config = copy.deepcopy(loaded.config)
     if hasattr(config, "quantization_config"):
@@ -195,6 +195,34 @@ def load_causal_lm(cfg) -> nn.Module:
     model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[cfg.dtype])
     model.load_state_dict(loaded.state_dict())
     return model
+
+
+class ModelFileError(ValueError):
+    """A model directory whose files cannot be read; the message names the file and what to do."""
+
+
+def _from_pretrained(cls, path: str, **kwargs):
+    """`cls.from_pretrained`, with damaged weights or config said in one line."""
+    from safetensors import SafetensorError
+
+    try:
+        return cls.from_pretrained(path, **kwargs)
+    except (SafetensorError, EOFError, UnicodeDecodeError) as err:
+        raise ModelFileError(_damaged(path, err)) from None
+    except (OSError, ValueError) as err:  # transformers' words for a directory it cannot read
+        if not Path(path).is_dir():
+            raise
+        raise ModelFileError(_damaged(path, err)) from None
+
+
+def _damaged(path: str, err: Exception) -> str:
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+    weights = sorted(p.name for p in Path(path).glob("*.safetensors")) or ["no weights file"]
+    return (
+        f"{path}: the model could not be loaded ({reason}; files: {', '.join(weights)}): it is "
+        "damaged, cut short or not a model directory; write it again (train, or convert-gguf) "
+        "or point to another one"
+    )
 
 
 def convert_gguf(directory: str, gguf_file: str, out: Path, dtype: str = "bfloat16") -> Path:

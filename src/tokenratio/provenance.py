@@ -37,8 +37,19 @@ def splits_record(cfg, raw_train, train_indices, heldout_indices) -> dict:
 
 
 def read_splits(run_dir: Path) -> dict | None:
+    """A run's splits.json (None without one); a damaged one is a ValueError naming it."""
     path = Path(run_dir) / SPLITS_NAME
-    return json.loads(path.read_text()) if path.exists() else None
+    if not path.exists():
+        return None
+    try:
+        splits = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path}: not readable JSON ({err}): evaluate with --data instead"
+        ) from None
+    if not isinstance(splits, dict) or not {"heldout", "train_fingerprints"} <= splits.keys():
+        raise ValueError(f"{path}: not a run's splits record: evaluate with --data instead")
+    return splits
 
 
 def run_dir_of(model_path: str) -> Path | None:

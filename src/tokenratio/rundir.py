@@ -14,8 +14,7 @@ import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tokenratio import checkpoint
-from tokenratio.atomic import write_text
+from tokenratio import checkpoint, runlog
 
 LOCK = ".lock"
 COMPLETE = "COMPLETE"  # written inside final.tmp/ before the rename that publishes final/
@@ -72,7 +71,7 @@ def inspect(out: Path, cfg, *, resume: bool, overwrite: bool) -> Plan:
     if found is None:
         note = f"nothing to resume in {out} (no complete checkpoint): starting from step 0"
         return Plan("fresh", keep_metrics_to=0, note=note if old else "")
-    step = json.loads((found / checkpoint.STATE_NAME).read_text())["step"]
+    step = checkpoint.read_state(found)["step"]  # a damaged one: one line, before any load
     return Plan("resume", found, changes=_resume_changes(out, cfg), keep_metrics_to=step)
 
 
@@ -86,7 +85,7 @@ def claim(out: Path, plan: Plan) -> None:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     _take_lock(out)
     if plan.keep_metrics_to is not None:
-        trim_metrics(out / "metrics.jsonl", plan.keep_metrics_to)
+        runlog.trim(out / runlog.NAME, plan.keep_metrics_to)
     if plan.changes:
         with (out / "resumes.jsonl").open("a") as handle:
             record = {"step": plan.keep_metrics_to, "changed": plan.changes}
@@ -97,19 +96,6 @@ def release(out: Path) -> None:
     lock = out / LOCK
     if lock.exists() and _read_lock(lock).get("pid") == os.getpid():
         lock.unlink()
-
-
-def trim_metrics(path: Path, step: int) -> None:
-    """Drop records past the resumed step: the resumed run logs them again, once."""
-    if not path.exists():
-        return
-    if step == 0:  # starting over: none of the old records belong to this run
-        path.unlink()
-        return
-    lines = path.read_text().splitlines()
-    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
-    if len(kept) != len(lines):
-        write_text(path, "".join(line + "\n" for line in kept))
 
 
 def publish(tmp: Path, final: Path) -> Path:
@@ -126,7 +112,14 @@ def _resume_changes(out: Path, cfg) -> dict:
     saved = out / "config.json"
     if not saved.exists():
         return {}
-    old, new = _flat(json.loads(saved.read_text())), _flat(json.loads(json.dumps(asdict(cfg))))
+    try:
+        old = _flat(json.loads(saved.read_text(encoding="utf-8")))
+    except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as err:
+        raise RunDirError(
+            f"{saved}: not a readable run config ({err}): restore it, or start over with "
+            "--overwrite"
+        ) from None
+    new = _flat(json.loads(json.dumps(asdict(cfg))))
     # Keys the run's config.json lacks came with a newer tokenratio: recorded, never refused.
     changes = {k: [old.get(k), new.get(k)] for k in sorted(old.keys() & new.keys())}
     changes = {k: v for k, v in changes.items() if v[0] != v[1]}

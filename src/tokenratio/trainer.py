@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from tokenratio import checkpoint, reference, rundir
+from tokenratio import checkpoint, reference, rundir, runlog
 from tokenratio.curves import plot_run
 from tokenratio.data import (
     collate,
@@ -348,7 +348,7 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     step = prepare_step(cfg, accelerator, total_steps, plan=ref_plan, cached_values=values)
     state = {"step": 0, "epoch": 0, "micro_batch": 0}
     if plan.action == "resume":
-        state = checkpoint.load(accelerator, plan.checkpoint, step.scheduler)
+        state = checkpoint.load(accelerator, plan.checkpoint, step.scheduler, total_steps)
         _set_learning_rates(step, cfg)
         changed = f"; applied {plan.changes}" if plan.changes else ""
         accelerator.print(f"resumed from {plan.checkpoint} (step {state['step']}){changed}")
@@ -364,7 +364,8 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     started = time.perf_counter()
     last = _loop(cfg, step, data, heldout_loader, pad_id, state, total_steps, progress)
     final_eval = evaluate(step, heldout_loader)
-    _log(accelerator, out / "metrics.jsonl", {"step": state["step"], **final_eval})
+    if _last_evaluation(out).get("step") != state["step"]:  # resumed after logging it: not twice
+        _log(accelerator, out / "metrics.jsonl", {"step": state["step"], **final_eval})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_final(accelerator.unwrap_model(step.policy), tokenizer, out / "final")
@@ -404,10 +405,7 @@ def _set_learning_rates(step: Step, cfg) -> None:
 
 def _last_evaluation(out: Path) -> dict:
     """The final held-out metrics a finished run logged, and its step."""
-    path = out / "metrics.jsonl"
-    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    evaluated = [r for r in records if any(k.startswith("eval_") for k in r)]
-    return evaluated[-1] if evaluated else {}
+    return runlog.last_evaluation(out / runlog.NAME)
 
 
 def _epoch_batches(cfg, step: Step, data, pad_id, state):
@@ -549,5 +547,4 @@ def _log(accelerator, path: Path, record: dict) -> None:
         {k: v for k, v in record.items() if isinstance(v, int | float)}, step=record.get("step")
     )
     if accelerator.is_main_process:
-        with path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        runlog.append(path, record)

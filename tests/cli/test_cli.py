@@ -55,10 +55,11 @@ def test_bench_refuses_what_the_regime_would_ignore(argv, named, tmp_path, capsy
     assert not any(tmp_path.iterdir())  # refused before any work
 
 
-def fake_run(root, beta, reference):
+def fake_run(root, beta, reference, data=None):
     (root / "final").mkdir(parents=True)
+    (root / "final" / "COMPLETE").write_text("")
     config = {"model": {"name_or_path": reference}, "loss": {"beta": beta}, "train": {}}
-    (root / "config.json").write_text(json.dumps(config))
+    (root / "config.json").write_text(json.dumps({**config, **({"data": data} if data else {})}))
     return root
 
 
@@ -71,7 +72,10 @@ def test_eval_reads_beta_and_reference_from_the_runs_and_flags_override(tmp_path
     b = fake_run(tmp_path / "b", 0.25, "models/base")
 
     def args(*models, reference=None, beta=None):
-        return argparse.Namespace(model=list(models), reference=reference, beta=beta)
+        return argparse.Namespace(
+            model=list(models), reference=reference, beta=beta, max_length=None,
+            max_prompt_length=None,
+        )  # fmt: skip
 
     models, reference, beta, chat = resolve_models(args(f"x={a}", f"y={b}/final"))
     assert models == (("x", str(a / "final")), ("y", str(b / "final")))
@@ -123,3 +127,60 @@ def test_bad_paths_fail_before_torch_is_imported(argv, tmp_path):
     )
     assert result.returncode == 1 and result.stdout.strip() == "False", result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "does not exist" in result.stderr
+
+
+def test_eval_scores_with_the_runs_lengths_unless_the_flags_say_otherwise(tmp_path):
+    import argparse
+
+    from tokenratio.cli.eval import resolve_models
+
+    lengths = {"max_length": 112, "max_prompt_length": 48}
+    a = fake_run(tmp_path / "a", 0.1, "models/base", data=lengths)
+    flags = {"reference": None, "beta": None, "max_length": None, "max_prompt_length": None}
+    args = argparse.Namespace(model=[f"x={a}"], **flags)
+    resolve_models(args)
+    assert (args.max_length, args.max_prompt_length) == (112, 48)
+    args = argparse.Namespace(model=[f"x={a}"], **{**flags, "max_length": 64})
+    resolve_models(args)
+    assert (args.max_length, args.max_prompt_length) == (64, 48)
+    plain = argparse.Namespace(model=["plain/dir"], **flags)
+    resolve_models(plain)
+    assert (plain.max_length, plain.max_prompt_length) == (512, 384)  # eval's defaults
+
+
+def test_eval_refuses_a_run_without_a_complete_final_model_in_one_line(tmp_path, capsys):
+    from tiny import write_hh_jsonl
+
+    run = fake_run(tmp_path / "run", 0.1, "models/base")
+    (run / "final" / "COMPLETE").unlink()  # interrupted while publishing
+    (run / "checkpoints" / "step-000004").mkdir(parents=True)
+    (run / "checkpoints" / "step-000004" / "trainer_state.json").write_text('{"step": 4}')
+    data = write_hh_jsonl(tmp_path / "d.jsonl", 4)
+    assert main(["eval", "--model", f"x={run}", "--data", str(data)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "without a complete final/ model" in err[0], err
+    assert "step-000004" in err[0] and "--resume" in err[0]
+
+
+def test_eval_refuses_one_sample_before_loading_anything(tmp_path, capsys):
+    code = main(["eval", "--model", "x=./nope", "--data", "d.jsonl", "--samples", "1"])
+    assert code == 1 and "self-BLEU needs at least 2 samples" in capsys.readouterr().err
+
+
+def test_train_summary_gives_the_held_out_interval_and_names_checkpoints_only_if_any(tmp_path):
+    from tokenratio.cli.train import summary
+
+    result = {
+        "step": 4,
+        "seconds": 60,
+        "eval_reward_accuracy": 0.62,
+        "data": {"heldout_pairs": 200},
+    }
+    text = summary(result, str(tmp_path))
+    assert "reward accuracy 0.620 on 200 pairs, 95% interval 0.551-0.684: above chance" in text
+    assert "checkpoints:" not in text
+    (tmp_path / "checkpoints" / "step-000004").mkdir(parents=True)
+    assert "checkpoints:" in summary({**result, "eval_reward_accuracy": 0.5}, str(tmp_path))
+    assert "not distinguishable from chance" in summary(
+        {**result, "eval_reward_accuracy": 0.5}, str(tmp_path)
+    )

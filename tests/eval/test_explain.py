@@ -1,5 +1,6 @@
 """`tokenratio explain` end to end: the page renders in headless Chromium, the PNG is written."""
 
+import json
 import subprocess
 
 import pytest
@@ -72,3 +73,20 @@ def test_explain_renders_a_page_chromium_can_show(tiny_model_dir, hh_jsonl, tmp_
         (pixels[..., 1] > pixels[..., 0] + 0.1) & (pixels[..., 1] > pixels[..., 2] + 0.1)
     ).sum()
     assert red > 200 and green > 200, (red, green)  # both colours of credit are on screen
+
+
+def test_explain_reads_the_record_it_needs_and_warns_about_training_pairs(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys
+):
+    from tokenratio.eval.explain import read_record
+
+    lines = hh_jsonl.read_text().splitlines()
+    data = tmp_path / "one-bad.jsonl"
+    data.write_text("\n".join([lines[0], '{"chosen": 1', *lines[1:6]]) + "\n")
+    assert read_record(str(data), 0).dataset[0]["chosen"]  # line 2 is never read
+    assert main(["explain", "--model", str(tiny_model_dir), "--reference", str(tiny_model_dir),
+                 "--data", str(data), "--index", "3", "--out", str(tmp_path / "ex")]) == 1  # fmt: skip
+    err = capsys.readouterr().err
+    assert "line 2" in err and "--on-invalid skip" in err and "data.on_invalid" not in err
+    record = read_record(str(data), 3, "skip")
+    assert record.dataset[0]["chosen"] == json.loads(lines[3])["chosen"]

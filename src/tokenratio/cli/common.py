@@ -40,12 +40,44 @@ def load_config(args: argparse.Namespace, command: str, extra: list[str] = ()):
 
 def trained_run(path: str) -> tuple[str, dict | None]:
     """A `tokenratio train` output directory (or its final/) -> (model directory, the run's config
-    as written to config.json); any other path -> (path, None)."""
+    as written to config.json); any other path -> (path, None). A run without a complete final/
+    (still training, or interrupted) is a ValueError that says so and what to do."""
     directory = Path(path)
     for run in (directory, directory.parent):
-        config = run / "config.json"
-        if (run / "final").is_dir() and config.exists():
-            settings = json.loads(config.read_text())
-            if "loss" in settings and "train" in settings:
-                return str(run / "final"), settings
+        settings = _run_config(run / "config.json")
+        if settings is None:
+            continue
+        final = run / "final"
+        if not (final / "COMPLETE").is_file():
+            from tokenratio.checkpoint import latest
+
+            found = latest(run / "checkpoints")
+            newest = f"; its newest checkpoint is {found}" if found else ""
+            raise ValueError(
+                f"{run} is a training run without a complete final/ model (still training, "
+                f"or interrupted){newest}: `tokenratio train CONFIG --set "
+                f"train.output_dir={run} --resume` finishes it and publishes final/"
+            )
+        return str(final), settings
     return path, None
+
+
+def _run_config(path: Path) -> dict | None:
+    """A run's config.json (None: not a run's); a damaged one is a ValueError naming it."""
+    if not path.is_file():
+        return None
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path}: not a readable run config ({err}): restore it from the run's TOML, "
+            "or pass --reference and --beta with the model's own directory"
+        ) from None
+    if not isinstance(settings, dict) or "loss" not in settings or "train" not in settings:
+        return None
+    return settings
+
+
+def on_invalid_hint(err) -> str:
+    """A data error's message, with the way to skip bad records that eval and explain take."""
+    return str(err).replace("set data.on_invalid=skip", "pass --on-invalid skip")

@@ -4,7 +4,7 @@ import argparse
 import json
 from pathlib import Path
 
-from tokenratio.cli.common import examples, fail, trained_run
+from tokenratio.cli.common import examples, fail, on_invalid_hint, trained_run
 
 HH = "../shared/data/hh-rlhf/harmless-base-test.jsonl.gz"
 EXAMPLES = [
@@ -20,7 +20,10 @@ Evaluate trained checkpoints side by side, the way the paper does:
   (top-20), self-BLEU, distinct-1; with --judge, win rate and length-controlled win rate of the
   first sample against the dataset's chosen response (or --versus MODEL).
 A --model that is a `tokenratio train` output directory (or its final/) brings its own settings:
-beta and the reference model come from the run's config.json; --beta and --reference override.
+beta, the reference model, the chat template and the lengths (data.max_length, max_prompt_length)
+come from the run's config.json; --beta, --reference, --max-length and --max-prompt-length
+override. Bad records stop the evaluation (naming file and line) unless --on-invalid skip, which
+counts them by reason on stdout and in results.json.
 Without --data, runs are evaluated on their own held-out split (splits.json in the run). With
 --data (and --offset to skip records), a loud warning says how many evaluated records a run
 trained on; results.json records the count.
@@ -50,6 +53,28 @@ def _shared(runs: list[dict], key: str, value, flag: str):
     return found.pop() if found else None
 
 
+def check_flags(args) -> None:
+    """Flags that cannot work, refused before anything loads."""
+    if args.num_prompts and args.samples < 2:
+        raise ValueError(f"--samples {args.samples}: self-BLEU needs at least 2 samples per prompt")
+    for flag in ("num_prompts", "num_pairs", "max_new_tokens"):
+        if getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
+
+
+def resolve_lengths(args, runs: list[dict]) -> tuple[int, int]:
+    """data.max_length and data.max_prompt_length: the flags', else the runs' (the tokens they
+    trained on), else eval's defaults."""
+    lengths = []
+    for key, flag, default in (
+        ("max_length", "--max-length", 512),
+        ("max_prompt_length", "--max-prompt-length", 384),
+    ):
+        value = _shared(runs, lambda r, k=key: r.get("data", {}).get(k), getattr(args, key), flag)
+        lengths.append(default if value is None else value)
+    return tuple(lengths)
+
+
 def resolve_models(args) -> tuple[tuple, str | None, float, bool | None]:
     """(name, model dir) pairs, the reference, beta and data.chat_template, from the flags and the
     runs' configs."""
@@ -62,6 +87,7 @@ def resolve_models(args) -> tuple[tuple, str | None, float, bool | None]:
     beta = _shared(runs, lambda r: r["loss"]["beta"], args.beta, "--beta")
     # Runs from before data.chat_template existed were trained on raw HH text.
     chat = _shared(runs, lambda r: r.get("data", {}).get("chat_template", False), None, "--data")
+    args.max_length, args.max_prompt_length = resolve_lengths(args, runs)
     return tuple(models), reference, 0.1 if beta is None else beta, chat
 
 
@@ -94,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
     from tokenratio.paths import check_local_path
 
     try:
+        check_flags(args)
         models, reference, beta, chat_template = resolve_models(args)
         for path in [p for _, p in models] + [reference] * bool(reference):
             check_local_path(path)  # every path before anything (torch included) loads
@@ -110,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
             data=data,
             records=records,
             offset=args.offset,
+            split=args.split,
             chat_template=chat_template,
             reference=reference,
             num_prompts=args.num_prompts,
@@ -120,13 +148,16 @@ def run(args: argparse.Namespace) -> int:
             top_p=args.top_p,
             seed=args.seed,
             beta=beta,
+            max_length=args.max_length,
+            max_prompt_length=args.max_prompt_length,
+            on_invalid=args.on_invalid,
             judge=args.judge,
             versus=args.versus,
             judge_options=judge_options(args),
         )
         results = run_eval(cfg, Path(args.out))
     except (JudgeError, DataError, ValueError, OSError) as err:
-        return fail("eval", err)
+        return fail("eval", on_invalid_hint(err))
     print(markdown_table(results))
     print(f"\nwrote {args.out}/results.json and {args.out}/results.md")
     return 0
@@ -148,6 +179,25 @@ def add_parser(sub) -> None:
         help="preference data (any format train reads); default: the runs' own held-out split",
     )
     ev.add_argument("--offset", type=int, default=0, help="skip this many records of --data (0)")
+    ev.add_argument(
+        "--split", default="train", help="the split of a --data directory or hub dataset (train)"
+    )
+    ev.add_argument(
+        "--on-invalid",
+        choices=("error", "skip"),
+        default="error",
+        help="a bad record stops the evaluation, or is skipped and counted (error, as train)",
+    )
+    ev.add_argument(
+        "--max-length",
+        type=int,
+        help="prompt + response tokens (default: the runs' data.max_length, or 512)",
+    )
+    ev.add_argument(
+        "--max-prompt-length",
+        type=int,
+        help="prompt tokens (default: the runs' data.max_prompt_length, or 384)",
+    )
     ev.add_argument("--num-prompts", type=int, default=20, help="prompts to generate for (20)")
     ev.add_argument("--num-pairs", type=int, default=64, help="pairs for preference metrics (64)")
     ev.add_argument("--samples", type=int, default=5, help="samples per prompt (paper: 5)")

@@ -15,6 +15,7 @@ Results: results.json and results.md (a Markdown table, mean ± standard error).
 import json
 import math
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,6 +41,7 @@ class EvalConfig:
     records: tuple[int, ...] | None = None  # which records of `data` (a run's held-out split)
     offset: int = 0  # else records offset, offset + 1, ... of `data`
     data_format: str = "auto"
+    split: str = "train"  # of a directory or hub dataset with several
     num_prompts: int = 20
     num_pairs: int = 64
     samples_per_prompt: int = 5  # paper: 5
@@ -51,6 +53,7 @@ class EvalConfig:
     batch_size: int = 8
     max_length: int = 512
     max_prompt_length: int = 384
+    on_invalid: str = "error"  # error | skip, as data.on_invalid: skipped records are counted
     chat_template: bool | None = None  # data.chat_template: HH through the chat template
     judge: str | None = None  # reward-model:PATH | openai:URL
     judge_options: dict = field(default_factory=dict)  # model, api_key, timeout, retries
@@ -295,7 +298,7 @@ def markdown_table(results: list[dict]) -> str:
 
 def evaluated_records(cfg: EvalConfig):
     """The records of cfg.data this evaluation reads: the listed ones, else from the offset on."""
-    raw = load_raw(cfg.data, on_invalid="skip", fmt=cfg.data_format)
+    raw = load_raw(cfg.data, cfg.split, on_invalid=cfg.on_invalid, fmt=cfg.data_format)
     wanted = max(cfg.num_prompts, cfg.num_pairs)
     if cfg.records is not None:
         return raw.select(cfg.records[:wanted])
@@ -322,12 +325,24 @@ def check_training_overlap(raw, models) -> dict[str, int]:
     return counts
 
 
+def skipped_by_reason(raw) -> dict[str, int]:
+    """Records load_raw skipped (on_invalid = "skip"), counted by reason, said on stdout."""
+    counts = dict(Counter(reason for reason, _ in raw.skipped))
+    if counts:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in sorted(counts.items()))
+        total, first = sum(counts.values()), raw.skipped[0][1]
+        print(f"eval: skipped {total} invalid records of {raw.source} ({reasons}; first: {first})")
+    return counts
+
+
 def run_eval(cfg: EvalConfig, out: Path) -> list[dict]:
     raw = evaluated_records(cfg)
+    skipped = skipped_by_reason(raw)
     overlap = check_training_overlap(raw, cfg.models)
     reference = load_pretrained(cfg.reference)[0] if cfg.reference else None
     results = [evaluate_model(name, path, reference, raw, cfg) for name, path in cfg.models]
     for result in results:
+        result["skipped_records"] = skipped
         if result["name"] in overlap:
             result["trained_on_records"] = overlap[result["name"]]
     write_results(cfg, results, out)  # first without the judge: a judge failure loses nothing

@@ -162,14 +162,24 @@ def _rgba(value: float, scale: float) -> tuple:
     return (0.09, 0.64, 0.29, alpha) if value >= 0 else (0.86, 0.15, 0.15, alpha)
 
 
-def explain(
-    model_path: str, reference_path: str, data: str, index: int, beta: float, out: Path
-) -> dict:
-    """Load, compute, write explain.html and explain.png into `out`; return the credits."""
+def read_record(data: str, index: int, on_invalid: str = "error"):
+    """Record `index` of `data` (counting valid records; with on_invalid "error" a bad record
+    before it stops), with a loud line when it is in the training data of the run `model_path`
+    came from. Read before any model loads."""
+    raw = load_raw(data, on_invalid=on_invalid, limit=index + 1)
+    if index >= len(raw.dataset):
+        raise ValueError(f"--index {index}: {data} has {len(raw.dataset)} valid records")
+    if raw.skipped:
+        print(f"explain: skipped {len(raw.skipped)} invalid records (first: {raw.skipped[0][1]})")
+    return raw.select([index])
+
+
+def explain(model_path: str, reference_path: str, raw, beta: float, out: Path) -> dict:
+    """Load, compute, write explain.html and explain.png into `out`; return the credits.
+    `raw`: the one record (`read_record`)."""
     model, tokenizer, head = load_pretrained(model_path)
     reference = load_pretrained(reference_path)[0]
-    raw = load_raw(data, limit=index + 1)
-    record = raw.dataset[index]
+    record = raw.dataset[0]
     credits = token_credits(model, reference, tokenizer, record, detect_format(record), beta, head)
     out.mkdir(parents=True, exist_ok=True)
     (out / "explain.html").write_text(render_html(credits))

@@ -9,6 +9,8 @@ logged tokens/s next to the harness's dpo row.
 import json
 from pathlib import Path
 
+from tokenratio import runlog
+
 
 def _model_dir(args: dict, directory: Path) -> Path:
     """The row's random-weight shape with a tokenizer trained on the data (perf.lengths)."""
@@ -78,9 +80,7 @@ def run_train(args: dict) -> dict:
     tmp = Path(args["tmp"])
     cfg = train_config(args, _model_dir(args, tmp / "model"), tmp / "run")
     train(cfg, progress=False)
-    records = [
-        json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()
-    ]
+    records = runlog.read(tmp / "run" / runlog.NAME)
     timed = [r for r in records if "tokens" in r and r["step"] > args["warmup"]]
     tokens = sum(r["tokens"] for r in timed)
     return {

@@ -128,7 +128,7 @@ def load_or_score(cfg, plan, accelerator, tokenizer, datasets, progress: bool) -
     directories = [directory_for(r, cache_key) for r in roots(cfg.data.path)]
     say = accelerator.print
     values = read(directories, cache_key, plan.samples, len(tokenizer), say)
-    rows = [row for data in datasets for row in data.with_format(None)]
+    rows = scoring.keyed_rows(datasets)
     for path in values.drop_mismatched(rows):
         _drop(path, "entries whose lengths differ from their pairs'", say)
     todo = scoring.missing(rows, values)
@@ -163,9 +163,8 @@ def score_rows(model, rows: list[dict], pad_id: int, batch_size: int, samples: i
     as TRL's precompute)."""
     values = CachedValues(samples)
     writer = ShardWriter(None, "", samples)
-    for entries in scoring.score(
-        model, scoring.missing(rows, values), pad_id, batch_size, samples, False
-    ):
+    todo = scoring.missing(((store.pair_key(row), row) for row in rows), values)
+    for entries in scoring.score(model, todo, pad_id, batch_size, samples, False):
         writer.add(entries)
     writer.flush()
     for tensors in writer.written:

@@ -12,11 +12,11 @@ from tokenratio.reference.store import pair_key
 SAMPLE_SEED = 0x7B90A  # mixed into each pair's seed: the samples are the cache's, not the run's
 
 
-def missing(rows, values) -> dict:
-    """{pair key: token ids} of the distinct pairs among `rows` that `values` lacks."""
+def missing(keyed_rows, values) -> dict:
+    """{pair key: token ids} of the distinct pairs that `values` lacks; `keyed_rows`:
+    (pair_key(row), row)."""
     todo = {}
-    for row in rows:
-        key = pair_key(row)
+    for key, row in keyed_rows:
         if key not in values and key not in todo:
             todo[key] = {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
     return todo
@@ -82,3 +82,18 @@ def _entries(keys, rows, done, B, logits, logps, samples) -> Iterator:
                 tokens, token_logps = _samples(logits[offset + i, :n], key, side, samples)
                 entry[f"{name}_tokens"], entry[f"{name}_token_logps"] = tokens, token_logps
         yield key, entry
+
+
+IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
+
+
+def keyed_rows(datasets) -> list[tuple[bytes, dict]]:
+    """(pair key, token ids) of every row of `datasets`, read by column (reading a `datasets`
+    table row by row costs ~0.2 ms a row: 9 s at 50k pairs)."""
+    out = []
+    for data in datasets:
+        columns = data.select_columns(list(IDS)).with_format(None)[:]
+        for ids in zip(*(columns[name] for name in IDS), strict=True):
+            row = dict(zip(IDS, ids, strict=True))
+            out.append((pair_key(row), row))
+    return out

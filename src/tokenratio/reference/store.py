@@ -170,6 +170,7 @@ class CachedValues:
         self.shards: list[dict] = []
         self.where: dict[bytes, tuple[int, int]] = {}  # pair key -> (shard, entry)
         self.paths: list[Path | None] = []  # each shard's file (None: scored in memory)
+        self.spans: list[dict] = []  # per shard and side: (starts, lengths) as Python lists
 
     def __len__(self) -> int:
         return len(self.where)
@@ -179,31 +180,36 @@ class CachedValues:
 
     def add(self, tensors: dict, path: Path | None = None) -> None:
         """One shard's tensors (checked, from `path`, or freshly scored)."""
+        spans = {}
         for side in SIDES:
             lengths = tensors[f"{side}_len"]
-            tensors[f"{side}_start"] = torch.cumsum(lengths, 0) - lengths
+            spans[side] = ((torch.cumsum(lengths, 0) - lengths).tolist(), lengths.tolist())
         number = len(self.shards)
         self.shards.append(tensors)
         self.paths.append(path)
+        self.spans.append(spans)
         for i, key in enumerate(tensors["keys"].numpy()):
             self.where[key.tobytes()] = (number, i)
 
+    def length(self, key: bytes, side: str) -> int:
+        shard, i = self.where[key]
+        return self.spans[shard][side][1][i]
+
     def entry(self, key: bytes, side: str, field: str = "logps") -> torch.Tensor:
         shard, i = self.where[key]
-        tensors = self.shards[shard]
-        start = int(tensors[f"{side}_start"][i])
-        return tensors[f"{side}_{field}"][start : start + int(tensors[f"{side}_len"][i])]
+        starts, lengths = self.spans[shard][side]
+        return self.shards[shard][f"{side}_{field}"][starts[i] : starts[i] + lengths[i]]
 
-    def drop_mismatched(self, rows: Iterable[dict]) -> list:
+    def drop_mismatched(self, keyed_rows: Iterable[tuple[bytes, dict]]) -> list:
         """Drop every shard holding an entry whose lengths differ from its pair's (a shard
-        consistent in itself but not with the data); returns the dropped shards' paths."""
+        consistent in itself but not with the data); returns the dropped shards' paths.
+        `keyed_rows`: (pair_key(row), row)."""
         bad = set()
-        for row in rows:
-            key = pair_key(row)
+        for key, row in keyed_rows:
             if key not in self.where:
                 continue
             for side in SIDES:
-                if len(self.entry(key, side)) != len(row[f"{side}_ids"]):
+                if self.length(key, side) != len(row[f"{side}_ids"]):
                     bad.add(self.where[key][0])
         self.where = {k: v for k, v in self.where.items() if v[0] not in bad}
         return [self.paths[number] for number in sorted(bad)]

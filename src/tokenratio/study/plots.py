@@ -1,7 +1,8 @@
 """The study's pictures: accuracy against KL, entropy against self-BLEU, and every run's training curve."""
 
-import json
 from pathlib import Path
+
+from tokenratio import runlog
 
 
 def _pyplot():
@@ -67,9 +68,7 @@ def training_curves(chosen: dict, runs_dir: Path, path: Path) -> None:
     for ax, ((method, beta), selection) in zip(axes[0], chosen.items(), strict=True):
         for run in {r["name"]: r for r in selection["tried"] + selection["runs"]}.values():
             log = runs_dir / run["name"] / "metrics.jsonl"
-            records = (
-                [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-            )
+            records = runlog.read(log)
             steps = [r["step"] for r in records if "loss" in r]
             ax.plot(
                 steps,

@@ -11,6 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tokenratio import runlog
 from tokenratio.config import with_overrides
 from tokenratio.losses import parse_method
 
@@ -115,7 +116,7 @@ def train_and_validate(base, study, run: Run, paths: dict, out: Path, progress: 
 
 def final_heldout_accuracy(run_dir: Path) -> float:
     """The last held-out reward accuracy a run logged (its final evaluation)."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = runlog.read(run_dir / runlog.NAME)
     scored = [r["eval_reward_accuracy"] for r in records if "eval_reward_accuracy" in r]
     if not scored:
         raise RuntimeError(f"{run_dir}/metrics.jsonl has no held-out evaluation")
