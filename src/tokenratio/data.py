@@ -391,10 +391,13 @@ def length_grouped_order(lengths: list[int], batch_size: int, seed: int, window:
 def pair_lengths(dataset, shared: bool = False) -> list[int]:
     """Each pair's longest row in tokens: prompt plus its longer response, or with `shared`
     (`collate_shared`'s layout) prompt plus both responses."""
+    # all three columns in one read: `dataset[name]` iterates row by row (16 s at 50k pairs)
+    columns = dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"])
+    columns = columns.with_format(None)[:]
     return [
         len(p) + (len(c) + len(r) if shared else max(len(c), len(r)))
         for p, c, r in zip(
-            dataset["prompt_ids"], dataset["chosen_ids"], dataset["rejected_ids"], strict=True
+            columns["prompt_ids"], columns["chosen_ids"], columns["rejected_ids"], strict=True
         )
     ]
 

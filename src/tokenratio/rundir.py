@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from tokenratio import checkpoint, runlog
+from tokenratio.atomic import process_alive
 
 LOCK = ".lock"
 COMPLETE = "COMPLETE"  # written inside final.tmp/ before the rename that publishes final/
@@ -190,12 +191,5 @@ def _take_lock(out: Path) -> None:
 
 
 def _alive(pid) -> bool:
-    if not isinstance(pid, int) or pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """A lock's holder runs: another live process (this one's own pid is a stale lock)."""
+    return isinstance(pid, int) and pid != os.getpid() and process_alive(pid)

@@ -184,3 +184,23 @@ def test_train_summary_gives_the_held_out_interval_and_names_checkpoints_only_if
     assert "not distinguishable from chance" in summary(
         {**result, "eval_reward_accuracy": 0.5}, str(tmp_path)
     )
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"model": {"name_or', b"\x00\xff garbage"])
+def test_damaged_run_files_are_one_line_naming_them(tmp_path, damage):
+    from tokenratio.cli.common import trained_run
+    from tokenratio.provenance import SPLITS_NAME, read_splits
+    from tokenratio.rundir import RunDirError, _resume_changes
+
+    run = fake_run(tmp_path / "run", 0.1, "models/base")
+    config = run / "config.json"
+    config.write_bytes(damage)
+    with pytest.raises(ValueError, match="not a readable run config") as err:
+        trained_run(str(run))
+    assert str(config) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(RunDirError, match="not a readable run config"):
+        _resume_changes(run, None)
+    (run / SPLITS_NAME).write_bytes(damage or b"[]")
+    with pytest.raises(ValueError, match="evaluate with --data instead") as err:
+        read_splits(run)
+    assert str(run / SPLITS_NAME) in str(err.value)

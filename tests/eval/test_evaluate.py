@@ -142,6 +142,12 @@ def test_eval_of_a_run_uses_its_held_out_split_and_warns_about_training_pairs(
     assert f"WARNING: {expected} of the 20 evaluated records are in the training data" in err
     result = json.loads((tmp_path / "file" / "results.json").read_text())["results"][0]
     assert result["trained_on_records"] == expected
+    trained = splits["train"]["records"][0]  # explain on a training record says so too
+    assert main(["explain", "--model", str(out), "--data", str(hh_jsonl), "--index",
+                 str(trained), "--out", str(tmp_path / "ex")]) == 0  # fmt: skip
+    assert (
+        "WARNING: 1 of the 1 evaluated records are in the training data" in capsys.readouterr().err
+    )
 
 
 @pytest.mark.parametrize(

@@ -37,5 +37,8 @@ def test_the_readme_trl_snippet_runs_as_written(tiny_model_dir, tmp_path):
              "HOME": str(tmp_path)},
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        "is not a prefix" not in result.stderr + result.stdout
+    )  # the prompt is cut where HH's ends
     checkpoints = list((work / "runs" / "trl-tbpo-q").glob("checkpoint-4"))
     assert checkpoints, sorted(p.name for p in (work / "runs" / "trl-tbpo-q").iterdir())

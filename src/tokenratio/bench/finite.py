@@ -178,6 +178,9 @@ def evaluate(policy_logits, mdp, targets, heldout, beta) -> dict:
     return metrics
 
 
+REFERENCE_ROWS = ("pi_ref", "opt-seq", "opt-tok")  # printed for scale, never trained
+
+
 def reference_rows(mdp, beta, heldout, per_prompt) -> list[dict]:
     """The reference and both optima as rows of the table, for scale."""
     rows = []
@@ -185,7 +188,7 @@ def reference_rows(mdp, beta, heldout, per_prompt) -> list[dict]:
         "seq": task.sequence_optimum(mdp, beta),
         "tok": task.token_optimum(mdp, beta),
     }
-    named = [("pi_ref", mdp.ref_logps), ("opt-seq", targets["seq"]), ("opt-tok", targets["tok"])]
+    named = zip(REFERENCE_ROWS, (mdp.ref_logps, targets["seq"], targets["tok"]), strict=True)
     for name, logps in named:
         metrics = evaluate(logps, mdp, targets, heldout, beta)
         metrics["distinct"] = _distinct(logps, mdp, per_prompt, seed=0)
@@ -271,7 +274,9 @@ def train_all(cfg: BenchConfig, mdp, splits: dict, progress: bool) -> tuple[list
     """Every (loss, beta, seed) run, and seed 0's final metrics at every lr of the grid; TIS-DPO's
     splits are weighted by contrast models first."""
     runs, grid, weighted = [], [], {}  # weighted: (beta, seed) -> splits with TIS-DPO weights
-    bar = tqdm(total=_progress_total(cfg), desc="bench", disable=not progress)
+    # smoothing=0: the ETA from the average rate so far; runs differ a lot in length (early
+    # stopping, lr grids), and tqdm's default moving average swung it from 5 to 40 minutes
+    bar = tqdm(total=_progress_total(cfg), desc="bench", disable=not progress, smoothing=0)
     for beta in cfg.betas:
         for loss in cfg.losses:
             needs_weights = resolve(loss)[0].weights
@@ -317,11 +322,38 @@ def run_finite(cfg: BenchConfig, out: Path, progress: bool = True) -> dict:
 
 def format_finite(results: dict) -> str:
     """The summary as an aligned text table, grouped by beta."""
-    columns = [("method", ""), ("beta", "g")]
-    columns += [(m, "g" if m in ("best_step", "lr") else ".3f") for m in METRICS]
+    spec = {"best_step": ".0f", "lr": "g"}
+    columns = [("method", ""), ("beta", "g")] + [(m, spec.get(m, ".3f")) for m in METRICS]
     rows = sorted(results["summary"], key=lambda r: (r["beta"], r["method"]))
     ceiling = f"held-out accuracy of the true reward (ceiling): {results['bayes_heldout_acc']:.3f}"
-    return format_table(rows, columns, [ceiling])
+    return format_table(rows, columns, [ceiling, *nearest_lines(rows)])
+
+
+def nearest_lines(rows: list[dict]) -> list[str]:
+    """Per beta, in words: which trained method lands nearest each optimum, and which predicts
+    held-out preferences best (the reference rows, pi_ref and the optima, are not candidates)."""
+
+    def mean(row, key):
+        value = row.get(key)
+        return value[0] if isinstance(value, tuple | list) else value
+
+    lines = []
+    for beta in sorted({r["beta"] for r in rows}):
+        trained = [r for r in rows if r["beta"] == beta and r["method"] not in REFERENCE_ROWS]
+        if not trained:
+            continue
+        parts = []
+        for key, what, best in (
+            ("kl_seq", "nearest pi*_seq", min),
+            ("kl_tok", "nearest pi*_tok", min),
+            ("heldout_acc", "best held-out accuracy", max),
+        ):
+            scored = [r for r in trained if mean(r, key) is not None]
+            if scored:
+                top = best(scored, key=lambda r, k=key: mean(r, k))
+                parts.append(f"{what}: {top['method']} ({mean(top, key):.3f})")
+        lines.append(f"beta {beta:g}: " + "; ".join(parts))
+    return lines
 
 
 def config_for(preset: str, **overrides) -> BenchConfig:

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tokenratio.atomic import process_alive
 from tokenratio.logprobs import IGNORE_INDEX
 from tokenratio.reference.key import FORMAT
 
@@ -148,18 +149,8 @@ def remove_leftovers(directory: Path) -> None:
     for tmp in directory.glob(".shard-*.tmp"):
         _, tmp_host, pid = [*tmp.name.removesuffix(".tmp").split("~"), "", ""][:3]
         stale = time.time() - tmp.stat().st_mtime > 86400
-        if stale or (tmp_host == host and pid.isdigit() and not _alive(int(pid))):
+        if stale or (tmp_host == host and pid.isdigit() and not process_alive(int(pid))):
             tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class CachedValues:
