@@ -91,14 +91,14 @@ def _drop(path: Path, why: str, say) -> None:
         path.unlink()
 
 
-def fill_missing(model_loader, values: CachedValues, todo: dict, writer: ShardWriter, run) -> None:
-    """Score this process's share of `todo` into `writer` (shards on disk as it goes) and
-    `values`. `run`: the pad id, eval batch size, progress flag and autocast context."""
+def fill_missing(model_loader, todo: dict, writer: ShardWriter, run) -> None:
+    """Score this process's share of `todo` into `writer` (shards on disk as it goes, when it
+    has a directory). `run`: the pad id, eval batch size, progress flag and autocast context."""
     pad_id, batch_size, progress, autocast = run
     if todo:
         model = model_loader()
         with autocast():
-            for entries in scoring.score(model, todo, pad_id, batch_size, values.samples, progress):
+            for entries in scoring.score(model, todo, pad_id, batch_size, writer.samples, progress):
                 writer.add(entries)
         del model
     writer.flush()
@@ -113,10 +113,6 @@ def gather(accelerator, shards: list[dict]) -> list[dict]:
     return [tensors for part in gather_object([shards]) for tensors in part]
 
 
-def directory_for(root: Path, cache_key: str) -> Path:
-    return root / cache_key
-
-
 def load_or_score(cfg, plan, accelerator, tokenizer, datasets, progress: bool) -> CachedValues:
     """The cached values of every pair in `datasets`; the missing ones are scored once, shared
     out over the processes (each loads the reference for that and drops it), under the
@@ -125,7 +121,7 @@ def load_or_score(cfg, plan, accelerator, tokenizer, datasets, progress: bool) -
 
     device = accelerator.device
     cache_key = keys.cache_key(cfg, plan.identity, tokenizer, device.type, plan.samples)
-    directories = [directory_for(r, cache_key) for r in roots(cfg.data.path)]
+    directories = [root / cache_key for root in roots(cfg.data.path)]
     say = accelerator.print
     values = read(directories, cache_key, plan.samples, len(tokenizer), say)
     rows = scoring.keyed_rows(datasets)
@@ -145,7 +141,7 @@ def load_or_score(cfg, plan, accelerator, tokenizer, datasets, progress: bool) -
         return load_causal_lm(cfg.model).to(device).eval()
 
     run = (tokenizer.pad_token_id, cfg.train.eval_batch_size, bar, accelerator.autocast)
-    fill_missing(loader, values, share, writer, run)
+    fill_missing(loader, share, writer, run)
     for tensors in gather(accelerator, writer.written):
         values.add(tensors)
     accelerator.wait_for_everyone()
@@ -164,9 +160,7 @@ def score_rows(model, rows: list[dict], pad_id: int, batch_size: int, samples: i
     values = CachedValues(samples)
     writer = ShardWriter(None, "", samples)
     todo = scoring.missing(((store.pair_key(row), row) for row in rows), values)
-    for entries in scoring.score(model, todo, pad_id, batch_size, samples, False):
-        writer.add(entries)
-    writer.flush()
+    fill_missing(lambda: model, todo, writer, (pad_id, batch_size, False, contextlib.nullcontext))
     for tensors in writer.written:
         values.add(tensors)
     return values
