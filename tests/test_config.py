@@ -93,7 +93,7 @@ def test_tisdpo_weight_defaults_match_the_weight_function():
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if p.name.startswith("study")])
 def test_shipped_study_configs_load_and_name_real_methods(path):
-    from tokenratio.losses import parse_method
+    from tokenratio.methods import parse_method
     from tokenratio.study.config import load_study
 
     study, base = load_study(path)

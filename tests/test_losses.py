@@ -597,21 +597,3 @@ def test_tdpo1_with_the_lr_generator_is_todays_tdpo1():
     ]
     z = 0.7 * u - 0.7 * (seq_kl[1] - seq_kl[0])
     assert_close(losses, -torch.nn.functional.logsigmoid(z))
-
-
-def test_parse_method_reads_options_and_checks_them():
-    from tokenratio.losses import parse_method
-
-    assert parse_method("tdpo1") == ("tdpo1", {})
-    assert parse_method("tdpo1[generator=sba,clamp=20]") == (
-        "tdpo1",
-        {"generator": "sba", "clamp": 20},
-    )
-    assert parse_method("tbpo-q[center_log_w=false,log_w_clamp=none]") == (
-        "tbpo-q",
-        {"center_log_w": False, "log_w_clamp": None},
-    )
-    with pytest.raises(ValueError, match="valid options"):
-        parse_method("tdpo1[generatr=sba]")
-    with pytest.raises(ValueError, match="key=value"):
-        parse_method("tdpo1[generator]")

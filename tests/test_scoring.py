@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tiny import load_tiny_pairs, perturbed
-from tokenratio.data import collate, collate_shared
+from tokenratio.batch import collate, collate_shared
 from tokenratio.losses import LOSSES, Needs
 from tokenratio.modeling import (
     PolicyWithHead,

@@ -1,4 +1,4 @@
-"""`trainer.train_step` never waits for the device: no tensor value is read back to Python inside
+"""`step.train_step` never waits for the device: no tensor value is read back to Python inside
 a step (every metric and the non-finite flag stay on the device until log time), checked with a
 patched tensor class and the profiler's event list, for both batch layouts and the losses whose
 needs differ (reference, exact KL, baseline head)."""
@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from tokenratio.data import collate, collate_shared
+from tokenratio.batch import collate, collate_shared
 from tokenratio.perf.models import build_model, synthetic_pairs, token_rows, word_tokenizer
 from tokenratio.perf.worker import perf_config
-from tokenratio.trainer import (
+from tokenratio.step import (
     NonFiniteStepError,
     check_finite,
     make_accelerator,
-    prepare_step,
+    prepare_step_parts,
     train_step,
 )
 
@@ -28,7 +28,7 @@ def step_and_batch(loss: str, layout):
     # AdamW, as the harness; the reference run in the step (the cache's path does less)
     cfg = perf_config(loss, {"model": "tiny", "device": "cpu"}, {"ref_cache": False})
     model = build_model("tiny")
-    step = prepare_step(cfg, make_accelerator(cfg), 10, model=model)
+    step = prepare_step_parts(cfg, make_accelerator(cfg), 10, model=model)
     tokenizer = word_tokenizer(model.config.vocab_size)
     pairs = synthetic_pairs(3, model.config.vocab_size, 9, 7)
     pairs[1]["rejected"] = pairs[1]["rejected"][:12]  # ragged: padding in the batch

@@ -1,7 +1,9 @@
 """tokenratio: token-level preference optimization (TBPO-Q, TBPO-A) and its baselines.
 
-Public API: the loss contract (`TokenLogps`, `LOSSES`, `GENERATORS`, `reduce`), the chunked per-token
-log-probs (`token_logps`, `token_kl`) and TBPO-Q's `StateBaselineHead`. Importing has no side effects
+Public API: the loss contract (`TokenLogps`, `LOSSES`, `GENERATORS`, `reduce`; `Loss` and `Needs`
+to register a loss of your own, see docs/method.md), method strings (`parse_method`), the one
+scoring path (`score_pairs`) and the chunked per-token log-probs (`token_logps`, `token_kl`), and
+TBPO-Q's `StateBaselineHead`. Importing has no side effects
 and imports torch only when one of these is first used, so the command line can reject a bad path
 before torch loads.
 """
@@ -11,6 +13,10 @@ import importlib
 _PUBLIC = {
     "GENERATORS": "tokenratio.losses",
     "LOSSES": "tokenratio.losses",
+    "Loss": "tokenratio.losses",
+    "Needs": "tokenratio.losses",
+    "parse_method": "tokenratio.methods",
+    "score_pairs": "tokenratio.scoring",
     "StateBaselineHead": "tokenratio.baseline",
     "TokenLogps": "tokenratio.losses",
     "reduce": "tokenratio.losses",
@@ -19,6 +25,10 @@ _PUBLIC = {
 }
 __all__ = sorted(_PUBLIC)
 __version__ = "0.1.0"
+
+
+def __dir__() -> list[str]:
+    return sorted([*__all__, "__version__"])
 
 
 def __getattr__(name: str):

@@ -4,18 +4,19 @@ Everything is written into `step-000123.tmp/` (Accelerate's state: model with th
 its trainable parameters only when some are frozen, as with LoRA; both optimizers; every process's
 RNG; plus trainer_state.json with the data position and the learning-rate scheduler's state as
 plain JSON, so resuming unpickles nothing of ours), then
-renamed to `step-000123/` in one `os.replace`. A crash mid-write leaves only a `.tmp` directory, which
+published as `step-000123/` by `atomic.publish_dir`. A crash mid-write leaves only a `.tmp` directory, which
 is ignored and cleaned up; `latest()` never returns a half-written checkpoint.
 """
 
 import json
-import os
 import pickle
 import re
 import shutil
 from pathlib import Path
 
 from safetensors import SafetensorError
+
+from tokenratio import atomic
 
 STATE_NAME = "trainer_state.json"
 
@@ -48,10 +49,7 @@ def save(accelerator, root: Path, step: int, trainer_state: dict, keep: int, sch
     if accelerator.is_main_process:
         state = {**trainer_state, "scheduler": scheduler.state_dict()}
         (tmp / STATE_NAME).write_text(json.dumps(state))
-        fsync_tree(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        atomic.publish_dir(tmp, final)
         _rotate(root, keep)
     accelerator.wait_for_everyone()
     return final
@@ -187,11 +185,3 @@ def _rotate(root: Path, keep: int) -> None:
     complete = sorted(p for p in root.iterdir() if PATTERN.match(p.name))
     for old in complete[: max(0, len(complete) - keep)]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def fsync_tree(directory: Path) -> None:
-    """Flush file contents before the rename publishes them."""
-    for path in directory.rglob("*"):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())

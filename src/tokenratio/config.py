@@ -85,7 +85,7 @@ class TrainConfig:
     # Micro-batches of pairs of similar length (shuffled in windows of 50 batches, sorted inside
     # each): far less padding where lengths vary (HH), the same pairs per epoch.
     group_by_length: bool = True
-    # One row per pair, prompt + chosen + rejected (data.collate_shared): the prompt is computed
+    # One row per pair, prompt + chosen + rejected (batch.collate_shared): the prompt is computed
     # once for both responses, with the same logits (docs/method.md, "Prefix sharing").
     prefix_sharing: bool = True
     # Losses that read the reference through its log-probs of the response tokens (dpo, ipo,
@@ -226,14 +226,13 @@ def build_section(cls, table: dict, where: str):
 
 
 def parse_override(text: str) -> tuple[list[str], object]:
+    """ "section.key=value" -> (["section", "key"], value), the value on methods.py's rules."""
+    from tokenratio.methods import parse_assignment
+
     if "=" not in text:
         raise ConfigError(f"override '{text}' must look like section.key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw  # bare strings: model.name_or_path=HuggingFaceTB/SmolLM2-135M
-    return key.strip().split("."), value
+    key, value = parse_assignment(text, "override", "section.key=value")
+    return key.split("."), value
 
 
 def set_dotted(table: dict, path: list[str], value) -> None:

@@ -2,10 +2,9 @@
 moving average), with the held-out evaluations as points. Written by the trainer at every
 evaluation and at the end, from metrics.jsonl alone (so it can be redrawn for any run)."""
 
-import os
 from pathlib import Path
 
-from tokenratio import runlog
+from tokenratio import atomic, runlog
 
 PANELS = [("loss", "loss"), ("reward_accuracy", "reward accuracy"), ("reward_margin", "margin")]
 
@@ -57,5 +56,5 @@ def plot_run(metrics_path: Path, png: Path, title: str = "") -> Path:
     tmp = png.with_name(png.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    os.replace(tmp, png)
+    atomic.publish_file(tmp, png)
     return png

@@ -105,38 +105,6 @@ def k3(log_ratio: Tensor) -> Tensor:
     return torch.expm1(log_ratio) - log_ratio
 
 
-def parse_method(spec: str) -> tuple[str, dict]:
-    """A method: a loss name with optional options, "tdpo1[generator=sba,clamp=20]" -> ("tdpo1",
-    {"generator": "sba", "clamp": 20.0}). Values: int, float, true/false, none, else a string.
-    The benchmark and the study name their rows this way; the options are checked by `needs`."""
-    name, _, rest = spec.partition("[")
-    options = {}
-    if rest:
-        if not rest.endswith("]"):
-            raise ValueError(f"method {spec!r}: write options as LOSS[key=value,key=value]")
-        for item in filter(None, rest[:-1].split(",")):
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise ValueError(f"method {spec!r}: option {item!r} needs a value (key=value)")
-            options[key.strip()] = _option_value(value.strip())
-    LOSSES[name].needs(options)  # unknown names or options fail here
-    return name, options
-
-
-def _option_value(text: str):
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    if lowered == "none":
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def reduce(losses: Tensor, num_pairs: int | None = None) -> Tensor:
     """Mean of per-pair losses; with `num_pairs`, sum / num_pairs.
 

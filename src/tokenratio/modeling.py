@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from tokenratio.baseline import CONFIG_NAME, StateBaselineHead
-from tokenratio.data import PreferenceBatch
+from tokenratio.batch import PreferenceBatch
 from tokenratio.paths import check_local_path
 
 DTYPES = {
@@ -69,7 +69,7 @@ def segment_mask(segments: torch.Tensor, boolean: bool) -> torch.Tensor:
 
 def _response_hidden(inner, batch: PreferenceBatch) -> torch.Tensor:
     """Final hidden states (2B, T, H) at the response-predicting positions, from the plain
-    layout (2B rows) or the prefix-shared one (`data.collate_shared`: B rows in, 2B out)."""
+    layout (2B rows) or the prefix-shared one (`batch.collate_shared`: B rows in, 2B out)."""
     implementation = getattr(inner.config, "_attn_implementation", None) or "sdpa"
     if implementation not in ("sdpa", "eager"):  # flash attention and kin take no 4D mask
         if batch.segments is not None:
@@ -297,8 +297,9 @@ def _has_module(model, suffix: str) -> bool:
 def save_final(policy: PolicyWithHead, tokenizer, directory: Path) -> Path:
     """Write a model directory that `AutoModelForCausalLM.from_pretrained` loads (LoRA merged; the
     adapter itself also in adapter/), the TBPO-Q head beside it, and the tokenizer. Written into
-    `directory`.tmp and renamed when complete (rundir.publish): a crash leaves no half model."""
-    from tokenratio.rundir import publish
+    `directory`.tmp and published when complete (`atomic.publish_dir`, with its COMPLETE
+    marker): a crash leaves no half model."""
+    from tokenratio.atomic import COMPLETE, publish_dir
 
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -311,4 +312,4 @@ def save_final(policy: PolicyWithHead, tokenizer, directory: Path) -> Path:
     tokenizer.save_pretrained(tmp)
     if policy.head is not None:
         policy.head.save_pretrained(tmp)
-    return publish(tmp, directory)
+    return publish_dir(tmp, directory, marker=COMPLETE)

@@ -14,11 +14,11 @@ import socket
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from tokenratio import checkpoint, runlog
+from tokenratio import atomic, checkpoint, runlog
 from tokenratio.atomic import process_alive
 
 LOCK = ".lock"
-COMPLETE = "COMPLETE"  # written inside final.tmp/ before the rename that publishes final/
+COMPLETE = atomic.COMPLETE  # written inside final.tmp/ before the rename that publishes final/
 # What a resumed run can honour: the schedule's peak and length, cadences, logging, evaluation.
 # Everything else (model, data, loss, optimizer, batch size, seed, ...) is baked into the
 # checkpoint's weights, optimizer state or data order.
@@ -100,13 +100,8 @@ def release(out: Path) -> None:
 
 
 def publish(tmp: Path, final: Path) -> Path:
-    """Mark `tmp` complete, flush it, and rename it to `final` (replacing an older one)."""
-    (tmp / COMPLETE).write_text("")
-    checkpoint.fsync_tree(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    return final
+    """Mark `tmp` complete and publish it as `final` (replacing an older one)."""
+    return atomic.publish_dir(tmp, final, marker=COMPLETE)
 
 
 def _resume_changes(out: Path, cfg) -> dict:

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
-from tokenratio.data import PreferenceBatch, collate
+from tokenratio.batch import PreferenceBatch, collate
 from tokenratio.logprobs import (
     IGNORE_INDEX,
     sampled_k3,

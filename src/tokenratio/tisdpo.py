@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from tokenratio import atomic
 from tokenratio.losses import LOSSES, importance_weights
 from tokenratio.rundir import is_complete
 from tokenratio.scoring import batch_contrasts, batches
@@ -68,18 +69,6 @@ def scored_records(raw, tokenized, contrasts, tcfg) -> list[dict]:
             record[f"{name}_contrast"] = [round(c, 6) for c in values]
         records.append(record)
     return records
-
-
-def write_jsonl_atomically(records: list[dict], path: Path) -> None:
-    """Write to a temporary file beside `path`, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _contrast_models(cfg, out: Path, progress: bool) -> tuple[str, str]:
@@ -128,8 +117,9 @@ def score_file(cfg, data_path: str, models, tokenizer, target: Path, meta: dict,
     contrasts = token_contrasts(
         *models, tokenized, tokenizer.pad_token_id, cfg.tisdpo.score_batch_size, progress
     )
-    write_jsonl_atomically(scored_records(raw, tokenized, contrasts, cfg.tisdpo), target)
-    meta_path.write_text(json.dumps({"settings": meta, "report": report}, indent=1))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic.write_jsonl(target, scored_records(raw, tokenized, contrasts, cfg.tisdpo))
+    atomic.write_json(meta_path, {"settings": meta, "report": report})
     print(f"tisdpo: scored {len(contrasts)} pairs of {data_path} into {target} ({report})")
 
 

@@ -168,7 +168,7 @@ def test_eval_refuses_one_sample_before_loading_anything(tmp_path, capsys):
 
 
 def test_train_summary_gives_the_held_out_interval_and_names_checkpoints_only_if_any(tmp_path):
-    from tokenratio.cli.train import summary
+    from tokenratio.cli.common import train_summary as summary
 
     result = {
         "step": 4,

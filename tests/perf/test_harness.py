@@ -121,19 +121,19 @@ def test_a_failed_row_leaves_the_finished_rows_on_disk(tmp_path, monkeypatch):
 
 
 def test_our_rows_time_the_trainers_own_step(monkeypatch):
-    """The harness's row calls `trainer.train_step`, the function `tokenratio train` runs every
+    """The harness's row calls `step.train_step`, the function `tokenratio train` runs every
     optimizer step, once per warm-up and timed step and once more under the profiler."""
-    from tokenratio import trainer
+    from tokenratio import step as step_module
     from tokenratio.perf import worker
 
     calls = []
-    real = trainer.train_step
+    real = step_module.train_step
 
     def counting(step, micro_batches):
         calls.append((step.loss.name, len(micro_batches)))
         return real(step, micro_batches)
 
-    monkeypatch.setattr(trainer, "train_step", counting)
+    monkeypatch.setattr(step_module, "train_step", counting)
     lengths, plans, _ = harness.plan_batches([(8, 5, 6), (6, 9, 3)], batch=2, steps=3)
     args = {"model": "tiny", "device": "cpu", "dtype": "fp32", "batch": 2, "warmup": 1}
     args.update(lengths=lengths, plans=plans)

@@ -11,8 +11,8 @@ import torch
 
 from tiny import load_tiny_pairs, perturbed
 from tokenratio import reference
+from tokenratio.batch import collate, collate_shared
 from tokenratio.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
-from tokenratio.data import collate, collate_shared
 from tokenratio.losses import LOSSES
 from tokenratio.modeling import PolicyWithHead
 from tokenratio.reference import cache, score, store
@@ -266,10 +266,14 @@ def test_an_unwritable_place_beside_the_data_falls_back_to_the_user_cache(
 
 
 @pytest.mark.slow
-def test_weights_swapped_in_place_are_rescored_not_read(tiny_model_dir, hh_jsonl, tmp_path, capsys):
+def test_weights_swapped_in_place_are_rescored_not_read(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys, monkeypatch
+):
     """The issue's case end to end: a cache written, the model's weights replaced in place by
     others of the same shapes with the old mtime; the next run must score again, and its step-1
     DPO loss is log 2 (policy = reference), not the stale cache's."""
+    # a cache of its own: other tests train the same tiny model on the same file
+    monkeypatch.setenv("TOKENRATIO_REF_CACHE_DIR", str(tmp_path / "ref-cache"))
     import math
     import os
 

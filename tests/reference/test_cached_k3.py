@@ -7,7 +7,7 @@ import torch
 
 from tiny import load_tiny_pairs, perturbed
 from tokenratio import reference
-from tokenratio.data import collate_shared
+from tokenratio.batch import collate_shared
 from tokenratio.logprobs import IGNORE_INDEX, sampled_k3, token_logps
 from tokenratio.losses import LOSSES
 from tokenratio.modeling import PolicyWithHead

@@ -25,7 +25,7 @@ def config(model_dir, name="dpo", options=None, **train):
 
 
 def plan_of(model_dir, method, **train):
-    from tokenratio.losses import parse_method
+    from tokenratio.methods import parse_method
 
     name, options = parse_method(method)
     cfg = config(model_dir, name, options, **train)

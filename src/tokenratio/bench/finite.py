@@ -140,7 +140,7 @@ def train_tabular(
 def _checkpoint_metrics(policy, mdp, targets, heldout, beta, value) -> dict:
     """Exact metrics at an evaluation step, with instability made visible: the share of pairs or
     tokens at the log R clamp and the largest |log pi - log pi_ref|."""
-    point = evaluate(policy, mdp, targets, heldout, beta)
+    point = policy_point(policy, mdp, targets, heldout, beta)
     point["clamp_frac"] = value[1]
     point["max_log_ratio"] = float((policy.log_softmax(-1) - mdp.ref_logps).abs().max())
     return point
@@ -168,7 +168,7 @@ def _distinct(logps, mdp, per_prompt: int, seed: int) -> float:
     return sum(fractions) / len(fractions)
 
 
-def evaluate(policy_logits, mdp, targets, heldout, beta) -> dict:
+def policy_point(policy_logits, mdp, targets, heldout, beta) -> dict:
     """Exact metrics of the policy plus held-out preference accuracy of its implicit reward."""
     logps = policy_logits.log_softmax(-1)
     metrics = task.exact_metrics(logps, mdp, targets)
@@ -190,7 +190,7 @@ def reference_rows(mdp, beta, heldout, per_prompt) -> list[dict]:
     }
     named = zip(REFERENCE_ROWS, (mdp.ref_logps, targets["seq"], targets["tok"]), strict=True)
     for name, logps in named:
-        metrics = evaluate(logps, mdp, targets, heldout, beta)
+        metrics = policy_point(logps, mdp, targets, heldout, beta)
         metrics["distinct"] = _distinct(logps, mdp, per_prompt, seed=0)
         metrics.update(
             best_step=0,

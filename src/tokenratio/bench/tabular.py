@@ -13,7 +13,8 @@ import torch
 
 from tokenratio.bench import task
 from tokenratio.logprobs import sampled_k3, token_logps, token_logps_and_kl
-from tokenratio.losses import LOSSES, Loss, TokenLogps, importance_weights, parse_method, reduce
+from tokenratio.losses import LOSSES, Loss, TokenLogps, importance_weights, reduce
+from tokenratio.methods import parse_method
 
 
 def tabular_token_logps(

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from tokenratio.baseline import StateBaselineHead
+from tokenratio.batch import PreferenceBatch
 from tokenratio.bench import task
 from tokenratio.bench.report import format_table, write_report
 from tokenratio.bench.tabular import resolve, with_contrast_weights
-from tokenratio.data import PreferenceBatch
 from tokenratio.losses import reduce
 from tokenratio.modeling import PolicyWithHead
 from tokenratio.reference import module_forward

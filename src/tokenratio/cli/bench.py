@@ -59,19 +59,12 @@ def _regime(args) -> str:
 
 
 def parse_loss_options(texts: list[str] | None) -> dict[str, dict]:
-    """["tbpo-a.kl_estimator=k3", ...] -> {"tbpo-a": {"kl_estimator": "k3"}} (TOML values)."""
-    import tomllib
+    """["tbpo-a.kl_estimator=k3", ...] -> {"tbpo-a": {"kl_estimator": "k3"}}."""
+    from tokenratio.methods import parse_loss_option
 
     options: dict[str, dict] = {}
     for text in texts or []:
-        key, sep, raw = text.partition("=")
-        loss, dot, option = key.rpartition(".")
-        if not (sep and dot and loss and option):
-            raise ValueError(f"--loss-option {text!r} must look like LOSS.OPTION=VALUE")
-        try:
-            value = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = raw  # bare strings
+        loss, option, value = parse_loss_option(text)
         options.setdefault(loss, {})[option] = value
     return options
 

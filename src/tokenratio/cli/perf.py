@@ -15,7 +15,7 @@ Each row runs in its own process on the same model config and the same batches o
 lengths follow --data (default: the HH harmless pairs in ../shared, cut as `tokenratio train`
 cuts them), or fixed lengths (--data fixed). Rows alternate for --repeats rounds; medians, with
 ratios against our dpo and TRL's DPOTrainer (when trl is installed). Our rows time
-`trainer.train_step`, the function `tokenratio train` runs every step; a row may switch trainer
+`step.train_step`, the function `tokenratio train` runs every step; a row may switch trainer
 settings off or on: dpo+prefix_sharing=false, dpo+ref_cache=false, dpo+compile=true.
 --ab A:B times two rows step by step, alternating, in ONE process, for step ratios that the rows' own
 processes cannot resolve on a noisy machine.

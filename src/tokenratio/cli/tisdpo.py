@@ -3,7 +3,14 @@
 import argparse
 import json
 
-from tokenratio.cli.common import add_config_arguments, examples, fail, load_config, trained_run
+from tokenratio.cli.common import (
+    add_config_arguments,
+    examples,
+    fail,
+    load_config,
+    train_summary,
+    trained_run,
+)
 
 EXAMPLES = [
     "tokenratio tisdpo configs/smollm2_hh_cpu.toml --set train.max_steps=2 "
@@ -49,7 +56,6 @@ def run(args: argparse.Namespace) -> int:
     except FileNotFoundError as err:
         return fail("tisdpo", err)
     from tokenratio.checkpoint import CheckpointError
-    from tokenratio.cli.train import summary
     from tokenratio.data import DataError
     from tokenratio.rundir import RunDirError
     from tokenratio.tisdpo import run_tisdpo
@@ -62,7 +68,7 @@ def run(args: argparse.Namespace) -> int:
     if args.score_only:
         print(f"scored: {result}")
     elif "seconds" in result:  # trained now (else it said it had finished before)
-        print("TIS-DPO " + summary(result, cfg.train.output_dir))
+        print("TIS-DPO " + train_summary(result, cfg.train.output_dir))
     return 0
 
 

@@ -2,9 +2,8 @@
 
 import argparse
 import os
-from pathlib import Path
 
-from tokenratio.cli.common import add_config_arguments, examples, fail, load_config
+from tokenratio.cli.common import add_config_arguments, examples, fail, load_config, train_summary
 
 EXAMPLES = [
     "tokenratio train configs/smollm2_hh_cpu.toml --set train.max_steps=2 --set data.limit=40 "
@@ -65,43 +64,10 @@ def run(args: argparse.Namespace) -> int:
     except (DataError, TrainingError, RunDirError, CheckpointError, ValueError, OSError) as err:
         return fail("train", err)
     if int(os.environ.get("RANK", "0")) == 0 and not result.get("finished_before"):
-        print(summary(result, cfg.train.output_dir))  # once under torchrun / accelerate launch
+        print(
+            train_summary(result, cfg.train.output_dir)
+        )  # once under torchrun / accelerate launch
     return 0
-
-
-def summary(result: dict, out: str) -> str:
-    """The end-of-run lines: steps, time, held-out metrics (reward accuracy with its 95% interval
-    over the held-out pairs, against chance 0.5) and where everything was written."""
-    held_out = ", ".join(
-        f"{k.removeprefix('eval_')} {v:.4f}" for k, v in result.items() if k.startswith("eval_")
-    )
-    lines = [
-        f"done: {result['step']} steps in {result['seconds'] / 60:.1f} min "
-        f"({result.get('tokens_per_s', float('nan')):.0f} tokens/s at the end)",
-        f"held-out: {held_out}",
-    ]
-    n = result.get("data", {}).get("heldout_pairs")
-    accuracy = result.get("eval_reward_accuracy")
-    if n and accuracy is not None:
-        low, high = accuracy_interval(accuracy, n)
-        verdict = "above" if low > 0.5 else "below" if high < 0.5 else "not distinguishable from"
-        lines.append(
-            f"held-out reward accuracy {accuracy:.3f} on {n} pairs, 95% interval "
-            f"{low:.3f}-{high:.3f}: {verdict} chance (0.5)"
-        )
-    written = f"model: {out}/final (from_pretrained), curves: {out}/curves.png and metrics.jsonl"
-    checkpoints = Path(out) / "checkpoints"
-    if checkpoints.is_dir() and any(checkpoints.iterdir()):
-        written += f", checkpoints: {checkpoints}"
-    return "\n".join([*lines, written])
-
-
-def accuracy_interval(accuracy: float, n: int) -> tuple[float, float]:
-    """Wilson's 95% interval of a proportion (scipy.stats.binomtest's), ties counted as half."""
-    from scipy.stats import binomtest
-
-    result = binomtest(round(accuracy * n), n).proportion_ci(0.95, method="wilson")
-    return result.low, result.high
 
 
 def add_parser(sub) -> None:

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 
 from tokenratio.atomic import write_text
+from tokenratio.batch import collate_rows
 from tokenratio.config import DataConfig
-from tokenratio.data import collate_rows, load_raw, tokenize_dataset
+from tokenratio.data import load_raw, tokenize_dataset
 from tokenratio.eval import metrics
 from tokenratio.formats import to_text
 from tokenratio.logprobs import IGNORE_INDEX, token_kl, token_logps

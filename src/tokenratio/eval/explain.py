@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from tokenratio.data import collate, load_raw, tokenize_record
+from tokenratio.atomic import write_text
+from tokenratio.batch import collate
+from tokenratio.data import load_raw, tokenize_record
 from tokenratio.formats import detect_format, to_text
 from tokenratio.logprobs import IGNORE_INDEX, token_logps
 from tokenratio.modeling import load_pretrained
@@ -182,6 +184,6 @@ def explain(model_path: str, reference_path: str, raw, beta: float, out: Path) -
     record = raw.dataset[0]
     credits = token_credits(model, reference, tokenizer, record, detect_format(record), beta, head)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "explain.html").write_text(render_html(credits))
+    write_text(out / "explain.html", render_html(credits))
     render_png(credits, out / "explain.png")
     return credits

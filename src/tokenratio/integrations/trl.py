@@ -29,7 +29,7 @@ except ImportError as err:  # pragma: no cover - exercised by the missing-extra 
 import torch
 
 from tokenratio.baseline import StateBaselineHead
-from tokenratio.data import PreferenceBatch
+from tokenratio.batch import PreferenceBatch
 from tokenratio.logprobs import IGNORE_INDEX
 from tokenratio.losses import LOSSES, reduce
 from tokenratio.modeling import has_accelerator, unwrap_peft

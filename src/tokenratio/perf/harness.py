@@ -12,7 +12,7 @@ prompt counted once per side, as TRL counts it, padding not.
 
 Rows: ours are a loss (or a loss with options, "tdpo1[generator=sba]") and optional train switches
 ("dpo+prefix_sharing=false+ref_cache=true"), timed in the training loop's own step
-(`trainer.train_step` with the trainer's defaults and the switches); "trl" is TRL's DPOTrainer
+(`step.train_step` with the trainer's defaults and the switches); "trl" is TRL's DPOTrainer
 (`sigmoid`) with its fastest settings that apply (`worker.run_trl`). Rows are repeated in
 alternation (A B C A B C ...) and medians reported, as the machine is shared and noisy.
 
@@ -38,7 +38,7 @@ import torch
 
 from tokenratio.atomic import write_text
 from tokenratio.perf.models import MODELS, OUR_ROWS, count_params
-from tokenratio.perf.worker import _sync
+from tokenratio.perf.worker import sync_device
 
 # What each technique buys, one switch off at a time against the defaults (and all off).
 ABLATION = [
@@ -93,15 +93,15 @@ def matmul_peak(device: str, dtype, size: int = 2048, repeats: int = 10) -> floa
     b = torch.randn(size, size, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
-    _sync(device)
+    sync_device(device)
     start = time.perf_counter()
     for _ in range(repeats):
         a @ b
-    _sync(device)
+    sync_device(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start)
 
 
-def plan_batches(lengths: list, batch: int, steps: int, seed: int = 0) -> tuple[list, dict]:
+def plan_batches(lengths: list, batch: int, steps: int, seed: int = 0) -> tuple[list, dict, list]:
     """`steps` batches as the trainer would draw them, for each layout: a pool of 50 batches'
     worth of pairs, grouped by length as train.group_by_length groups them (by the row each layout
     computes: prompt plus both responses when prefix-shared, prompt plus the longer response in
@@ -109,7 +109,7 @@ def plan_batches(lengths: list, batch: int, steps: int, seed: int = 0) -> tuple[
     grouping off, pairs in draw order. Returns (the pairs' (prompt, chosen, rejected) lengths,
     {"shared": plan, "plain": plan, "ungrouped": plan}, each pair's index in `lengths`), a plan
     being lists of pair indices."""
-    from tokenratio.data import length_grouped_order
+    from tokenratio.batch import length_grouped_order
 
     g = torch.Generator().manual_seed(seed)
     drawn = torch.randint(0, len(lengths), (batch * 50,), generator=g).tolist()
@@ -282,31 +282,7 @@ def run_perf(
         "data": data,
         **settings,
     }
-    timed = [i for b in plans["shared"][warmup:] for i in b]
-    config = {
-        **{k: common[k] for k in ("model", "warmup", "batch", "device", "dtype", "threads")},
-        "steps": steps,
-        "data": data if data == "fixed" else str(data),
-        **(
-            settings
-            if data != "fixed"
-            else {"prompt_len": prompt_len, "response_len": response_len}
-        ),
-        "repeats": repeats,
-        "params": count_params(model),
-        "matmul_peak_flops": matmul_peak(
-            device, torch.bfloat16 if dtype == "bf16" else torch.float32
-        ),
-        "response_tokens": sum(lengths[i][1] + lengths[i][2] for i in timed),
-        "real_tokens_per_step": sum(
-            2 * lengths[i][0] + lengths[i][1] + lengths[i][2] for i in timed
-        )
-        / steps,
-        "machine": _machine(device),
-        "command": " ".join(["tokenratio", "perf", *sys.argv[2:]])
-        if sys.argv[1:2] == ["perf"]
-        else None,
-    }
+    config = _report_config(common, steps, repeats, settings)
     measured: dict[str, list[dict]] = {r: [] for r in rows}
     report = {"config": config, "rows": [], "raw": measured}
     for rep in range(repeats):
@@ -326,6 +302,41 @@ def run_perf(
     if out:
         _write(out, report, final=True)
     return report
+
+
+def _report_config(common: dict, steps: int, repeats: int, settings: dict) -> dict:
+    """perf.json's "config": the run's shape, its machine, token counts and the command."""
+    model, data, lengths, warmup = (
+        common["model"],
+        common["data"],
+        common["lengths"],
+        common["warmup"],
+    )
+    dtype, device = common["dtype"], common["device"]
+    timed = [i for b in common["plans"]["shared"][warmup:] for i in b]
+    shape = (
+        settings if data != "fixed" else {k: settings[k] for k in ("prompt_len", "response_len")}
+    )
+    return {
+        **{k: common[k] for k in ("model", "warmup", "batch", "device", "dtype", "threads")},
+        "steps": steps,
+        "data": data if data == "fixed" else str(data),
+        **shape,
+        "repeats": repeats,
+        "params": count_params(model),
+        "matmul_peak_flops": matmul_peak(
+            device, torch.bfloat16 if dtype == "bf16" else torch.float32
+        ),
+        "response_tokens": sum(lengths[i][1] + lengths[i][2] for i in timed),
+        "real_tokens_per_step": sum(
+            2 * lengths[i][0] + lengths[i][1] + lengths[i][2] for i in timed
+        )
+        / steps,
+        "machine": _machine(device),
+        "command": " ".join(["tokenratio", "perf", *sys.argv[2:]])
+        if sys.argv[1:2] == ["perf"]
+        else None,
+    }
 
 
 def _write(out, report: dict, final: bool) -> None:

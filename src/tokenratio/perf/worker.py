@@ -1,7 +1,7 @@
 """One row of `tokenratio perf` in its own process: `python -m tokenratio.perf.worker JSON`.
 
-Our rows time `trainer.train_step`, the function `tokenratio train` runs every optimizer step, built
-by `trainer.prepare_step` from a Config (with the row's train switches); the TRL row times
+Our rows time `step.train_step`, the function `tokenratio train` runs every optimizer step, built
+by `step.prepare_step_parts` from a Config (with the row's train switches); the TRL row times
 `DPOTrainer`'s steps with a callback. Every row gets the same pairs in the same batches (the
 harness's `plan`), so the real tokens per timed step are the same for every row.
 """
@@ -14,10 +14,11 @@ from dataclasses import replace
 import torch
 
 from tokenratio.memory import peak_tensor_bytes
+from tokenratio.methods import parse_row
 from tokenratio.perf.models import build_model, pairs_of_lengths, token_rows, word_tokenizer
 
 
-def _sync(device):
+def sync_device(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -30,23 +31,12 @@ def _peak_memory(device: str) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def parse_row(row: str) -> tuple[str, dict]:
-    """ "dpo+prefix_sharing=false+ref_cache=true" -> ("dpo", {train switches}); the method may
-    carry loss options ("tdpo1[generator=sba]")."""
-    method, *switches = row.split("+")
-    values = {}
-    for switch in switches:
-        key, _, value = switch.partition("=")
-        values[key] = json.loads(value or "true")
-    return method, values
-
-
 def perf_config(method: str, args: dict, switches: dict | None = None):
     """The Config a row's trainer step runs with: the harness's model shape, AdamW, lr 1e-6, the
     trainer's defaults and the row's switches; bf16 autocast over fp32 weights on a GPU (as
     `tokenratio train` with train.mixed_precision = "bf16", and as TRL's bf16)."""
     from tokenratio.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
-    from tokenratio.losses import parse_method
+    from tokenratio.methods import parse_method
 
     loss, options = parse_method(method)
     train = TrainConfig(
@@ -68,7 +58,7 @@ def _batches(cfg, step, model, args) -> list:
     """The plan's batches as this row's layout collates them, with the row's cached reference
     values (train.ref_cache's one scoring pass, untimed, as TRL's precompute), on its device."""
     from tokenratio.reference import score_rows
-    from tokenratio.trainer import batch_collator
+    from tokenratio.step import batch_collator
 
     tokenizer = word_tokenizer(model.config.vocab_size)
     rows = token_rows(
@@ -84,10 +74,10 @@ def _batches(cfg, step, model, args) -> list:
 
 
 def prepare_row(row: str, args) -> tuple:
-    """(the row's `trainer.Step`, the plan's batches as its layout collates them)."""
+    """(the row's `step.StepParts`, the plan's batches as its layout collates them)."""
     from tokenratio import reference
     from tokenratio.losses import LOSSES
-    from tokenratio.trainer import make_accelerator, prepare_step
+    from tokenratio.step import make_accelerator, prepare_step_parts
 
     method, switches = parse_row(row)
     cfg = perf_config(method, args, switches)
@@ -96,25 +86,25 @@ def prepare_row(row: str, args) -> tuple:
     needs = LOSSES[cfg.loss.name].needs(cfg.loss.options)
     plan = reference.plan(cfg, needs, accelerator, identity=f"random:{args['model']}")
     steps = len(args["plans"]["shared"]) + 2
-    step = prepare_step(cfg, accelerator, steps, model=model, plan=plan)
+    step = prepare_step_parts(cfg, accelerator, steps, model=model, plan=plan)
     return step, _batches(cfg, step, model, args)
 
 
 def _timed_steps(step, batches, device: str) -> list[float]:
-    from tokenratio.trainer import train_step
+    from tokenratio.step import train_step
 
     times = []
     for batch in batches:
         start = time.perf_counter()
         train_step(step, [batch])
-        _sync(device)
+        sync_device(device)
         times.append(time.perf_counter() - start)
     return times
 
 
 def run_ours(row: str, args) -> dict:
-    """Step times of `trainer.train_step`, the function `tokenratio train` runs every step."""
-    from tokenratio.trainer import train_step
+    """Step times of `step.train_step`, the function `tokenratio train` runs every step."""
+    from tokenratio.step import train_step
 
     step, batches = prepare_row(row, args)
     times = _timed_steps(step, batches, args["device"])
@@ -176,11 +166,11 @@ def run_trl(args) -> dict:
 
     class Clock(TrainerCallback):
         def on_step_begin(self, *a, **k):
-            _sync(args["device"])
+            sync_device(args["device"])
             last[0] = time.perf_counter()
 
         def on_step_end(self, *a, **k):
-            _sync(args["device"])
+            sync_device(args["device"])
             times.append(time.perf_counter() - last[0])
 
     class InOrder(DPOTrainer):  # the plan's batches, in the plan's order (TRL shuffles)

@@ -1,5 +1,5 @@
 """The scoring pass: the frozen reference over the pairs the cache lacks, longest first, in
-batches of similar length with the prompt shared (`data.collate_shared`), and, for TBPO-A's k3,
+batches of similar length with the prompt shared (`batch.collate_shared`), and, for TBPO-A's k3,
 `samples` tokens a ~ pi_ref per response position drawn by Gumbel-max from a generator seeded
 by the pair's key (so a pair's samples never depend on batching, sharding or order)."""
 
@@ -53,7 +53,7 @@ def _samples(logits: torch.Tensor, key: bytes, side: int, samples: int) -> tuple
 def score(model, pairs: dict, pad_id: int, batch_size: int, samples: int, progress: bool):
     """Score `pairs` ({key: token ids}) with the frozen reference; yields each batch's entries
     (pair key, {"chosen_logps": (C,) float32, ...}) as `store.pack` takes them."""
-    from tokenratio.data import collate_shared
+    from tokenratio.batch import collate_shared
     from tokenratio.logprobs import token_logps
     from tokenratio.scoring import batches, score_batches
 

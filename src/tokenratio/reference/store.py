@@ -11,13 +11,11 @@ and in its metadata the format, the cache key, m and a sha256 of the tensors. A 
 damaged, foreign, of another format or whose values are impossible (non-finite, a log-prob > 0,
 a token outside the vocabulary) is dropped with one line naming it and why: its pairs are scored
 again. Shards are written as scoring goes (`ShardWriter`, about one a minute), so a kill loses at
-most the last minute; a write goes to a temporary file, is fsynced, renamed and the directory
-fsynced, and temporary files left by killed writers are removed.
+most the last minute; each shard is published by `atomic.write_bytes`, and temporary files left
+by killed writers are removed.
 """
 
 import hashlib
-import os
-import socket
 import time
 import uuid
 from collections.abc import Iterable
@@ -26,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tokenratio.atomic import process_alive
+from tokenratio import atomic
 from tokenratio.logprobs import IGNORE_INDEX
 from tokenratio.reference.key import FORMAT
 
@@ -72,7 +70,7 @@ def pack(entries: list[tuple[bytes, dict]], samples: int) -> dict:
 
 
 def write_shard(directory: Path, tensors: dict, cache_key: str, samples: int) -> Path:
-    """One shard, complete or not at all: temporary file, fsync, rename, fsync the directory."""
+    """One shard, complete or not at all (`atomic.write_bytes`)."""
     from safetensors.torch import save
 
     metadata = {
@@ -82,19 +80,7 @@ def write_shard(directory: Path, tensors: dict, cache_key: str, samples: int) ->
         "sha256": _checksum(tensors),
     }
     data = save(tensors, metadata=metadata)
-    path = directory / f"shard-{uuid.uuid4().hex[:16]}.safetensors"
-    tmp = directory / f".{path.name}~{socket.gethostname()}~{os.getpid()}.tmp"
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return path
+    return atomic.write_bytes(directory / f"shard-{uuid.uuid4().hex[:16]}.safetensors", data)
 
 
 def read_shard(path: Path, cache_key: str, samples: int, vocab_size: int) -> dict:
@@ -145,11 +131,8 @@ def _check_values(tensors: dict, samples: int, vocab_size: int) -> None:
 
 def remove_leftovers(directory: Path) -> None:
     """Temporary files of killed writers: this host's whose process is gone, anyone's after a day."""
-    host = socket.gethostname()
     for tmp in directory.glob(".shard-*.tmp"):
-        _, tmp_host, pid = [*tmp.name.removesuffix(".tmp").split("~"), "", ""][:3]
-        stale = time.time() - tmp.stat().st_mtime > 86400
-        if stale or (tmp_host == host and pid.isdigit() and not process_alive(int(pid))):
+        if atomic.is_leftover(tmp) or time.time() - tmp.stat().st_mtime > 86400:
             tmp.unlink(missing_ok=True)
 
 

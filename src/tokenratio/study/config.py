@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tokenratio.config import ConfigError, build_config, build_section, read_table
+from tokenratio.methods import parse_method
 
 
 @dataclass(frozen=True)
@@ -47,4 +48,9 @@ def load_study(path: str | Path, overrides: list[str] = ()):
     study = build_section(StudyConfig, table.pop("study", {}), "study.")
     if not study.methods or not study.seeds or not study.lrs or not study.betas:
         raise ConfigError("study.methods, study.betas, study.lrs and study.seeds must be non-empty")
+    for method in (*study.methods, study.check_method):
+        try:
+            parse_method(method)  # a typo fails here, before the first run trains
+        except ValueError as err:
+            raise ConfigError(f"study.methods: {err}") from None
     return study, build_config(table)

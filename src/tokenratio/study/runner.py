@@ -13,7 +13,7 @@ from pathlib import Path
 
 from tokenratio import runlog
 from tokenratio.config import with_overrides
-from tokenratio.losses import parse_method
+from tokenratio.methods import parse_method
 
 
 @dataclass(frozen=True)
@@ -58,12 +58,12 @@ def run_config(base, run: Run, paths: dict, out: Path):
     )
 
 
-def evaluate(
-    models, data: str, reference: str, beta: float, num_pairs: int, study, study_data, out: Path,
-    generate: bool,
+def eval_model(
+    models, data: str, reference: str, beta: float, num_pairs: int, study, study_data, out: Path
 ) -> dict:  # fmt: skip
-    """`tokenratio eval`'s metrics for one model into out/results.json (skipped when present),
-    on pairs tokenized as training tokenized them (`study_data`: the base DataConfig)."""
+    """`tokenratio eval`'s metrics for one model, generations and judge included, into
+    out/results.json (skipped when present), on pairs tokenized as training tokenized them
+    (`study_data`: the base DataConfig)."""
     from tokenratio.eval.evaluate import EvalConfig, run_eval
 
     if (out / "results.json").exists():
@@ -74,7 +74,7 @@ def evaluate(
         data=data,
         reference=reference,
         num_pairs=num_pairs,
-        num_prompts=e.num_prompts if generate else 0,
+        num_prompts=e.num_prompts,
         samples_per_prompt=e.samples,
         max_new_tokens=e.max_new_tokens,
         batch_size=e.batch_size,
@@ -83,7 +83,7 @@ def evaluate(
         progress=False,  # the study prints one line per evaluation
         max_length=study_data.max_length,
         max_prompt_length=study_data.max_prompt_length,
-        judge=(e.judge or None) if generate else None,
+        judge=e.judge or None,
         judge_options={"model": e.judge_model} if e.judge_model else {},
     )
     return run_eval(cfg, out)[0]
@@ -153,7 +153,7 @@ def run_study(study, base, *, command: str = "", progress: bool = True) -> dict:
             chosen[method, beta]["runs"].append(
                 train_and_validate(base, study, run, paths, out, bar)
             )
-    tested = test_all(study, base, chosen, paths, out, bar)
+    tested = evaluate_on_test(study, base, chosen, paths, out, bar)
     return write_report(study, base, chosen, tested, out, command)
 
 
@@ -167,19 +167,21 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def test_all(study, base, chosen: dict, paths: dict, out: Path, bar: Progress) -> dict:
+def evaluate_on_test(study, base, chosen: dict, paths: dict, out: Path, bar: Progress) -> dict:
     """The reference and every chosen run on the test split, with generation and the judge."""
     reference = base.model.name_or_path
     beta0 = study.betas[0]
     tested = {
         "reference": [
-            _test(study, base.data, "reference", reference, reference, beta0, paths, out, bar)
+            _evaluate_on_test(
+                study, base.data, "reference", reference, reference, beta0, paths, out, bar
+            )
         ]
     }
     for (method, beta), selection in chosen.items():
         key = f"{method} (beta {beta:g})" if len(study.betas) > 1 else method
         tested[key] = [
-            _test(
+            _evaluate_on_test(
                 study,
                 base.data,
                 r["name"],
@@ -195,11 +197,11 @@ def test_all(study, base, chosen: dict, paths: dict, out: Path, bar: Progress) -
     return tested
 
 
-def _test(study, study_data, name, path, reference, beta, paths, out, bar) -> dict:
+def _evaluate_on_test(study, study_data, name, path, reference, beta, paths, out, bar) -> dict:
     started = time.perf_counter()
     target = out / "test" / name
     skipped = (target / "results.json").exists()
-    result = evaluate(
+    result = eval_model(
         [(name, path)],
         paths["test"],
         reference,
@@ -208,7 +210,6 @@ def _test(study, study_data, name, path, reference, beta, paths, out, bar) -> di
         study,
         study_data,
         target,
-        generate=True,
     )
     bar.step(f"test {name}", time.perf_counter() - started, skipped)
     return result

@@ -1,0 +1,225 @@
+"""One optimizer step, the function everything that trains calls: `tokenratio train`'s loop,
+`tokenratio perf` (which times it as it is), the study and the tests.
+
+    batch -> policy forward -> reference forward or cached values -> LOSSES[name] -> reduce
+          -> backward -> clip -> update
+
+`prepare_step_parts` builds what a step touches (`StepParts`: models, optimizers, scheduler, the
+loss) once, through Accelerate; `train_step` runs one optimizer step over its micro-batches without
+reading any tensor back from the device; `heldout_metrics` averages a loader's pair metrics over
+every process.
+"""
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tokenratio import reference
+from tokenratio.batch import collate, collate_shared
+from tokenratio.losses import LOSSES, Loss, Needs, reduce
+from tokenratio.modeling import build_policy, has_accelerator, load_causal_lm, unwrap_peft
+from tokenratio.scoring import score_pairs
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, bad setup); the message says what to do."""
+
+
+class NonFiniteStepError(TrainingError):
+    """A non-finite loss or gradient, caught before the update."""
+
+
+@dataclass
+class StepParts:
+    """Everything one optimizer step touches (built once by `prepare_step_parts`)."""
+
+    accelerator: object
+    policy: object  # the Accelerate-prepared PolicyWithHead
+    reference: object  # a ReferenceForward (`reference.forward`), or None when none runs
+    optimizers: tuple  # the policy's optimizer, and the TBPO-Q head's when there is one
+    scheduler: object
+    loss: Loss
+    options: dict
+    needs: Needs
+    beta: float
+    chunk_elements: int
+    max_grad_norm: float
+    reference_plan: reference.Plan
+    cached_values: reference.CachedValues | None = None  # what `reference_plan` "cached" reads
+
+
+def collate_fn(cfg):
+    """The batch layout cfg.train.prefix_sharing asks for (both give the same logits)."""
+    return collate_shared if cfg.train.prefix_sharing else collate
+
+
+def batch_collator(cfg, parts: StepParts, pad_id: int, epoch: int = 0):
+    """rows -> the PreferenceBatch the step reads: the configured layout, with the cached
+    reference values of epoch `epoch` when the run reads them."""
+    collate_pairs, values = collate_fn(cfg), parts.cached_values
+    if values is None:
+        return lambda rows: collate_pairs(rows, pad_id)
+    return lambda rows: values.fill(collate_pairs(rows, pad_id), rows, epoch)
+
+
+def _fused(kind) -> dict:
+    """AdamW's fused kernel: one kernel for all parameters, and its step counts stay on the
+    device, so the update reads nothing back (the foreach one reads each count with .item())."""
+    return {"fused": True} if kind is torch.optim.AdamW else {}
+
+
+def _optimizers(cfg, policy):
+    head_params = list(policy.head.parameters()) if policy.head is not None else []
+    head_ids = {id(p) for p in head_params}
+    params = [p for p in policy.parameters() if p.requires_grad and id(p) not in head_ids]
+    kind = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW}[cfg.train.optimizer]
+    main = kind(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, **_fused(kind))
+    # The head has its own AdamW (authors' code: lr 1e-3), trained only through the TBPO-Q loss.
+    head = torch.optim.AdamW(head_params, lr=cfg.train.head_lr, fused=True) if head_params else None
+    return main, head
+
+
+def _scheduler(cfg, optimizer, total_steps):
+    from transformers import get_scheduler
+
+    name = {"cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.schedule]
+    warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+
+
+def prepare_step_parts(
+    cfg, accelerator, total_steps: int, model=None, plan=None, cached_values=None
+) -> StepParts:
+    """Models, optimizers and scheduler for `cfg`, prepared by Accelerate (`model`: skip loading).
+
+    The reference is `plan`'s (default `reference.plan(...)`): with a cached plan none is built
+    and the batches carry its values (`cached_values`, from `reference.load_or_score`). With
+    train.compile the transformer body is compiled in place (its parameter names, and so
+    checkpoints, stay as they are)."""
+    loss = LOSSES[cfg.loss.name]
+    needs = loss.needs(cfg.loss.options)
+    plan = plan or reference.plan(cfg, needs, accelerator)
+    model = load_causal_lm(cfg.model) if model is None else model
+    frozen = reference.frozen_copy(plan, model)
+    policy = build_policy(cfg.model, needs, model)
+    if cfg.train.compile:
+        unwrap_peft(policy.model).base_model.compile(dynamic=True)
+    optimizer, head_optimizer = _optimizers(cfg, policy)
+    scheduler = _scheduler(cfg, optimizer, total_steps)
+    optimizers = (optimizer, head_optimizer) if head_optimizer else (optimizer,)
+    policy, *optimizers = accelerator.prepare(policy, *optimizers)
+    return StepParts(
+        accelerator,
+        policy,
+        reference.forward(plan, accelerator, policy, frozen),
+        tuple(optimizers),
+        scheduler,
+        loss,
+        dict(cfg.loss.options),
+        needs,
+        cfg.loss.beta,
+        cfg.train.logprob_chunk_elements,
+        cfg.train.max_grad_norm or float("inf"),
+        plan,
+        cached_values,
+    )
+
+
+def _add_metrics(sums: dict, losses, metrics) -> None:
+    """Per-pair sums, kept on the device: read only when logging."""
+    for key, value in {"loss": losses, **metrics}.items():
+        sums[key] = sums.get(key, 0.0) + value.detach().float().sum()
+
+
+def step_losses(parts: StepParts, batch):
+    """Per-pair losses (B,) and metrics of one batch, through the one scoring path."""
+    token_logps = score_pairs(
+        parts.policy, parts.reference, batch, parts.needs, chunk_elements=parts.chunk_elements
+    )
+    return parts.loss(token_logps, beta=parts.beta, **parts.options)
+
+
+def train_step(parts: StepParts, micro_batches: list) -> dict:
+    """One optimizer step over `micro_batches` (gradient accumulation): forward, loss, backward,
+    clip, update, without waiting for the device: nothing here reads a tensor's value.
+
+    Returns:
+        the per-pair metric sums (device tensors), "pairs" and "real_tokens" (ints counted on
+        the CPU when collated) and "finite" (a device bool: were the loss and the gradient
+        finite). The caller reads "finite" (`check_finite`) before it logs, evaluates or saves,
+        so no checkpoint ever holds the weights of a non-finite step.
+    """
+    accelerator, policy = parts.accelerator, parts.policy
+    sums = {}
+    for i, batch in enumerate(micro_batches):
+        last = i == len(micro_batches) - 1
+        with contextlib.nullcontext() if last else accelerator.no_sync(policy):
+            losses, metrics = step_losses(parts, batch)
+            accelerator.backward(reduce(losses) / len(micro_batches))
+        _add_metrics(sums, losses, metrics)
+    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), parts.max_grad_norm)
+    # A device flag, read with the metrics (`check_finite`), never here: reading it would make
+    # every step wait for the device.
+    finite = torch.isfinite(grad_norm) & torch.isfinite(sums["loss"])
+    for optimizer in parts.optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    parts.scheduler.step()
+    sums["pairs"] = sum(b.num_pairs for b in micro_batches)
+    sums["real_tokens"] = sum(b.real_tokens for b in micro_batches)
+    sums["finite"] = finite
+    return sums
+
+
+def check_finite(flags: list) -> None:
+    """Raise NonFiniteStepError naming the first step whose loss or gradient was not finite.
+
+    Args:
+        flags: (step number, device bool from `train_step`) of the steps since the last check;
+            read here, at log, evaluation and checkpoint time, in one transfer.
+    """
+    if not flags:
+        return
+    ok = torch.stack([flag for _, flag in flags]).cpu()
+    if not bool(ok.all()):
+        first = flags[int((~ok).nonzero()[0])][0]
+        raise NonFiniteStepError(f"first at step {first}")
+
+
+def heldout_metrics(parts: StepParts, loader) -> dict:
+    """Held-out loss and pair metrics (implicit-reward accuracy and margins), all processes."""
+    parts.policy.eval()
+    sums, count = {}, 0
+    with torch.no_grad():
+        for batch in loader:
+            losses, metrics = step_losses(parts, batch)
+            _add_metrics(sums, losses, metrics)
+            count += losses.shape[0]
+    parts.policy.train()
+    return {f"eval_{k}": v for k, v in mean_metrics(parts.accelerator, sums, count).items()}
+
+
+def mean_metrics(accelerator, sums: dict, count: int) -> dict:
+    """Average per-pair metric sums over all processes."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    device = accelerator.device
+    values = [torch.as_tensor(sums[k], device=device) for k in keys]
+    stacked = torch.stack([*values, torch.tensor(float(count), device=device)])
+    total = accelerator.reduce(stacked, reduction="sum")
+    return {k: float(total[i] / total[-1]) for i, k in enumerate(keys)}
+
+
+def make_accelerator(cfg, out: Path | None = None):
+    from accelerate import Accelerator
+
+    return Accelerator(
+        cpu=cfg.train.cpu or not has_accelerator(),
+        mixed_precision=cfg.train.mixed_precision,
+        log_with=list(cfg.train.report_to) or None,
+        project_dir=None if out is None else str(out),
+    )
