@@ -229,9 +229,10 @@ def parse_override(text: str) -> tuple[list[str], object]:
     """ "section.key=value" -> (["section", "key"], value), the value on methods.py's rules."""
     from tokenratio.methods import parse_assignment
 
-    if "=" not in text:
-        raise ConfigError(f"override '{text}' must look like section.key=value")
-    key, value = parse_assignment(text, "override", "section.key=value")
+    try:
+        key, value = parse_assignment(text, "override", "section.key=value")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     return key.split("."), value
 
 

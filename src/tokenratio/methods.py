@@ -51,22 +51,6 @@ def parse_method(spec: str) -> tuple[str, dict]:
     return name, options
 
 
-def format_method(name: str, options: dict) -> str:
-    """The inverse of `parse_method` (for the values it reads back)."""
-    if not options:
-        return name
-    values = ",".join(f"{k}={_format_value(v)}" for k, v in options.items())
-    return f"{name}[{values}]"
-
-
-def _format_value(value) -> str:
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
-
-
 def parse_row(row: str) -> tuple[str, dict]:
     """ "dpo+prefix_sharing=false+ref_cache" -> ("dpo", {"prefix_sharing": False, "ref_cache":
     True}): a perf row's method (or "trl") and its train switches (a bare switch is true)."""

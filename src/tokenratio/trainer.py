@@ -14,6 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import torch
 from torch.utils.data import DataLoader
 
 from tokenratio import atomic, checkpoint, reference, rundir, runlog
@@ -277,8 +278,6 @@ def _last_evaluation(out: Path) -> dict:
 
 def _epoch_batches(cfg, parts: StepParts, data, pad_id, state: LoopState):
     """This epoch's micro-batches, grouped into optimizer steps, from the resume position on."""
-    import torch
-
     seed = cfg.train.seed * 1000 + state.epoch
     if cfg.train.group_by_length:
         lengths = pair_lengths(data, shared=cfg.train.prefix_sharing)

@@ -64,9 +64,8 @@ def run(args: argparse.Namespace) -> int:
     except (DataError, TrainingError, RunDirError, CheckpointError, ValueError, OSError) as err:
         return fail("train", err)
     if int(os.environ.get("RANK", "0")) == 0 and not result.get("finished_before"):
-        print(
-            train_summary(result, cfg.train.output_dir)
-        )  # once under torchrun / accelerate launch
+        # once under torchrun / accelerate launch
+        print(train_summary(result, cfg.train.output_dir))
     return 0
 
 

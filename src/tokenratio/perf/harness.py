@@ -282,7 +282,7 @@ def run_perf(
         "data": data,
         **settings,
     }
-    config = _report_config(common, steps, repeats, settings)
+    config = _report_config(common, steps, repeats)
     measured: dict[str, list[dict]] = {r: [] for r in rows}
     report = {"config": config, "rows": [], "raw": measured}
     for rep in range(repeats):
@@ -304,7 +304,7 @@ def run_perf(
     return report
 
 
-def _report_config(common: dict, steps: int, repeats: int, settings: dict) -> dict:
+def _report_config(common: dict, steps: int, repeats: int) -> dict:
     """perf.json's "config": the run's shape, its machine, token counts and the command."""
     model, data, lengths, warmup = (
         common["model"],
@@ -314,9 +314,8 @@ def _report_config(common: dict, steps: int, repeats: int, settings: dict) -> di
     )
     dtype, device = common["dtype"], common["device"]
     timed = [i for b in common["plans"]["shared"][warmup:] for i in b]
-    shape = (
-        settings if data != "fixed" else {k: settings[k] for k in ("prompt_len", "response_len")}
-    )
+    lengths_settings = ("prompt_len", "response_len", "max_length", "max_prompt_length")
+    shape = {k: common[k] for k in lengths_settings[: 2 if data == "fixed" else 4]}
     return {
         **{k: common[k] for k in ("model", "warmup", "batch", "device", "dtype", "threads")},
         "steps": steps,
