@@ -18,6 +18,7 @@ LAYERS = {
     ),
     "data and models": (
         "batch", "checkpoint", "curves", "data", "modeling", "reference", "rundir", "scoring",
+        "trunk",
     ),
     "step": ("step",),
     "workflows": ("bench", "eval", "integrations", "perf", "study", "tisdpo", "trainer"),

@@ -43,6 +43,10 @@ class PreferenceBatch:
         ref_sample_tokens, ref_sample_logps: (2B, T) int64 and float32, or None: the cache's token
             a ~ pi_ref at each response position and log pi_ref(a) (TBPO-A's k3), IGNORE_INDEX
             and 0 beyond the response.
+        trunk_hidden, trunk_layers: None and 0, or (rows, L, H) float: the hidden states entering
+            decoder layer `trunk_layers` at every input position, from the frozen trunk's cache
+            (`trunk.TrunkCache.fill`, train.trunk_cache); the model then runs only the layers
+            from `trunk_layers` on (`modeling.decoder_states`). Zeros at padding.
         real_tokens: the pairs' tokens as two rows each would hold them (prompt counted once per
             side, padding not): counted on the CPU when collated, so reading it never waits for
             the device.
@@ -60,6 +64,8 @@ class PreferenceBatch:
     ref_logps: torch.Tensor | None = None
     ref_sample_tokens: torch.Tensor | None = None
     ref_sample_logps: torch.Tensor | None = None
+    trunk_hidden: torch.Tensor | None = None
+    trunk_layers: int = 0
     real_tokens: int = 0
 
     @property

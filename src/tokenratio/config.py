@@ -96,6 +96,12 @@ class TrainConfig:
     # TBPO-A's cached k3: tokens a ~ pi_ref drawn per response position (epoch e uses sample
     # e mod k3_samples).
     k3_samples: int = 1
+    # LoRA on the last layers (model.lora_last_layers): the frozen layers below them computed
+    # once per pair and kept (trunk.py), so a step runs only the adapted layers and the head.
+    trunk_cache: bool = False
+    # final/ with LoRA merged into a full copy (and the adapter in final/adapter/); false: the
+    # adapter alone (a few MB), which from_pretrained loads onto the base model it names.
+    save_merged: bool = True
     compile: bool = False  # torch.compile the policy's forward (measured: `tokenratio perf`)
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the end)

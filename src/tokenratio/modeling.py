@@ -6,6 +6,7 @@ every output is response token j, as the losses expect. `scoring.py` turns these
 contract.
 """
 
+import contextlib
 import copy
 import shutil
 from pathlib import Path
@@ -67,25 +68,93 @@ def segment_mask(segments: torch.Tensor, boolean: bool) -> torch.Tensor:
     )
 
 
-def _response_hidden(inner, batch: PreferenceBatch) -> torch.Tensor:
-    """Final hidden states (2B, T, H) at the response-predicting positions, from the plain
-    layout (2B rows) or the prefix-shared one (`batch.collate_shared`: B rows in, 2B out)."""
+def attention_mask(inner, batch: PreferenceBatch) -> torch.Tensor:
+    """The mask the decoder reads: the 4D segment mask for sdpa and eager attention, from the
+    prefix-shared layout's segments or the plain rows' padding; the 2D padding mask for flash
+    attention and kin (which take no 4D mask, so no prefix sharing)."""
     implementation = getattr(inner.config, "_attn_implementation", None) or "sdpa"
-    if implementation not in ("sdpa", "eager"):  # flash attention and kin take no 4D mask
+    if implementation not in ("sdpa", "eager"):
         if batch.segments is not None:
             raise ValueError(
                 f"prefix sharing needs sdpa or eager attention, not {implementation}: set "
                 "train.prefix_sharing = false"
             )
-        mask = batch.attention_mask
-    else:
-        segments = batch.segments
-        if segments is None:  # plain rows: prompt and response are one segment, padding another
-            segments = torch.where(batch.attention_mask.bool(), 0, 3)
-        mask = segment_mask(segments, boolean=implementation == "sdpa")
-    hidden = inner.base_model(
-        input_ids=batch.input_ids, attention_mask=mask, position_ids=batch.position_ids
-    ).last_hidden_state  # (rows, L, H)
+        return batch.attention_mask
+    segments = batch.segments
+    if segments is None:  # plain rows: prompt and response are one segment, padding another
+        segments = torch.where(batch.attention_mask.bool(), 0, 3)
+    return segment_mask(segments, boolean=implementation == "sdpa")
+
+
+def decoder_layers(inner) -> nn.ModuleList:
+    """The decoder's list of layers (`model.layers` in every transformers decoder-only LM)."""
+    layers = getattr(inner.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(
+            f"{type(inner).__name__} keeps no decoder layer list at base_model.layers: the "
+            "frozen trunk cannot be split from it; set train.trunk_cache = false"
+        )
+    return layers
+
+
+@contextlib.contextmanager
+def _swapped(module: nn.Module, **replacements):
+    """`module`'s submodules replaced for the duration (its own stay registered after)."""
+    saved = {name: getattr(module, name) for name in replacements}
+    try:
+        for name, value in replacements.items():
+            setattr(module, name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(module, name, value)
+
+
+def trunk_states(inner, batch: PreferenceBatch, layers: int) -> torch.Tensor:
+    """The hidden states (rows, L, H) entering decoder layer `layers`: the decoder run with only
+    its first `layers` layers and no final norm (the frozen trunk, docs/training.md)."""
+    lower = nn.ModuleList(list(decoder_layers(inner))[:layers])
+    with _swapped(inner.base_model, layers=lower, norm=nn.Identity()):
+        return _decoder(inner, batch)
+
+
+def decoder_states(inner, batch: PreferenceBatch) -> torch.Tensor:
+    """The decoder's final hidden states (rows, L, H). With `batch.trunk_hidden` (the frozen
+    trunk's cached output) only the layers from `batch.trunk_layers` on run: the first of them
+    reads the cached states instead of the embeddings (which are looked up, then unused), and
+    the mask, positions and rotary tables are built as in the full forward."""
+    if batch.trunk_hidden is None:
+        return _decoder(inner, batch)
+    upper = nn.ModuleList(list(decoder_layers(inner))[batch.trunk_layers :])
+    first = next(upper[0].parameters())
+    cached = batch.trunk_hidden.to(first.device, first.dtype)
+
+    def inject(module, args, kwargs):
+        if args:
+            return (cached, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": cached}
+
+    handle = upper[0].register_forward_pre_hook(inject, with_kwargs=True)
+    try:
+        with _swapped(inner.base_model, layers=upper):
+            return _decoder(inner, batch)
+    finally:
+        handle.remove()
+
+
+def _decoder(inner, batch: PreferenceBatch) -> torch.Tensor:
+    return inner.base_model(
+        input_ids=batch.input_ids,
+        attention_mask=attention_mask(inner, batch),
+        position_ids=batch.position_ids,
+        use_cache=False,  # training and scoring never decode: no KV cache to fill
+    ).last_hidden_state
+
+
+def _response_hidden(inner, batch: PreferenceBatch) -> torch.Tensor:
+    """Final hidden states (2B, T, H) at the response-predicting positions, from the plain
+    layout (2B rows) or the prefix-shared one (`batch.collate_shared`: B rows in, 2B out)."""
+    hidden = decoder_states(inner, batch)  # (rows, L, H)
     rows, length, width = hidden.shape
     source = batch.source_rows
     if source is None:
@@ -294,9 +363,11 @@ def _has_module(model, suffix: str) -> bool:
     return any(name.endswith(suffix) for name, _ in model.named_modules())
 
 
-def save_final(policy: PolicyWithHead, tokenizer, directory: Path) -> Path:
+def save_final(policy: PolicyWithHead, tokenizer, directory: Path, merged: bool = True) -> Path:
     """Write a model directory that `AutoModelForCausalLM.from_pretrained` loads (LoRA merged; the
-    adapter itself also in adapter/), the TBPO-Q head beside it, and the tokenizer. Written into
+    adapter itself also in adapter/; with `merged` false (train.save_merged) the adapter alone,
+    which from_pretrained loads onto its base model), the TBPO-Q head beside it, and the
+    tokenizer. Written into
     `directory`.tmp and published when complete (`atomic.publish_dir`, with its COMPLETE
     marker): a crash leaves no half model."""
     from tokenratio.atomic import COMPLETE, publish_dir
@@ -305,10 +376,10 @@ def save_final(policy: PolicyWithHead, tokenizer, directory: Path) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model = policy.model
-    if hasattr(model, "merge_and_unload"):
+    if hasattr(model, "merge_and_unload") and merged:
         model.save_pretrained(tmp / "adapter")
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True)  # the adapter alone when not merged
     tokenizer.save_pretrained(tmp)
     if policy.head is not None:
         policy.head.save_pretrained(tmp)

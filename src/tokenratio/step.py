@@ -49,6 +49,7 @@ class StepParts:
     max_grad_norm: float
     reference_plan: reference.Plan
     cached_values: reference.CachedValues | None = None  # what `reference_plan` "cached" reads
+    trunk: object = None  # a trunk.TrunkCache (train.trunk_cache), or None: the whole model runs
 
 
 def collate_fn(cfg):
@@ -57,12 +58,17 @@ def collate_fn(cfg):
 
 
 def batch_collator(cfg, parts: StepParts, pad_id: int, epoch: int = 0):
-    """rows -> the PreferenceBatch the step reads: the configured layout, with the cached
-    reference values of epoch `epoch` when the run reads them."""
-    collate_pairs, values = collate_fn(cfg), parts.cached_values
-    if values is None:
-        return lambda rows: collate_pairs(rows, pad_id)
-    return lambda rows: values.fill(collate_pairs(rows, pad_id), rows, epoch)
+    """rows -> the PreferenceBatch the step reads: the configured layout, with the frozen
+    trunk's states and the cached reference values of epoch `epoch` when the run reads them."""
+    collate_pairs, values, trunk = collate_fn(cfg), parts.cached_values, parts.trunk
+
+    def collate_batch(rows):
+        batch = collate_pairs(rows, pad_id)
+        if trunk is not None:
+            batch = trunk.fill(batch, rows)
+        return batch if values is None else values.fill(batch, rows, epoch)
+
+    return collate_batch
 
 
 def _fused(kind) -> dict:

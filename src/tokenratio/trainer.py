@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from tokenratio import atomic, checkpoint, reference, rundir, runlog
+from tokenratio import atomic, checkpoint, reference, rundir, runlog, trunk
 from tokenratio.batch import length_grouped_order, pair_lengths
 from tokenratio.curves import plot_run
 from tokenratio.data import load_raw, tokenize_dataset
@@ -199,13 +199,14 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     _check_weights(cfg, needs, heldout)
     ref_plan = reference.plan(cfg, needs, accelerator)
     accelerator.print(f"reference: {ref_plan.reason}")
-    values = None
-    if ref_plan.cached:
-        values = reference.load_or_score(
-            cfg, ref_plan, accelerator, tokenizer, (data, heldout), progress=progress
-        )
     total_steps = _total_steps(cfg, len(data), accelerator.num_processes)
-    parts = prepare_step_parts(cfg, accelerator, total_steps, plan=ref_plan, cached_values=values)
+    parts = prepare_step_parts(cfg, accelerator, total_steps, plan=ref_plan)
+    if cfg.train.trunk_cache:  # before the reference's scoring pass, which reads it too
+        parts.trunk = trunk.for_run(cfg, parts, tokenizer, (data, heldout), progress)
+    if ref_plan.cached:
+        parts.cached_values = reference.load_or_score(
+            cfg, ref_plan, accelerator, tokenizer, (data, heldout), progress, parts.trunk
+        )
     state = _start_state(cfg, parts, plan, total_steps)
     _write_run_files(accelerator, out, cfg, report, splits)
     accelerator.init_trackers("tokenratio", config={"loss": cfg.loss.name, "beta": cfg.loss.beta})
@@ -224,7 +225,9 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
         _log(accelerator, out / runlog.NAME, {"step": n, **final_eval})
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_final(accelerator.unwrap_model(parts.policy), tokenizer, out / "final")
+        save_final(
+            accelerator.unwrap_model(parts.policy), tokenizer, out / "final", cfg.train.save_merged
+        )
     _draw_curves(accelerator, cfg)
     accelerator.end_training()
     seconds = time.perf_counter() - started

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from tokenratio.atomic import write_text
-from tokenratio.batch import collate_rows
+from tokenratio.batch import collate, collate_rows
 from tokenratio.config import DataConfig
 from tokenratio.data import load_raw, tokenize_dataset
 from tokenratio.eval import metrics
@@ -59,6 +59,11 @@ class EvalConfig:
     judge: str | None = None  # reward-model:PATH | openai:URL
     judge_options: dict = field(default_factory=dict)  # model, api_key, timeout, retries
     versus: str = "dataset"  # "dataset" (its chosen response) or the name of one of the models
+    # Pair scoring above the frozen trunk the model shares with the reference (trunk.py): the
+    # leading layers both hold identically (a LoRA-on-the-last-layers model and its base) run
+    # once per pair, cached beside the data.
+    trunk_cache: bool = False
+    mixed_precision: str = "no"  # no | bf16: scoring and generation under bf16 autocast
     progress: bool = True  # a bar per stage (scoring, generation) on stderr
 
 
@@ -78,13 +83,43 @@ def _bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, leave=False)
 
 
+def autocast(precision: str):
+    """bf16 autocast on the models' device type for "bf16", else nothing."""
+    import contextlib
+
+    if precision == "no":
+        return contextlib.nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=dtype)
+
+
+def _trunk_batches(pairs, pad_id: int, batch_size: int, trunk):
+    """`batches` of `pairs`, each with the frozen trunk's cached states when `trunk` is given."""
+    if trunk is None:
+        return batches(pairs, pad_id, batch_size)
+    rows = [pairs[i] for i in range(len(pairs))]
+    return (
+        trunk.fill(collate(rows[i : i + batch_size], pad_id), rows[i : i + batch_size])
+        for i in range(0, len(rows), batch_size)
+    )
+
+
 @torch.no_grad()
 def preference_metrics(
-    model, reference, pairs, pad_id: int, beta: float, batch_size: int, progress: bool = False
+    model,
+    reference,
+    pairs,
+    pad_id: int,
+    beta: float,
+    batch_size: int,
+    progress: bool = False,
+    trunk=None,
 ) -> dict:
-    """Implicit-reward accuracy and margin, and KL(pi || pi_ref) per response, on held-out pairs."""
+    """Implicit-reward accuracy and margin, and KL(pi || pi_ref) per response, on held-out pairs;
+    "per_pair" keeps each pair's record, correctness and margin (the study's paired tests)."""
     accuracy, margin, kl, kl_token = [], [], [], []
-    scored = score_batches([model, reference], batches(pairs, pad_id, batch_size))
+    scored = score_batches([model, reference], _trunk_batches(pairs, pad_id, batch_size, trunk))
     bar = _bar(len(pairs), "eval: scoring pairs", progress)
     for batch, ((logits, _), (ref_logits, _)) in scored:
         bar.update(batch.num_pairs)
@@ -105,6 +140,11 @@ def preference_metrics(
         "reward_margin": mean_se(margin),
         "kl_to_ref": mean_se(kl),
         "kl_per_token": mean_se(kl_token),
+        "per_pair": {
+            "record": list(pairs["record"]) if "record" in pairs.column_names else [],
+            "correct": accuracy,
+            "margin": margin,
+        },
     }
 
 
@@ -178,21 +218,43 @@ def evaluate_model(name, path, reference, raw, cfg: EvalConfig) -> dict:
     pairs, report = tokenize_dataset(raw, tokenizer, data_cfg)
     result = {"name": name, "path": path, "data": report}
     held_out = pairs.select(range(min(cfg.num_pairs, len(pairs))))
-    if reference is not None:
-        result.update(
-            preference_metrics(
-                model,
-                reference,
-                held_out,
-                tokenizer.pad_token_id,
-                cfg.beta,
-                cfg.batch_size,
-                cfg.progress,
+    with autocast(cfg.mixed_precision):
+        if reference is not None:
+            trunk = _shared_trunk(model, reference, held_out, tokenizer, cfg)
+            result.update(
+                preference_metrics(
+                    model,
+                    reference,
+                    held_out,
+                    tokenizer.pad_token_id,
+                    cfg.beta,
+                    cfg.batch_size,
+                    cfg.progress,
+                    trunk,
+                )
             )
-        )
-    if cfg.num_prompts:
-        result.update(generation_metrics(model, tokenizer, pairs, raw, report, cfg))
+        if cfg.num_prompts:
+            result.update(generation_metrics(model, tokenizer, pairs, raw, report, cfg))
     return result
+
+
+def _shared_trunk(model, reference, pairs, tokenizer, cfg: EvalConfig):
+    """The frozen trunk `model` and `reference` share, over `pairs` (cfg.trunk_cache), or None."""
+    if not cfg.trunk_cache:
+        return None
+    from tokenratio import trunk
+    from tokenratio.modeling import unwrap_peft
+
+    layers = trunk.shared_layers(model, reference)
+    if layers == 0:
+        return None
+    inner = unwrap_peft(reference)
+    dtype = str(next(inner.parameters()).dtype).removeprefix("torch.")
+    device = next(inner.parameters()).device
+    key = trunk.identity(inner, layers, f"{dtype}/{cfg.mixed_precision}", device.type)
+    rows = [pairs[i] for i in range(len(pairs))]
+    compute = (tokenizer.pad_token_id, cfg.batch_size, lambda: autocast(cfg.mixed_precision))
+    return trunk.load_or_compute(inner, layers, key, cfg.data, rows, compute, cfg.progress)
 
 
 def generation_metrics(model, tokenizer, pairs, raw, report: dict, cfg: EvalConfig) -> dict:

@@ -91,14 +91,16 @@ def _drop(path: Path, why: str, say) -> None:
         path.unlink()
 
 
-def fill_missing(model_loader, todo: dict, writer: ShardWriter, run) -> None:
+def fill_missing(model_loader, todo: dict, writer: ShardWriter, run, trunk=None) -> None:
     """Score this process's share of `todo` into `writer` (shards on disk as it goes, when it
-    has a directory). `run`: the pad id, eval batch size, progress flag and autocast context."""
+    has a directory). `run`: the pad id, eval batch size, progress flag and autocast context;
+    `trunk`: a trunk.TrunkCache holding these pairs (the reference runs only above it)."""
     pad_id, batch_size, progress, autocast = run
     if todo:
         model = model_loader()
         with autocast():
-            for entries in scoring.score(model, todo, pad_id, batch_size, writer.samples, progress):
+            scored = scoring.score(model, todo, pad_id, batch_size, writer.samples, progress, trunk)
+            for entries in scored:
                 writer.add(entries)
         del model
     writer.flush()
@@ -113,10 +115,13 @@ def gather(accelerator, shards: list[dict]) -> list[dict]:
     return [tensors for part in gather_object([shards]) for tensors in part]
 
 
-def load_or_score(cfg, plan, accelerator, tokenizer, datasets, progress: bool) -> CachedValues:
+def load_or_score(
+    cfg, plan, accelerator, tokenizer, datasets, progress: bool, trunk=None
+) -> CachedValues:
     """The cached values of every pair in `datasets`; the missing ones are scored once, shared
     out over the processes (each loads the reference for that and drops it), under the
-    training's autocast, and each process writes its shards as it goes."""
+    training's autocast, and each process writes its shards as it goes (above the frozen
+    trunk's cached states when `trunk` holds them)."""
     from tokenratio.modeling import load_causal_lm
 
     device = accelerator.device
@@ -141,7 +146,7 @@ def load_or_score(cfg, plan, accelerator, tokenizer, datasets, progress: bool) -
         return load_causal_lm(cfg.model).to(device).eval()
 
     run = (tokenizer.pad_token_id, cfg.train.eval_batch_size, bar, accelerator.autocast)
-    fill_missing(loader, share, writer, run)
+    fill_missing(loader, share, writer, run, trunk)
     for tensors in gather(accelerator, writer.written):
         values.add(tensors)
     accelerator.wait_for_everyone()

@@ -50,18 +50,27 @@ def _samples(logits: torch.Tensor, key: bytes, side: int, samples: int) -> tuple
 
 
 @torch.no_grad()
-def score(model, pairs: dict, pad_id: int, batch_size: int, samples: int, progress: bool):
+def score(
+    model, pairs: dict, pad_id: int, batch_size: int, samples: int, progress: bool, trunk=None
+):
     """Score `pairs` ({key: token ids}) with the frozen reference; yields each batch's entries
-    (pair key, {"chosen_logps": (C,) float32, ...}) as `store.pack` takes them."""
+    (pair key, {"chosen_logps": (C,) float32, ...}) as `store.pack` takes them. With `trunk`
+    (a trunk.TrunkCache holding the pairs) the reference runs only above the frozen trunk."""
     from tokenratio.batch import collate_shared
     from tokenratio.logprobs import token_logps
     from tokenratio.scoring import batches, score_batches
 
     pairs = longest_first(pairs)
     keys, rows = list(pairs), list(pairs.values())
+    collate_pairs = collate_shared
+    if trunk is not None:
+
+        def collate_pairs(chunk, pad):
+            return trunk.fill(collate_shared(chunk, pad), chunk)
+
     scored = score_batches(
         [model],
-        batches(rows, pad_id, batch_size, collate_shared),
+        batches(rows, pad_id, batch_size, collate_pairs),
         progress=progress,
         desc="reference",
     )

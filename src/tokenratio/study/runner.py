@@ -59,11 +59,12 @@ def run_config(base, run: Run, paths: dict, out: Path):
 
 
 def eval_model(
-    models, data: str, reference: str, beta: float, num_pairs: int, study, study_data, out: Path
+    models, data: str, reference: str, beta: float, num_pairs: int, study, base, out: Path
 ) -> dict:  # fmt: skip
     """`tokenratio eval`'s metrics for one model, generations and judge included, into
-    out/results.json (skipped when present), on pairs tokenized as training tokenized them
-    (`study_data`: the base DataConfig)."""
+    out/results.json (skipped when present), on pairs tokenized as training tokenized them, with
+    the training's trunk cache and precision (`base`: the base Config)."""
+    study_data = base.data
     from tokenratio.eval.evaluate import EvalConfig, run_eval
 
     if (out / "results.json").exists():
@@ -85,6 +86,8 @@ def eval_model(
         max_prompt_length=study_data.max_prompt_length,
         judge=e.judge or None,
         judge_options={"model": e.judge_model} if e.judge_model else {},
+        trunk_cache=base.train.trunk_cache,
+        mixed_precision=base.train.mixed_precision,
     )
     return run_eval(cfg, out)[0]
 
@@ -174,7 +177,7 @@ def evaluate_on_test(study, base, chosen: dict, paths: dict, out: Path, bar: Pro
     tested = {
         "reference": [
             _evaluate_on_test(
-                study, base.data, "reference", reference, reference, beta0, paths, out, bar
+                study, base, "reference", reference, reference, beta0, paths, out, bar
             )
         ]
     }
@@ -183,7 +186,7 @@ def evaluate_on_test(study, base, chosen: dict, paths: dict, out: Path, bar: Pro
         tested[key] = [
             _evaluate_on_test(
                 study,
-                base.data,
+                base,
                 r["name"],
                 str(out / "runs" / r["name"] / "final"),
                 reference,
@@ -197,7 +200,7 @@ def evaluate_on_test(study, base, chosen: dict, paths: dict, out: Path, bar: Pro
     return tested
 
 
-def _evaluate_on_test(study, study_data, name, path, reference, beta, paths, out, bar) -> dict:
+def _evaluate_on_test(study, base, name, path, reference, beta, paths, out, bar) -> dict:
     started = time.perf_counter()
     target = out / "test" / name
     skipped = (target / "results.json").exists()
@@ -208,7 +211,7 @@ def _evaluate_on_test(study, study_data, name, path, reference, beta, paths, out
         beta,
         study.test_pairs,
         study,
-        study_data,
+        base,
         target,
     )
     bar.step(f"test {name}", time.perf_counter() - started, skipped)
