@@ -41,15 +41,21 @@ def toml_value(value) -> str:
 def config_as_toml(config: Config) -> str:
     lines = []
     for section in fields(config):
-        part = getattr(config, section.name)
-        comments = field_comments(type(part))
-        lines.append(f"[{section.name}]")
-        for f in fields(part):
-            value = getattr(part, f.name)
-            comment = f"  # {comments[f.name]}" if comments.get(f.name) else ""
-            if value is None:  # TOML has no null: left unset
-                lines.append(f"# {f.name} =  (unset){comment}")
-            elif not is_dataclass(value):
-                lines.append(f"{f.name} = {toml_value(value)}{comment}")
-        lines.append("")
+        lines += section_as_toml(section.name, getattr(config, section.name))
     return "\n".join(lines)
+
+
+def section_as_toml(name: str, part) -> list[str]:
+    """One table's lines (and its nested tables', e.g. [study.eval]), a blank line after each."""
+    comments = field_comments(type(part))
+    lines, nested = [f"[{name}]"], []
+    for f in fields(part):
+        value = getattr(part, f.name)
+        comment = f"  # {comments[f.name]}" if comments.get(f.name) else ""
+        if value is None:  # TOML has no null: left unset
+            lines.append(f"# {f.name} =  (unset){comment}")
+        elif is_dataclass(value):
+            nested += section_as_toml(f"{name}.{f.name}", value)
+        else:
+            lines.append(f"{f.name} = {toml_value(value)}{comment}")
+    return [*lines, "", *nested]

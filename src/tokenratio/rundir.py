@@ -84,7 +84,7 @@ def claim(out: Path, plan: Plan) -> None:
         for path in out.iterdir():
             if path.name != LOCK:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
-    _take_lock(out)
+    take_lock(out)
     if plan.keep_metrics_to is not None:
         runlog.trim(out / runlog.NAME, plan.keep_metrics_to)
     if plan.changes:
@@ -159,24 +159,27 @@ def _read_lock(lock: Path) -> dict:
         return {}
 
 
-def _check_lock(out: Path) -> None:
+def _check_lock(out: Path, setting: str = "train.output_dir") -> None:
     holder = _read_lock(out / LOCK)
     if holder.get("host") == socket.gethostname() and _alive(holder.get("pid")):
+        what = "study" if setting.startswith("study") else "run"
         raise RunDirError(
-            f"train.output_dir {out} is in use by a live run (PID {holder['pid']}); wait for it, "
-            f"stop it, or choose another train.output_dir"
+            f"{setting} {out} is in use by a live {what} (PID {holder['pid']}); wait for it, "
+            f"stop it, or choose another {setting}"
         )
 
 
-def _take_lock(out: Path) -> None:
-    """Create the lock naming this process; a stale one (its process gone) is taken over."""
+def take_lock(out: Path, setting: str = "train.output_dir") -> None:
+    """Create the lock naming this process; a stale one (its process gone) is taken over. A
+    live holder is a RunDirError naming `setting` (the option that chose the directory)."""
+    out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK
     record = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
-            _check_lock(out)
+            _check_lock(out, setting)
             lock.unlink(missing_ok=True)  # stale: its process is gone
             continue
         with os.fdopen(fd, "w") as handle:

@@ -2,7 +2,9 @@
 structure, disjoint splits, and a rerun that finds everything done."""
 
 import json
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -17,6 +19,10 @@ def write_config(path, model_dir, data, out):
         f"""
 [model]
 name_or_path = "{model_dir}"
+lora_r = 4
+lora_alpha = 8
+lora_dropout = 0.0
+lora_last_layers = 1
 
 [data]
 path = "{data}"
@@ -29,6 +35,8 @@ optimizer = "adamw"
 batch_size = 2
 max_steps = 2
 warmup_ratio = 0.0
+trunk_cache = true
+save_merged = false
 
 [study]
 methods = ["dpo", "tdpo1[generator=sba]"]
@@ -78,11 +86,60 @@ def test_study_runs_selects_lr_evaluates_on_test_and_reports(
     assert [len(texts[n]) for n in SPLITS] == [40, 16, 16]
     assert not texts["test"] & (texts["train"] | texts["valid"])
 
-    finals = sorted((out / "runs").glob("*/final/model.safetensors"))
+    for result in report["results"]["dpo"]:
+        outcomes = result["per_pair"]
+        assert 10 < len(outcomes["correct"]) == len(outcomes["record"]) <= 16
+    compared = {(c["method"], c["baseline"]): c for c in report["comparisons"]}
+    assert set(compared) == {
+        ("dpo", "reference"), ("tdpo1[generator=sba]", "dpo"),
+        ("tdpo1[generator=sba]", "reference"),
+    }  # fmt: skip
+    for entry in compared.values():
+        assert entry["low"] <= entry["diff"] <= entry["high"] and 0 <= entry["p_value"] <= 1
+        assert entry["verdict"] in ("better", "worse", "no difference detectable")
+    assert "## Verdicts" in markdown and "vs reference" in markdown
+
+    # adapters only (no merged copy), which from_pretrained loads onto the base model
+    finals = sorted((out / "runs").glob("*/final/adapter_model.safetensors"))
+    assert len(finals) == 4 and not list((out / "runs").glob("*/final/model.safetensors"))
+    caches = Path(os.environ["TOKENRATIO_REF_CACHE_DIR"])  # conftest: never beside the data
+    assert list(caches.glob("trunk-*/shard-*.safetensors"))  # the frozen trunk, kept
     stamps = [p.stat().st_mtime_ns for p in finals]
     assert main(["study", str(config)]) == 0  # everything found: nothing retrained
     assert "found, skipped" in capsys.readouterr().out
     assert [p.stat().st_mtime_ns for p in finals] == stamps
+
+    # other settings than the runs were made with: refused in one line naming them
+    changed = ["study", str(config), "--set", "train.max_steps=3"]
+    assert main(changed) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.max_steps: 2 -> 3" in err[0] and "--overwrite" in err[0]
+    assert [p.stat().st_mtime_ns for p in finals] == stamps
+
+
+def test_a_second_study_into_the_same_directory_is_refused(tiny_model_dir, hh_jsonl, tmp_path):
+    import socket
+
+    from tokenratio.rundir import RunDirError
+    from tokenratio.study.config import load_study
+    from tokenratio.study.runner import run_study
+
+    out = tmp_path / "study"
+    out.mkdir()
+    holder = {"pid": os.getppid(), "host": socket.gethostname()}  # a live process: pytest's parent
+    (out / ".lock").write_text(json.dumps(holder))
+    study, base = load_study(write_config(tmp_path / "s.toml", tiny_model_dir, hh_jsonl, out))
+    with pytest.raises(RunDirError, match=r"study.output_dir .* in use by a live study"):
+        run_study(study, base, progress=False)
+
+
+def test_print_config_shows_the_resolved_study(tiny_model_dir, hh_jsonl, tmp_path, capsys):
+    config = write_config(tmp_path / "s.toml", tiny_model_dir, hh_jsonl, tmp_path / "out")
+    assert main(["study", str(config), "--print-config", "--set", "study.seeds=[3]"]) == 0
+    printed = capsys.readouterr().out
+    assert "[study]\n" in printed and "seeds = [3]" in printed and "[study.eval]" in printed
+    assert "trunk_cache = true" in printed
+    assert not (tmp_path / "out").exists()
 
 
 def test_splits_refuse_more_pairs_than_the_data_has(hh_jsonl, tmp_path):

@@ -9,6 +9,7 @@ EXAMPLES = [
     "--set study.seeds=[0] --set train.max_steps=2 --set study.train_pairs=40 "
     "--set study.valid_pairs=16 --set study.test_pairs=16 --set study.eval.num_prompts=2 "
     "--set study.eval.max_new_tokens=8 --set study.output_dir=runs/demo-study",
+    "tokenratio study configs/study_smollm2_hh_cpu.toml --print-config --set study.seeds=[0]",
 ]
 HELP = f"""\
 A grid of (method, beta, lr, seed) trained with `tokenratio train` on a train split; each method's lr
@@ -29,18 +30,37 @@ configs/study_smollm2_hh_cpu.toml (2-core CPU) and configs/study_smollm2_hh_gpu.
 
 
 def run(args: argparse.Namespace) -> int:
+    from tokenratio.checkpoint import CheckpointError
     from tokenratio.config import ConfigError
-    from tokenratio.data import DataError
+    from tokenratio.config_print import config_as_toml, section_as_toml
+    from tokenratio.reference import CacheLocationError
+    from tokenratio.rundir import RunDirError
     from tokenratio.study.config import load_study
     from tokenratio.study.runner import run_study
     from tokenratio.trainer import TrainingError
 
     try:
         study, base = load_study(args.config, args.set or [])
-        report = run_study(study, base, command=_command(args), progress=not args.no_progress)
+        if args.print_config:
+            print(config_as_toml(base) + "\n" + "\n".join(section_as_toml("study", study)), end="")
+            return 0
+        report = run_study(
+            study,
+            base,
+            command=_command(args),
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
     except ConfigError as err:
         return fail("study", err, code=2)
-    except (DataError, TrainingError, ValueError, OSError) as err:
+    except (
+        TrainingError,
+        RunDirError,
+        CheckpointError,
+        CacheLocationError,
+        ValueError,
+        OSError,
+    ) as err:  # fmt: skip  (DataError, RunLogError, TrunkError, StudyReuseError: ValueErrors)
         return fail("study", err)
     from tokenratio.study.report import markdown_table, verdict
 
@@ -70,4 +90,13 @@ def add_parser(sub) -> None:
         "--set", action="append", metavar="SECTION.KEY=VALUE", help="override (repeatable)"
     )
     parser.add_argument("--no-progress", action="store_true", help="no per-run progress lines")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo runs and evaluations made with other settings than the config's (refused "
+        "without it, naming the settings that differ)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved study as TOML and exit"
+    )
     parser.set_defaults(run=run)

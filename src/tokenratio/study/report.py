@@ -72,15 +72,37 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def verdict(rows: list[dict], method: str, results: dict | None = None) -> str:
+def verdict(
+    rows: list[dict], method: str, results: dict | None = None, compared: list | None = None
+) -> str:
     """Whether `method` learned (test accuracy above 0.5 by more than its interval), said plainly,
-    with each seed's own accuracy and 95% interval over the test pairs when `results` are given."""
+    with each seed's own accuracy and 95% interval over the test pairs when `results` are given.
+    With paired comparisons, the interval is its bootstrap one against the reference (which
+    scores 0.5: its implicit rewards are all 0)."""
     row = next((r for r in rows if r["method"].split(" ")[0] == method), None)
     if row is None or "pref_accuracy" not in row:
         return f"{method} is not in this study, so nothing checks that the recipe trains."
     stat = row["pref_accuracy"]
     half = stat["half_width"] or 0.0
     seeds = _per_seed(results.get(row["method"], []) if results else [])
+    against = [
+        c for c in compared or () if c["method"] == row["method"] and c["baseline"] == "reference"
+    ]
+    if against:
+        c = against[0]
+        stat = {"mean": 0.5 + c["diff"], "half_width": (c["high"] - c["low"]) / 2, "n": c["seeds"]}
+        if c["low"] > 0:
+            return (
+                f"The recipe trains: {method}'s test accuracy {0.5 + c['diff']:.3f} is above the "
+                f"reference's 0.5 by more than its 95% interval ({0.5 + c['low']:.3f} to "
+                f"{0.5 + c['high']:.3f}, seeds and pairs resampled).{seeds}"
+            )
+        return (
+            f"The recipe did NOT measurably train: {method}'s test accuracy "
+            f"{0.5 + c['diff']:.3f} (95% {0.5 + c['low']:.3f} to {0.5 + c['high']:.3f}, seeds "
+            f"and pairs resampled) does not clear the reference's 0.5.{seeds} More steps, "
+            "pairs or a larger lr are needed before the verdicts above mean anything."
+        )
     if stat["mean"] - half > 0.5:
         return (
             f"The recipe trains: {method}'s test accuracy {_cell(stat, 3)} (n = {stat['n']}) is "
@@ -142,8 +164,10 @@ def selection_table(chosen: dict) -> str:
 
 def write_report(study, base, chosen: dict, tested: dict, out: Path, command: str) -> dict:
     from tokenratio.study import plots
+    from tokenratio.study.stats import comparisons
 
     rows = summarise(tested)
+    compared = comparisons(tested, study.check_method)
     report = {
         "command": command,
         "study": asdict(study),
@@ -153,6 +177,7 @@ def write_report(study, base, chosen: dict, tested: dict, out: Path, command: st
             for (m, b), s in chosen.items()
         ],
         "rows": rows,
+        "comparisons": compared,
         "results": tested,
     }
     (out / "report.json").write_text(json.dumps(report, indent=1, default=list))
@@ -163,19 +188,38 @@ def write_report(study, base, chosen: dict, tested: dict, out: Path, command: st
     return report
 
 
+def verdicts(compared: list[dict], baseline: str) -> str:
+    """The report's lead: each method against `baseline`, then against the reference."""
+    from tokenratio.study.stats import sentence
+
+    ordered = [c for c in compared if c["baseline"] == baseline]
+    ordered += [c for c in compared if c["baseline"] != baseline]
+    return "\n".join(f"- {sentence(c)}" for c in ordered) or "- (no paired outcomes recorded)"
+
+
 def _markdown(report: dict, study, chosen: dict, rows: list[dict]) -> str:
     config = json.dumps(report["study"], indent=1)
     return f"""# tokenratio study
 
 Command: `{report["command"]}`
 
+## Verdicts
+
+Paired on the same {study.test_pairs} test pairs and seeds: accuracy differences with a 95%
+interval from a bootstrap over seeds and pairs (`study/stats.py`; every per-pair outcome is in
+report.json under `comparisons`).
+
+{verdicts(report["comparisons"], study.check_method)}
+
+{verdict(rows, study.check_method, report["results"], report["comparisons"])}
+
+## Summary over seeds
+
 Test split: {study.test_pairs} pairs that training and lr selection never saw (`data/splits.json`).
 Each cell: mean ± 95% interval over seeds (Student t), n seeds; the reference row is the starting
 model. KL/token: KL(pi || pi_ref) per response token, teacher-forced on the test pairs.
 
 {markdown_table(rows)}
-
-{verdict(rows, study.check_method, report["results"])}
 
 ## Every run
 

@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenratio import runlog
 from tokenratio.config import with_overrides
 from tokenratio.methods import parse_method
+from tokenratio.rundir import release, take_lock
+from tokenratio.study import reuse
 
 
 @dataclass(frozen=True)
@@ -59,17 +61,16 @@ def run_config(base, run: Run, paths: dict, out: Path):
 
 
 def eval_model(
-    models, data: str, reference: str, beta: float, num_pairs: int, study, base, out: Path
+    models, data: str, reference: str, beta: float, num_pairs: int, study, base, out: Path,
+    overwrite: bool = False,
 ) -> dict:  # fmt: skip
     """`tokenratio eval`'s metrics for one model, generations and judge included, into
-    out/results.json (skipped when present), on pairs tokenized as training tokenized them, with
-    the training's trunk cache and precision (`base`: the base Config)."""
-    study_data = base.data
+    out/results.json (reused when present and made with these settings), on pairs tokenized as
+    training tokenized them, with the training's trunk cache and precision (`base`: the base
+    Config)."""
     from tokenratio.eval.evaluate import EvalConfig, run_eval
 
-    if (out / "results.json").exists():
-        return json.loads((out / "results.json").read_text())["results"][0]
-    e = study.eval
+    study_data, e = base.data, study.eval
     cfg = EvalConfig(
         models=tuple(models),
         data=data,
@@ -89,10 +90,15 @@ def eval_model(
         trunk_cache=base.train.trunk_cache,
         mixed_precision=base.train.mixed_precision,
     )
+    reuse.check(out, "results.json", asdict(cfg), overwrite, key=lambda r: r["config"])
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())["results"][0]
     return run_eval(cfg, out)[0]
 
 
-def train_and_validate(base, study, run: Run, paths: dict, out: Path, progress: Progress) -> dict:
+def train_and_validate(
+    base, study, run: Run, paths: dict, out: Path, progress: Progress, overwrite: bool = False
+) -> dict:
     """Train one run (resuming it if interrupted); its validation score is the trainer's final
     held-out evaluation on the validation split: DPO's implicit-reward accuracy, which every loss
     reports the same way (losses._sequence_metrics), so no second pass over the split."""
@@ -101,12 +107,13 @@ def train_and_validate(base, study, run: Run, paths: dict, out: Path, progress: 
     from tokenratio.trainer import train
 
     run_dir = out / "runs" / run.name
+    cfg = run_config(base, run, paths, out)
+    reuse.check(run_dir, "config.json", asdict(cfg), overwrite)
     record_path = run_dir / "study_run.json"
     if record_path.exists():
         progress.step(f"train {run.name}", 0, skipped=True)
         return json.loads(record_path.read_text())
     started = time.perf_counter()
-    cfg = run_config(base, run, paths, out)
     if LOSSES[cfg.loss.name].weights:  # TIS-DPO: contrast models, scored weights, then training
         run_tisdpo(cfg, progress=False)
     else:
@@ -130,9 +137,22 @@ def grid(study) -> list[tuple[str, float]]:
     return [(method, beta) for method in study.methods for beta in study.betas]
 
 
-def run_study(study, base, *, command: str = "", progress: bool = True) -> dict:
+def run_study(
+    study, base, *, command: str = "", progress: bool = True, overwrite: bool = False
+) -> dict:
     """Everything: splits, lr selection, seeds, test evaluation, report; returns the report.
-    `command` is recorded in the report as the one that produced it."""
+    `command` is recorded in the report as the one that produced it. One study per output
+    directory at a time (its lock); results made with other settings are refused, or redone
+    with `overwrite` (`reuse.py`)."""
+    out = Path(study.output_dir)
+    take_lock(out, "study.output_dir")
+    try:
+        return _run_study(study, base, command, progress, overwrite)
+    finally:
+        release(out)
+
+
+def _run_study(study, base, command: str, progress: bool, overwrite: bool) -> dict:
     from tokenratio.study.report import write_report
     from tokenratio.study.splits import make_splits
 
@@ -146,7 +166,9 @@ def run_study(study, base, *, command: str = "", progress: bool = True) -> dict:
     chosen = {}
     for method, beta in grid(study):
         tried = [
-            train_and_validate(base, study, Run(method, beta, lr, first), paths, out, bar)
+            train_and_validate(
+                base, study, Run(method, beta, lr, first), paths, out, bar, overwrite
+            )
             for lr in study.lrs
         ]
         best = max(tried, key=lambda r: r["valid_accuracy"])  # ties: the first (smallest) lr
@@ -154,9 +176,9 @@ def run_study(study, base, *, command: str = "", progress: bool = True) -> dict:
         for seed in rest:
             run = Run(method, beta, best["lr"], seed)
             chosen[method, beta]["runs"].append(
-                train_and_validate(base, study, run, paths, out, bar)
+                train_and_validate(base, study, run, paths, out, bar, overwrite)
             )
-    tested = evaluate_on_test(study, base, chosen, paths, out, bar)
+    tested = evaluate_on_test(study, base, chosen, paths, out, bar, overwrite)
     return write_report(study, base, chosen, tested, out, command)
 
 
@@ -170,14 +192,16 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.disable_progress_bar()
 
 
-def evaluate_on_test(study, base, chosen: dict, paths: dict, out: Path, bar: Progress) -> dict:
+def evaluate_on_test(
+    study, base, chosen: dict, paths: dict, out: Path, bar: Progress, overwrite: bool = False
+) -> dict:
     """The reference and every chosen run on the test split, with generation and the judge."""
     reference = base.model.name_or_path
     beta0 = study.betas[0]
     tested = {
         "reference": [
             _evaluate_on_test(
-                study, base, "reference", reference, reference, beta0, paths, out, bar
+                study, base, "reference", reference, reference, beta0, paths, out, bar, overwrite
             )
         ]
     }
@@ -194,13 +218,16 @@ def evaluate_on_test(study, base, chosen: dict, paths: dict, out: Path, bar: Pro
                 paths,
                 out,
                 bar,
+                overwrite,
             )
             for r in selection["runs"]
         ]
     return tested
 
 
-def _evaluate_on_test(study, base, name, path, reference, beta, paths, out, bar) -> dict:
+def _evaluate_on_test(
+    study, base, name, path, reference, beta, paths, out, bar, overwrite=False
+) -> dict:
     started = time.perf_counter()
     target = out / "test" / name
     skipped = (target / "results.json").exists()
@@ -213,6 +240,7 @@ def _evaluate_on_test(study, base, name, path, reference, beta, paths, out, bar)
         study,
         base,
         target,
+        overwrite,
     )
     bar.step(f"test {name}", time.perf_counter() - started, skipped)
     return result
