@@ -23,8 +23,10 @@ tokens/s counts real tokens (prompt once per side, as TRL counts). Writes perf.j
 row (an interrupted run keeps its finished rows) and perf.txt at the end.
 
 Presets, one command each: --preset cpu (the 16M model, every loss, TRL, the ablation rows and
-the one-process step ratios); --preset gpu (random-weight SmolLM2-135M and Llama-3.2-1B shapes,
-bf16, one GPU, under 10 minutes; writes OUT/<model>/).
+the one-process step ratios); --preset study (the CPU study's SmolLM2 shape, lengths and
+LoRA: steps and the test evaluation with and without the frozen trunk cache); --preset gpu
+(random-weight SmolLM2-135M and Llama-3.2-1B shapes, bf16, one GPU, under 10 minutes; writes
+OUT/<model>/).
 
 {examples(EXAMPLES)}
 """
@@ -75,7 +77,7 @@ def add_parser(sub) -> None:
         description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    perf.add_argument("--preset", choices=["cpu", "gpu"], help="one prepared measurement")
+    perf.add_argument("--preset", choices=["cpu", "study", "gpu"], help="one prepared measurement")
     perf.add_argument(
         "--model",
         default="tiny",

@@ -57,6 +57,15 @@ AB = [
     "dpo:tbpo-a",
     "dpo+ref_cache=false:tbpo-a",
 ]
+# The CPU study's recipe (configs/study_smollm2_hh_cpu.toml): LoRA on the last 4 of 30 layers,
+# with the frozen trunk computed once (train.trunk_cache) and without.
+STUDY_LORA = "+lora_r=16+lora_alpha=32+lora_dropout=0.0+lora_last_layers=4"
+STUDY_AB = [
+    f"dpo{STUDY_LORA}:dpo{STUDY_LORA}+trunk_cache",
+    f"tbpo-a{STUDY_LORA}:tbpo-a{STUDY_LORA}+trunk_cache",
+    f"tbpo-a[kl_estimator=k3]{STUDY_LORA}:tbpo-a[kl_estimator=k3]{STUDY_LORA}+trunk_cache",
+    f"eval{STUDY_LORA}:eval{STUDY_LORA}+trunk_cache",  # the test evaluation of one model
+]
 PRESETS = {  # one command each; the GPU one is sized to finish within 10 minutes on one GPU
     "cpu": {
         "models": ["cpu20m"],
@@ -68,6 +77,19 @@ PRESETS = {  # one command each; the GPU one is sized to finish within 10 minute
         "warmup": 1,
         "repeats": 2,
         "ab": AB,
+        "device": "cpu",
+        "dtype": "fp32",
+    },
+    "study": {  # the CPU study's shape, lengths and batch (HH through its cuts)
+        "models": ["smollm2-135m"],
+        "rows": [f"dpo{STUDY_LORA}", f"dpo{STUDY_LORA}+trunk_cache"],
+        "batch": 4,
+        "max_length": 112,
+        "max_prompt_length": 48,
+        "steps": 6,
+        "warmup": 1,
+        "repeats": 2,
+        "ab": STUDY_AB,
         "device": "cpu",
         "dtype": "fp32",
     },

@@ -33,10 +33,17 @@ def _peak_memory(device: str) -> int:
 
 def perf_config(method: str, args: dict, switches: dict | None = None):
     """The Config a row's trainer step runs with: the harness's model shape, AdamW, lr 1e-6, the
-    trainer's defaults and the row's switches; bf16 autocast over fp32 weights on a GPU (as
-    `tokenratio train` with train.mixed_precision = "bf16", and as TRL's bf16)."""
+    trainer's defaults and the row's switches (model.* ones by name, e.g. lora_last_layers; the
+    rest train.*); bf16 autocast over fp32 weights on a GPU (as `tokenratio train` with
+    train.mixed_precision = "bf16", and as TRL's bf16)."""
+    from dataclasses import fields
+
     from tokenratio.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
     from tokenratio.methods import parse_method
+
+    switches = dict(switches or {})
+    model_names = {f.name for f in fields(ModelConfig)}
+    model_switches = {k: switches.pop(k) for k in list(switches) if k in model_names}
 
     loss, options = parse_method(method)
     train = TrainConfig(
@@ -47,16 +54,17 @@ def perf_config(method: str, args: dict, switches: dict | None = None):
         logprob_chunk_elements=1 << 22,
     )
     return Config(
-        model=ModelConfig(name_or_path=f"random:{args['model']}"),
+        model=ModelConfig(name_or_path=f"random:{args['model']}", **model_switches),
         data=DataConfig(path="synthetic"),
         loss=LossConfig(name=loss, beta=0.1, options=options),
-        train=replace(train, **(switches or {})),
+        train=replace(train, **switches),
     )
 
 
 def _batches(cfg, step, model, args) -> list:
-    """The plan's batches as this row's layout collates them, with the row's cached reference
-    values (train.ref_cache's one scoring pass, untimed, as TRL's precompute), on its device."""
+    """The plan's batches as this row's layout collates them, with the row's frozen trunk
+    (train.trunk_cache) and cached reference values (train.ref_cache): one pass each, untimed,
+    as TRL's precompute, in memory; on the row's device."""
     from tokenratio.reference import score_rows
     from tokenratio.step import batch_collator
 
@@ -64,13 +72,32 @@ def _batches(cfg, step, model, args) -> list:
     rows = token_rows(
         tokenizer, pairs_of_lengths(args["lengths"], model.config.vocab_size), step.needs.weights
     )
+    if cfg.train.trunk_cache:
+        step.trunk = _trunk_in_memory(cfg, step, rows)
     if step.reference_plan.cached:
-        step.cached_values = score_rows(model.eval(), rows, 0, 8, step.reference_plan.samples)
+        samples = step.reference_plan.samples
+        step.cached_values = score_rows(model.eval(), rows, 0, 8, samples, step.trunk)
         model.train()
     collate = batch_collator(cfg, step, 0)
     layout = "shared" if cfg.train.prefix_sharing else "plain"
     plan = args["plans"][layout if cfg.train.group_by_length else "ungrouped"]
     return [collate([rows[i] for i in batch]).to(step.accelerator.device) for batch in plan]
+
+
+def _trunk_in_memory(cfg, step, rows):
+    import contextlib
+
+    from tokenratio import trunk
+    from tokenratio.modeling import unwrap_peft
+
+    policy = step.accelerator.unwrap_model(step.policy)
+    layers = trunk.trunk_layers(cfg.model, policy.model)
+    cache = trunk.TrunkCache(layers, "perf")
+    inner = unwrap_peft(policy.model)
+    with torch.no_grad():
+        cache.compute_missing(inner.eval(), rows, 0, 8, contextlib.nullcontext)
+    inner.train()
+    return cache
 
 
 def prepare_row(row: str, args) -> tuple:
@@ -133,18 +160,76 @@ def run_ab(args) -> dict:
     ratios that drift, noisy neighbours and process layout cannot bend, as they do between the
     rows' own processes on a shared machine. Returns each row's step times, paired by index."""
     rows = args["ab"]
-    prepared = {row: prepare_row(row, args) for row in rows}
+    prepared = {row: _timed_calls(row, args) for row in rows}
     warmup = args["warmup"]
-    for step, batches in prepared.values():
-        _timed_steps(step, batches[:warmup], args["device"])
+    for calls in prepared.values():
+        _time_calls(calls[:warmup], args["device"])
     times = {row: [] for row in rows}
     for round_ in range(args["ab_repeats"]):
-        for i in range(warmup, len(prepared[rows[0]][1])):
+        for i in range(warmup, len(prepared[rows[0]])):
             order = rows if (round_ + i) % 2 == 0 else rows[::-1]
             for row in order:
-                step, batches = prepared[row]
-                times[row] += _timed_steps(step, batches[i : i + 1], args["device"])
+                times[row] += _time_calls(prepared[row][i : i + 1], args["device"])
     return {"rows": rows, "seconds": times}
+
+
+def _time_calls(calls, device: str) -> list[float]:
+    times = []
+    for call in calls:
+        start = time.perf_counter()
+        call()
+        sync_device(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _timed_calls(row: str, args) -> list:
+    """One call per plan batch: a training step (`step.train_step`), or for an "eval" row the
+    study's test scoring of that batch (`eval.evaluate.preference_metrics`)."""
+    from tokenratio.step import train_step
+
+    if row.split("+")[0] == "eval":
+        return _eval_calls(row, args)
+    step, batches = prepare_row(row, args)
+    return [lambda b=b: train_step(step, [b]) for b in batches]
+
+
+def _eval_calls(row: str, args) -> list:
+    """The study's test evaluation of a LoRA-trained model against its base, one plan batch a
+    call: both models over the pairs, log-probs and the full-vocabulary KL. With
+    +trunk_cache the pairs' frozen trunk is read from the cache (computed once per study for
+    every evaluation, so here once, untimed)."""
+    import contextlib
+    import copy
+
+    from datasets import Dataset
+
+    from tokenratio import trunk
+    from tokenratio.eval.evaluate import preference_metrics
+    from tokenratio.losses import Needs
+    from tokenratio.modeling import build_policy
+
+    _, switches = parse_row(row)
+    cfg = perf_config("dpo", args, switches)
+    reference = build_model(args["model"]).eval()
+    policy = build_policy(cfg.model, Needs(), copy.deepcopy(reference)).model
+    torch.manual_seed(0)
+    for name, parameter in policy.named_parameters():
+        if "lora_B" in name:  # a trained adapter, not the zero one LoRA starts from
+            torch.nn.init.normal_(parameter, std=0.02)
+    model = policy.merge_and_unload().eval()  # as evaluated: final/ loaded and merged
+    tokenizer = word_tokenizer(model.config.vocab_size)
+    rows = token_rows(tokenizer, pairs_of_lengths(args["lengths"], model.config.vocab_size), False)
+    cache = None
+    if cfg.train.trunk_cache:
+        cache = trunk.TrunkCache(trunk.shared_layers(model, reference), "perf")
+        cache.compute_missing(reference, rows, 0, 8, contextlib.nullcontext)
+    plan = args["plans"]["plain"]
+    sets = [Dataset.from_list([rows[i] for i in batch]) for batch in plan]
+    return [
+        lambda d=d: preference_metrics(model, reference, d, 0, 0.1, len(d), trunk=cache)
+        for d in sets
+    ]
 
 
 def run_trl(args) -> dict:

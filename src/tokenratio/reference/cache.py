@@ -159,13 +159,16 @@ def _found_in(directories: list[Path]) -> str:
 
 
 @torch.no_grad()
-def score_rows(model, rows: list[dict], pad_id: int, batch_size: int, samples: int) -> CachedValues:
+def score_rows(
+    model, rows: list[dict], pad_id: int, batch_size: int, samples: int, trunk=None
+) -> CachedValues:
     """The cached values of `rows` scored in memory, no file (the perf harness's untimed pass,
-    as TRL's precompute)."""
+    as TRL's precompute), above the frozen trunk when `trunk` holds the rows."""
     values = CachedValues(samples)
     writer = ShardWriter(None, "", samples)
     todo = scoring.missing(((store.pair_key(row), row) for row in rows), values)
-    fill_missing(lambda: model, todo, writer, (pad_id, batch_size, False, contextlib.nullcontext))
+    run = (pad_id, batch_size, False, contextlib.nullcontext)
+    fill_missing(lambda: model, todo, writer, run, trunk)
     for tensors in writer.written:
         values.add(tensors)
     return values
