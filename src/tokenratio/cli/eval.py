@@ -154,6 +154,8 @@ def run(args: argparse.Namespace) -> int:
             judge=args.judge,
             versus=args.versus,
             judge_options=judge_options(args),
+            trunk_cache=args.trunk_cache,
+            mixed_precision=args.mixed_precision,
         )
         results = run_eval(cfg, Path(args.out))
     except (JudgeError, DataError, ValueError, OSError) as err:
@@ -173,6 +175,13 @@ def add_parser(sub) -> None:
     ev.add_argument(
         "--model", action="append", required=True, metavar="NAME=PATH", help="repeatable"
     )
+    ev.add_argument(
+        "--trunk-cache",
+        action="store_true",
+        help="score pairs above the frozen layers a model shares with the reference (a model "
+        "trained with LoRA on its last layers), computed once and kept beside the data",
+    )
+    ev.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="bf16 autocast")
     ev.add_argument("--reference", help="reference policy (default: the runs' own)")
     ev.add_argument(
         "--data",

@@ -129,7 +129,10 @@ def final_heldout_accuracy(run_dir: Path) -> float:
     records = runlog.read(run_dir / runlog.NAME)
     scored = [r["eval_reward_accuracy"] for r in records if "eval_reward_accuracy" in r]
     if not scored:
-        raise RuntimeError(f"{run_dir}/metrics.jsonl has no held-out evaluation")
+        raise runlog.RunLogError(
+            f"{run_dir / runlog.NAME} has no held-out evaluation: the run did not finish; "
+            "remove its study_run.json and rerun the study"
+        )
     return scored[-1]
 
 
