@@ -221,11 +221,41 @@ def mean_metrics(accelerator, sums: dict, count: int) -> dict:
 
 
 def make_accelerator(cfg, out: Path | None = None):
+    """The run's Accelerator, checked against what the launch asked for (`check_launch`)."""
+    import os
+
     from accelerate import Accelerator
 
-    return Accelerator(
+    accelerator = Accelerator(
         cpu=cfg.train.cpu or not has_accelerator(),
         mixed_precision=cfg.train.mixed_precision,
         log_with=list(cfg.train.report_to) or None,
         project_dir=None if out is None else str(out),
     )
+    check_launch(os.environ, str(accelerator.distributed_type), accelerator.num_processes)
+    return accelerator
+
+
+ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+
+
+def check_launch(env, distributed_type: str, num_processes: int) -> None:
+    """Stop before any model loads when the launch asked for an engine (FSDP, DeepSpeed) that
+    Accelerate did not give, or started several processes that did not form one group: Accelerate
+    1.15 drops an FSDP or DeepSpeed plugin on a CPU without a word (the model then trains under
+    DDP, or each process alone), which would be a different run than the one asked for."""
+    given = distributed_type.rsplit(".", 1)[-1]
+    for variable, engine in ENGINES.items():
+        if str(env.get(variable, "false")).lower() == "true" and given != engine:
+            raise TrainingError(
+                f"the launch asked for {engine} ({variable}=true) but Accelerate set up {given} "
+                f"with {num_processes} process(es): Accelerate runs {engine} only on GPUs; on a "
+                "CPU launch with configs/accelerate/ddp.yaml or torchrun instead"
+            )
+    world = int(env.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and num_processes != world:
+        raise TrainingError(
+            f"the launch started {world} processes (WORLD_SIZE={world}) but Accelerate sees "
+            f"{num_processes} in its group ({given}): each would train alone. On a CPU set "
+            "train.cpu = true (or launch with torchrun / `accelerate launch --cpu`)"
+        )

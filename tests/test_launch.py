@@ -1,0 +1,53 @@
+"""No silent fallback (step.check_launch): a launch that asks for FSDP or DeepSpeed and does not get
+it, or several processes that do not form one group, stop before any model loads, in one line."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokenratio.step import TrainingError, check_launch
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+def test_an_engine_asked_for_and_not_given_is_refused():
+    with pytest.raises(TrainingError, match=r"asked for FSDP .* set up MULTI_CPU with 2"):
+        check_launch({"ACCELERATE_USE_FSDP": "true"}, "DistributedType.MULTI_CPU", 2)
+    with pytest.raises(TrainingError, match="asked for DEEPSPEED"):
+        check_launch({"ACCELERATE_USE_DEEPSPEED": "True"}, "DistributedType.NO", 1)
+    check_launch({"ACCELERATE_USE_FSDP": "true"}, "DistributedType.FSDP", 8)  # given: fine
+    check_launch({"ACCELERATE_USE_FSDP": "false"}, "DistributedType.NO", 1)
+
+
+def test_processes_that_do_not_form_one_group_are_refused():
+    with pytest.raises(TrainingError, match=r"started 2 processes .* sees 1 .* train alone"):
+        check_launch({"WORLD_SIZE": "2"}, "DistributedType.NO", 1)
+    check_launch({"WORLD_SIZE": "2"}, "DistributedType.MULTI_CPU", 2)
+    check_launch({}, "DistributedType.NO", 1)
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_the_fsdp_file_on_a_cpu_stops_in_one_line(
+    tiny_model_dir, hh_jsonl, tmp_path
+):
+    """configs/accelerate/fsdp.yaml as a user would launch it here: Accelerate would train under
+    DDP without a word; the run stops before the model loads instead."""
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", "2",
+        "-m", "tokenratio.cli", "train",
+        "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"data.path={hh_jsonl}",
+        "--set", f"train.output_dir={out}", "--set", "train.max_steps=1", "--set",
+        "data.on_invalid=skip", "--set", "model.lora_r=0", "--set", "train.mixed_precision=no",
+        "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "no"}
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0
+    ours = [line for line in result.stderr.splitlines() if line.startswith("tokenratio train:")]
+    assert ours and "asked for FSDP" in ours[0] and "MULTI_CPU" in ours[0], result.stderr[-2000:]
+    assert "Loading weights" not in result.stderr and not (out / "final").exists()
