@@ -116,6 +116,14 @@ def test_study_runs_selects_lr_evaluates_on_test_and_reports(
     assert len(err) == 1 and "train.max_steps: 2 -> 3" in err[0] and "--overwrite" in err[0]
     assert [p.stat().st_mtime_ns for p in finals] == stamps
 
+    # a damaged line in a run's log: one line naming the file and the line, no traceback
+    log = out / "runs" / "dpo-b0.1-lr0.001-s0" / "metrics.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], '{"step": 2, "loss": ', *lines[1:]]) + "\n")
+    assert main(["study", str(config)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{log}, line 2: not a JSON record" in err[0]
+
 
 def test_a_second_study_into_the_same_directory_is_refused(tiny_model_dir, hh_jsonl, tmp_path):
     import socket
