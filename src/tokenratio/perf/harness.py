@@ -88,7 +88,7 @@ PRESETS = {  # one command each; the GPU one is sized to finish within 10 minute
         "max_prompt_length": 48,
         "steps": 6,
         "warmup": 1,
-        "repeats": 2,
+        "repeats": 1,
         "ab": STUDY_AB,
         "device": "cpu",
         "dtype": "fp32",
