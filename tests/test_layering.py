@@ -13,7 +13,7 @@ PACKAGE = SRC / "tokenratio"
 # Lowest first. A module may import from its own layer and the layers below, never above.
 LAYERS = {
     "core": (  # pure functions, files and settings: torch at most
-        "atomic", "baseline", "bregman", "config", "config_print", "formats", "jsonlines",
+        "atomic", "baseline", "bregman", "config", "config_print", "formats", "fused_head", "jsonlines",
         "logprobs", "losses", "memory", "methods", "paths", "provenance", "runlog",
     ),
     "data and models": (
