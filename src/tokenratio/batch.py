@@ -47,6 +47,9 @@ class PreferenceBatch:
             decoder layer `trunk_layers` at every input position, from the frozen trunk's cache
             (`trunk.TrunkCache.fill`, train.trunk_cache); the model then runs only the layers
             from `trunk_layers` on (`modeling.decoder_states`). Zeros at padding.
+        token_index: (n,) int64, the flat indices into (2B * T) of the positions that hold a
+            response token (labels != IGNORE_INDEX), found on the CPU when collated, so the fused
+            head computes only there without asking the device which they are.
         real_tokens: the pairs' tokens as two rows each would hold them (prompt counted once per
             side, padding not): counted on the CPU when collated, so reading it never waits for
             the device.
@@ -66,7 +69,12 @@ class PreferenceBatch:
     ref_sample_logps: torch.Tensor | None = None
     trunk_hidden: torch.Tensor | None = None
     trunk_layers: int = 0
+    token_index: torch.Tensor | None = None
     real_tokens: int = 0
+
+    def __post_init__(self):
+        if self.token_index is None and self.labels.device.type == "cpu":
+            self.token_index = (self.labels.reshape(-1) != IGNORE_INDEX).nonzero()[:, 0]
 
     @property
     def num_pairs(self) -> int:

@@ -102,6 +102,10 @@ class TrainConfig:
     # final/ with LoRA merged into a full copy (and the adapter in final/adapter/); false: the
     # adapter alone (a few MB), which from_pretrained loads onto the base model it names.
     save_merged: bool = True
+    # Per-token values from the final hidden states and the LM head in row tiles (fused_head.py):
+    # no (tokens x vocabulary) logits tensor, for the policy or the reference. false: the head's
+    # full logits, then chunked log-probs (the measured alternative, docs/perf.md).
+    fused_head: bool = True
     compile: bool = False  # torch.compile the policy's forward (measured: `tokenratio perf`)
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the end)

@@ -16,13 +16,99 @@ no gradient.
 
 The next-token shift is implemented once, here: `shift_labels` turns input-aligned ids into labels
 aligned with the logits that predict them.
+
+Every function here also takes `HeadRows` in place of logits: the final hidden states and the LM
+head, from which `fused_head` computes the same values in row tiles, only at the positions that
+hold a token, so the (rows x V) logits are never built (train.fused_head; docs/method.md, "The
+fused head").
 """
 
 import torch
 
+from tokenratio.fused_head import TILE_ROWS, Head, head_sample, head_values, tile_logits
+
 IGNORE_INDEX = -100
 # Elements (rows x vocabulary) per chunk: 4M float32 = 16 MiB of temporaries at a time.
 CHUNK_ELEMENTS = 1 << 22
+
+
+class HeadRows:
+    """Logits not built: hidden states (..., H) and the head that would turn them into (..., V).
+
+    `index` (flat positions that hold a token, e.g. `PreferenceBatch.token_index`): the values
+    are computed there only and are 0 at every other position (KL and samples included), which
+    callers mask anyway; without it, the positions whose first token is not ignored."""
+
+    def __init__(self, hidden, head: Head, tile_rows: int = TILE_ROWS, index=None):
+        self.hidden, self.head, self.tile_rows, self.index = hidden, head, tile_rows, index
+
+    @property
+    def shape(self) -> torch.Size:
+        return torch.Size((*self.hidden.shape[:-1], self.head.weight.shape[0]))
+
+    @property
+    def device(self) -> torch.device:
+        return self.hidden.device
+
+    @property
+    def requires_grad(self) -> bool:
+        return self.hidden.requires_grad  # computed under no_grad: nothing to differentiate
+
+    def float(self) -> "HeadRows":
+        return self  # the kernels compute in float32 tile by tile
+
+    def detach(self) -> "HeadRows":
+        head = Head(self.head.weight.detach(), _detach(self.head.bias), *_caps(self.head))
+        return HeadRows(self.hidden.detach(), head, self.tile_rows, self.index)
+
+    def __getitem__(self, index) -> "HeadRows":
+        return HeadRows(self.hidden[index], self.head, self.tile_rows)  # every position
+
+    def materialize(self) -> torch.Tensor:
+        """The full (..., V) float32 logits (small uses only: explain's per-token view)."""
+        flat = self.hidden.reshape(-1, self.hidden.shape[-1])
+        return tile_logits(flat, self.head)[0].view(self.shape)
+
+
+def _detach(tensor):
+    return None if tensor is None else tensor.detach()
+
+
+def _caps(head: Head) -> tuple:
+    return head.scale, head.softcap
+
+
+def _fused(rows: HeadRows, tokens, ref: HeadRows | None = None, valid=None, ignore=IGNORE_INDEX):
+    """(log pi at tokens (..., k), KL (...) or None, log pi_ref at tokens or None) computed only
+    at the positions `valid` (default: where tokens[..., 0] is not `ignore`); 0 elsewhere and at
+    ignored tokens."""
+    if ref is not None and ref.shape != rows.shape:
+        raise ValueError(f"policy {tuple(rows.shape)} and reference {tuple(ref.shape)} differ")
+    width = rows.hidden.shape[-1]
+    flat_tokens = tokens.reshape(-1, tokens.shape[-1])
+    index = rows.index
+    if index is None:  # found here: one wait for the device (scoring passes, tests)
+        keep = (flat_tokens[:, 0] != ignore) if valid is None else valid.reshape(-1)
+        index = keep.nonzero()[:, 0]
+    h = rows.hidden.reshape(-1, width).index_select(0, index)
+    ref_h = None if ref is None else ref.hidden.reshape(-1, width).index_select(0, index).detach()
+    picked = flat_tokens.index_select(0, index)
+    at, kl, ref_at = head_values(
+        h, rows.head, picked, ref_h, None if ref is None else ref.detach().head,
+        tile_rows=rows.tile_rows,
+    )  # fmt: skip
+    ignored = picked == ignore
+    shape = tokens.shape[:-1]
+
+    def spread(values, k=None):
+        if values is None:
+            return None
+        if k is not None:
+            values = values.masked_fill(ignored, 0.0)
+        full = values.new_zeros((flat_tokens.shape[0], *values.shape[1:]))
+        return full.index_copy(0, index, values).view(*shape, *values.shape[1:])
+
+    return spread(at, True), spread(kl), spread(ref_at, True)
 
 
 def _compute_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -180,6 +266,9 @@ def token_logps_and_kl(
     """
     _check_labels(logits, labels)
     _check_ref(logits, ref_logits)
+    if isinstance(logits, HeadRows):
+        at, kl, ref_at = _fused(logits, labels[..., None], ref_logits, ignore=ignore_index)
+        return (at[..., 0], kl, ref_at[..., 0]) if return_ref_logps else (at[..., 0], kl)
     logps, kl, ref_logps = _LogpsAndKL.apply(
         logits, labels, ref_logits.detach(), ignore_index, chunk_elements, consume_ref_logits
     )
@@ -218,6 +307,8 @@ def token_logps(
         (...) float32 log-probabilities, 0 at ignored positions.
     """
     _check_labels(logits, labels)
+    if isinstance(logits, HeadRows):
+        return _fused(logits, labels[..., None], ignore=ignore_index)[0][..., 0]
     return _LogpsAndKL.apply(logits, labels, None, ignore_index, chunk_elements, False)[0]
 
 
@@ -240,6 +331,8 @@ def token_logps_at(
     """
     if logits.shape[:-1] != tokens.shape[:-1]:
         raise ValueError(f"logits {tuple(logits.shape)} do not match tokens {tuple(tokens.shape)}")
+    if isinstance(logits, HeadRows):
+        return _fused(logits, tokens, ignore=ignore_index)[0]
     return _LogpsAndKL.apply(logits, tokens, None, ignore_index, chunk_elements, False)[0]
 
 
@@ -265,6 +358,10 @@ def token_kl(
         (...) float32 KL values (>= 0).
     """
     _check_ref(policy_logits, ref_logits)
+    if isinstance(policy_logits, HeadRows):
+        every = torch.ones(policy_logits.shape[:-1], dtype=torch.bool, device=policy_logits.device)
+        zeros = torch.zeros((*policy_logits.shape[:-1], 1), dtype=torch.long, device=every.device)
+        return _fused(policy_logits, zeros, ref_logits, valid=every)[1]
     return _LogpsAndKL.apply(
         policy_logits, None, ref_logits.detach(), IGNORE_INDEX, chunk_elements, False
     )[1]
@@ -296,6 +393,17 @@ def sample_tokens(
 
     Uses the global RNG unless `generator` is given (so checkpoints that save RNG state resume it).
     """
+    if isinstance(logits, HeadRows):
+        rows = logits.detach()
+        flat_h = rows.hidden.reshape(-1, rows.hidden.shape[-1])
+        generator = generator or torch.default_generator
+        if rows.index is None:
+            tokens = head_sample(flat_h, rows.head, generator, tile_rows=rows.tile_rows)[0]
+            return tokens.view(logits.shape[:-1])
+        picked = flat_h.index_select(0, rows.index)
+        drawn = head_sample(picked, rows.head, generator, tile_rows=rows.tile_rows)[0]
+        tokens = torch.zeros(flat_h.shape[0], dtype=torch.long, device=flat_h.device)
+        return tokens.index_copy(0, rows.index, drawn).view(logits.shape[:-1])
     V = logits.shape[-1]
     flat = logits.detach().reshape(-1, V)
     out = torch.empty(flat.shape[0], dtype=torch.long, device=logits.device)

@@ -16,6 +16,8 @@ from torch import nn
 
 from tokenratio.baseline import CONFIG_NAME, StateBaselineHead
 from tokenratio.batch import PreferenceBatch
+from tokenratio.fused_head import Head
+from tokenratio.logprobs import HeadRows
 from tokenratio.paths import check_local_path
 
 DTYPES = {
@@ -31,14 +33,47 @@ def unwrap_peft(model) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def response_logits(model, batch: PreferenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits and final hidden states at the positions predicting each response token.
+def output_head(inner) -> Head:
+    """The LM head as `fused_head` reads it: its weight (with a LoRA adapter's delta when one is
+    active on it), bias, and the config's logit scale (Cohere) and soft-cap (Gemma-2)."""
+    module = inner.get_output_embeddings()
+    base = getattr(module, "base_layer", module)
+    weight = base.weight
+    adapted = hasattr(module, "lora_A") and not getattr(module, "disable_adapters", False)
+    if adapted and not getattr(module, "merged", False):
+        for name in module.active_adapters:
+            if name in module.lora_A:
+                _check_head_dropout(module, name)
+                weight = weight + module.get_delta_weight(name)
+    config = inner.config
+    return Head(
+        weight,
+        getattr(base, "bias", None),
+        getattr(config, "logit_scale", None),
+        getattr(config, "final_logit_softcapping", None),
+    )
+
+
+def _check_head_dropout(module, adapter: str) -> None:
+    dropout = module.lora_dropout[adapter]
+    if module.training and isinstance(dropout, nn.Dropout) and dropout.p > 0:
+        raise ValueError(
+            f"LoRA on the LM head with dropout {dropout.p:g}: the fused head reads the adapted "
+            "weight, not a dropped-out input; set model.lora_dropout = 0 or train.fused_head = false"
+        )
+
+
+def response_logits(model, batch: PreferenceBatch, fused: bool = True):
+    """Logits (or, `fused`, the `HeadRows` that stand for them) and final hidden states at the
+    positions predicting each response token.
 
     Returns:
-        logits (2B, T, V) and hidden (2B, T, H), response-aligned.
+        logits (2B, T, V) or HeadRows of (2B, T, H), and hidden (2B, T, H), response-aligned.
     """
     inner = unwrap_peft(model)
     hidden = _response_hidden(inner, batch)
+    if fused:  # never built whole: the kernels read the head in row tiles (fused_head.py)
+        return HeadRows(hidden, output_head(inner), index=batch.token_index), hidden
     logits = inner.get_output_embeddings()(hidden)
     config = inner.config
     if getattr(config, "logit_scale", None) is not None:  # Cohere-style scaled logits
@@ -173,10 +208,11 @@ class PolicyWithHead(nn.Module):
     One module, so DDP, FSDP and ZeRO see (sync, shard, save) the head with the policy.
     """
 
-    def __init__(self, model: nn.Module, head: StateBaselineHead | None = None):
+    def __init__(self, model: nn.Module, head: StateBaselineHead | None = None, fused=True):
         super().__init__()
         self.model = model
         self.head = head
+        self.fused = fused  # train.fused_head: HeadRows instead of logits
 
     @property
     def _no_split_modules(self):
@@ -184,7 +220,7 @@ class PolicyWithHead(nn.Module):
         return getattr(unwrap_peft(self.model), "_no_split_modules", None)
 
     def forward(self, batch: PreferenceBatch, with_baseline: bool = False):
-        logits, hidden = response_logits(self.model, batch)
+        logits, hidden = response_logits(self.model, batch, self.fused)
         baseline = self.head(hidden) if (with_baseline and self.head is not None) else None
         return logits, baseline
 

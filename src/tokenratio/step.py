@@ -111,6 +111,9 @@ def prepare_step_parts(
     model = load_causal_lm(cfg.model) if model is None else model
     frozen = reference.frozen_copy(plan, model)
     policy = build_policy(cfg.model, needs, model)
+    policy.fused = cfg.train.fused_head
+    if frozen is not None:
+        frozen.fused = cfg.train.fused_head
     if cfg.train.compile:
         unwrap_peft(policy.model).base_model.compile(dynamic=True)
     optimizer, head_optimizer = _optimizers(cfg, policy)

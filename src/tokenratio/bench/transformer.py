@@ -23,6 +23,7 @@ from tokenratio.batch import PreferenceBatch
 from tokenratio.bench import task
 from tokenratio.bench.report import format_table, write_report
 from tokenratio.bench.tabular import resolve, with_contrast_weights
+from tokenratio.logprobs import token_logps
 from tokenratio.losses import reduce
 from tokenratio.modeling import PolicyWithHead
 from tokenratio.reference import module_forward
@@ -60,9 +61,25 @@ class ResponseVocabLM(nn.Module):
         return self.lm.model
 
     def get_output_embeddings(self):
-        head = self.lm.get_output_embeddings()
-        V = self.V
-        return lambda hidden: head(hidden)[..., :V]  # only response tokens can be produced
+        return _FirstRows(self.lm.get_output_embeddings(), self.V)
+
+
+class _FirstRows(nn.Module):
+    """The LM head cut to its first V rows: only response tokens can be produced (the fused head
+    reads `weight` and `bias`; the unfused path calls it)."""
+
+    bias = None
+
+    def __init__(self, head: nn.Linear, rows: int):
+        super().__init__()
+        self.head, self.rows = head, rows
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight[: self.rows]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)[..., : self.rows]
 
 
 def _batch(mdp, prompts: torch.Tensor, responses: torch.Tensor) -> PreferenceBatch:
@@ -78,7 +95,7 @@ def _batch(mdp, prompts: torch.Tensor, responses: torch.Tensor) -> PreferenceBat
 @torch.no_grad()
 def sequence_logps(policy: PolicyWithHead, mdp, prompts, responses) -> torch.Tensor:
     logits, _ = policy(_batch(mdp, prompts, responses))
-    return logits.log_softmax(-1).gather(-1, responses[..., None]).squeeze(-1).sum(-1)
+    return token_logps(logits, responses).sum(-1)
 
 
 @torch.no_grad()
@@ -88,7 +105,8 @@ def sample(policy: PolicyWithHead, mdp, prompts, generator) -> torch.Tensor:
     for _ in range(mdp.length):
         padded = torch.cat([responses, torch.zeros(len(prompts), 1, dtype=torch.long)], 1)
         logits, _ = policy(_batch(mdp, prompts, padded))
-        probs = logits[:, responses.shape[1]].softmax(-1)
+        rows = logits[:, responses.shape[1]]  # a few rows: materialised for multinomial
+        probs = (rows.materialize() if hasattr(rows, "materialize") else rows).softmax(-1)
         nxt = torch.multinomial(probs, 1, generator=generator)
         responses = torch.cat([responses, nxt], 1)
     return responses
@@ -103,9 +121,7 @@ def fit_reference(mdp, steps: int = 400, batch: int = 512, lr: float = 3e-3, see
         prompts = torch.randint(0, mdp.num_prompts, (batch,), generator=g)
         responses = task.sample_responses(mdp.ref_logps, prompts, g)
         logits, _ = policy(_batch(mdp, prompts, responses))
-        loss = nn.functional.cross_entropy(
-            logits.reshape(-1, mdp.vocab_size), responses.reshape(-1)
-        )
+        loss = -token_logps(logits, responses).mean()  # cross-entropy
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -23,14 +23,23 @@ def predictive_entropy(logits: torch.Tensor, mask: torch.Tensor, top_k: int = 20
     """Mean over masked positions of the entropy of the renormalised top-k distribution.
 
     Args:
-        logits: (..., V) raw logits at generated positions.
+        logits: (..., V) raw logits at generated positions, or `logprobs.HeadRows` (the fused
+            head: computed in row tiles at the masked positions only).
         mask: (...) bool, True where a token was generated.
         top_k: how many log-probs an API would return (paper: 20).
     """
+    if not mask.any():
+        return float("nan")
+    if hasattr(logits, "hidden"):  # HeadRows: no (rows x V) logits
+        from tokenratio.fused_head import head_entropy
+
+        rows = logits.hidden[mask]
+        k = min(top_k, logits.shape[-1])
+        return float(head_entropy(rows, logits.head, tile_rows=logits.tile_rows, top_k=k).mean())
     top = torch.topk(logits.float(), min(top_k, logits.shape[-1]), dim=-1).values
     log_p = top.log_softmax(-1)  # renormalised over the top k
     entropy = -(log_p.exp() * log_p).sum(-1)
-    return float(entropy[mask].mean()) if mask.any() else float("nan")
+    return float(entropy[mask].mean())
 
 
 def words(text: str) -> list[str]:

@@ -30,9 +30,9 @@ import torch
 
 from tokenratio.baseline import StateBaselineHead
 from tokenratio.batch import PreferenceBatch
-from tokenratio.logprobs import IGNORE_INDEX
+from tokenratio.logprobs import IGNORE_INDEX, HeadRows
 from tokenratio.losses import LOSSES, reduce
-from tokenratio.modeling import has_accelerator, unwrap_peft
+from tokenratio.modeling import has_accelerator, output_head, unwrap_peft
 from tokenratio.scoring import score_pairs
 
 HEAD_ATTRIBUTE = "tbpo_baseline_head"
@@ -52,6 +52,10 @@ class TBPOConfig(DPOConfig):
     baseline_head_width: int = field(default=1024, metadata={"help": "TBPO-Q head width"})
     baseline_head_lr: float = field(default=1e-3, metadata={"help": "TBPO-Q head lr (authors)"})
     logprob_chunk_elements: int = field(default=1 << 22, metadata={"help": "kernel chunk size"})
+    fused_head: bool = field(
+        default=True,
+        metadata={"help": "per-token values from hidden states and the head in row tiles"},
+    )
 
     def __post_init__(self):
         # No accelerator: run on the CPU in float32 unless the user chose otherwise. TRL's default
@@ -136,7 +140,11 @@ class TBPOTrainer(DPOTrainer):
 
     def _response_logits(self, model, batch: PreferenceBatch, hidden: bool = False):
         """Response-aligned logits (and final hidden states) through the model's own forward
-        (so DDP/FSDP wrappers see the call), keeping logits only from the first response on."""
+        (so DDP/FSDP wrappers see the call), keeping logits only from the first response on.
+        With `fused_head`: `HeadRows` of the final hidden states instead of logits, the model
+        asked for one position's logits only (fused_head.py)."""
+        if self.args.fused_head:
+            return self._response_rows(model, batch)
         positions = batch.positions
         first = int(positions[positions > 0].min()) if (positions > 0).any() else 0
         keep = batch.input_ids.shape[1] - first
@@ -154,6 +162,30 @@ class TBPOTrainer(DPOTrainer):
             last = out.hidden_states[-1]
             states = last.gather(1, positions[..., None].expand(-1, -1, last.shape[-1]))
         return logits, states
+
+    def _response_rows(self, model, batch: PreferenceBatch):
+        """(HeadRows, final hidden states (N, T, H)) from the decoder's output, captured by a
+        hook during the model's own forward (which then builds the logits of one position)."""
+        inner = unwrap_peft(self.accelerator.unwrap_model(model))
+        captured = []
+
+        def keep(_module, _args, output):
+            captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
+
+        handle = inner.base_model.register_forward_hook(keep)
+        try:
+            model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
+                use_cache=False,
+                logits_to_keep=1,
+            )
+        finally:
+            handle.remove()
+        last = captured[-1]
+        positions = batch.positions
+        states = last.gather(1, positions[..., None].expand(-1, -1, last.shape[-1]))
+        return HeadRows(states, output_head(inner), index=batch.token_index), states
 
     def _policy_forward(self, model):
         def forward(batch, with_baseline):

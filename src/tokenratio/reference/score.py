@@ -41,11 +41,11 @@ def _generator(key: bytes, side: int, device) -> torch.Generator:
 
 def _samples(logits: torch.Tensor, key: bytes, side: int, samples: int) -> tuple:
     """`samples` tokens a ~ softmax(logits) per row of (n, V) logits and their log-probs."""
-    from tokenratio.logprobs import sample_tokens
+    from tokenratio.logprobs import sample_tokens, token_logps_at
 
     generator = _generator(key, side, logits.device)
     tokens = torch.stack([sample_tokens(logits, generator=generator) for _ in range(samples)], 1)
-    logps = logits.float().log_softmax(-1).gather(-1, tokens)
+    logps = token_logps_at(logits, tokens)
     return tokens.cpu(), logps.cpu()
 
 
