@@ -22,11 +22,14 @@ processes cannot resolve on a noisy machine.
 tokens/s counts real tokens (prompt once per side, as TRL counts). Writes perf.json after every
 row (an interrupted run keeps its finished rows) and perf.txt at the end.
 
-Presets, one command each: --preset cpu (the 16M model, every loss, TRL, the ablation rows and
-the one-process step ratios); --preset study (the CPU study's SmolLM2 shape, lengths and
-LoRA: steps and the test evaluation with and without the frozen trunk cache); --preset gpu
-(random-weight SmolLM2-135M and Llama-3.2-1B shapes, bf16, one GPU, under 10 minutes; writes
-OUT/<model>/).
+Presets, one command each:
+  --preset cpu    the 16M model, every loss, TRL, the ablation rows and the one-process step ratios
+  --preset study  the CPU study's SmolLM2 shape, lengths and LoRA: steps and the test evaluation
+                  with and without the frozen trunk cache
+  --preset head   Llama-3's 128,256 vocabulary (untied head, a small body), 8 pairs x (512 + 512)
+                  tokens: the fused head's memory against TRL's
+  --preset gpu    random-weight SmolLM2-135M and Llama-3.2-1B shapes, bf16, one GPU, under 10
+                  minutes; writes OUT/<model>/
 
 {examples(EXAMPLES)}
 """
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.preset:
         settings = dict(PRESETS[args.preset])
         models = settings.pop("models")
-        settings["data"] = args.data
+        settings.setdefault("data", args.data)  # a preset of fixed lengths keeps its own
     else:
         models = [args.model]
         settings = {
@@ -77,7 +80,9 @@ def add_parser(sub) -> None:
         description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    perf.add_argument("--preset", choices=["cpu", "study", "gpu"], help="one prepared measurement")
+    perf.add_argument(
+        "--preset", choices=["cpu", "study", "head", "gpu"], help="one prepared measurement"
+    )
     perf.add_argument(
         "--model",
         default="tiny",
