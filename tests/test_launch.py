@@ -51,3 +51,17 @@ def test_accelerate_launch_with_the_fsdp_file_on_a_cpu_stops_in_one_line(
     ours = [line for line in result.stderr.splitlines() if line.startswith("tokenratio train:")]
     assert ours and "asked for FSDP" in ours[0] and "MULTI_CPU" in ours[0], result.stderr[-2000:]
     assert "Loading weights" not in result.stderr and not (out / "final").exists()
+
+
+def test_one_process_may_train_again_in_another_precision():
+    """A study after another training in the same process (a notebook, the help examples)."""
+    from dataclasses import replace
+
+    from tokenratio.config import Config, DataConfig, ModelConfig
+    from tokenratio.step import make_accelerator
+
+    cfg = Config(model=ModelConfig(name_or_path="x"), data=DataConfig(path="x"))
+    assert make_accelerator(cfg).mixed_precision == "no"
+    bf16 = replace(cfg, train=replace(cfg.train, mixed_precision="bf16"))
+    assert make_accelerator(bf16).mixed_precision == "bf16"
+    assert make_accelerator(cfg).mixed_precision == "no"

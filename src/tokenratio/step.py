@@ -229,6 +229,7 @@ def make_accelerator(cfg, out: Path | None = None):
 
     from accelerate import Accelerator
 
+    _forget_other_precision(cfg.train.mixed_precision)
     accelerator = Accelerator(
         cpu=cfg.train.cpu or not has_accelerator(),
         mixed_precision=cfg.train.mixed_precision,
@@ -237,6 +238,19 @@ def make_accelerator(cfg, out: Path | None = None):
     )
     check_launch(os.environ, str(accelerator.distributed_type), accelerator.num_processes)
     return accelerator
+
+
+def _forget_other_precision(mixed_precision: str) -> None:
+    """Accelerate keeps one process-wide state and refuses an Accelerator whose precision differs
+    from an earlier one's; a single process that trains twice (a study whose runs follow another
+    training, a notebook) may ask for another. Only there is the old state dropped: a process
+    group's state stays as it is."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    if not AcceleratorState._shared_state or PartialState().num_processes > 1:
+        return
+    if str(AcceleratorState().mixed_precision) != mixed_precision:
+        AcceleratorState._reset_state()
 
 
 ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
