@@ -22,8 +22,9 @@ EXAMPLES = [(c.__name__.rsplit(".", 1)[1], line) for c in COMMANDS for line in c
 def workspace(tmp_path_factory):
     from tiny import make_tiny_model
 
-    # 4 layers: the shipped CPU configs put LoRA on the last 4 (model.lora_last_layers)
-    tiny_model_dir = make_tiny_model(tmp_path_factory.mktemp("tiny-4-layers"), layers=4)
+    # 6 layers: the shipped CPU configs put LoRA on the last 4 (model.lora_last_layers), and the
+    # study's frozen-trunk cache needs layers below them
+    tiny_model_dir = make_tiny_model(tmp_path_factory.mktemp("tiny-6-layers"), layers=6)
     root = tmp_path_factory.mktemp("user")
     (root / "shared").symlink_to(REPO.parent / "shared")
     work = root / "work"
