@@ -26,7 +26,11 @@ LAYERS = {
 }  # fmt: skip
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
 # The loss contract stays importable without any of the machinery around it.
-PURE = {"tokenratio.losses": {"tokenratio.bregman"}, "tokenratio.logprobs": set()}
+PURE = {
+    "tokenratio.losses": {"tokenratio.bregman"},
+    "tokenratio.logprobs": {"tokenratio.fused_head"},  # the fused kernels, torch only
+    "tokenratio.fused_head": set(),
+}
 
 
 def module_name(path: Path) -> str:

@@ -91,11 +91,11 @@ def test_the_upper_layers_run_alone_on_cached_states():
     calls = []
     lower = unwrap_peft(policy.model).base_model.layers[0]
     handle = lower.register_forward_hook(lambda *_: calls.append(1))
-    logits, _ = policy(batch)
+    rows, _ = policy(batch)  # HeadRows: the final hidden states and the head
     handle.remove()
     assert not calls  # layer 0 never ran
     batch.trunk_hidden = batch.trunk_hidden + 1.0
-    assert not torch.allclose(policy(batch)[0], logits)
+    assert not torch.allclose(policy(batch)[0].hidden, rows.hidden)
 
 
 def test_runs_the_trunk_cannot_serve_are_refused():
