@@ -29,10 +29,10 @@ from torch import nn
 from tokenratio import atomic
 from tokenratio.batch import PreferenceBatch, collate_shared
 from tokenratio.modeling import decoder_layers, trunk_states, unwrap_peft
+from tokenratio.reference.score import IDS, keyed_rows
 from tokenratio.reference.store import pair_key
 
 FORMAT = "tokenratio-trunk/1"
-IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _IGNORED_CONFIG = ("_name_or_path", "architectures", "transformers_version", "use_cache", "dtype")
 
 
@@ -261,7 +261,7 @@ def for_run(cfg, parts, tokenizer, datasets, progress: bool) -> TrunkCache:
     inner = unwrap_peft(policy.model)
     precision = f"{cfg.model.dtype}/{cfg.train.mixed_precision}"
     key = identity(inner, layers, precision, accelerator.device.type)
-    rows = [row for data in datasets for row in _rows(data)]
+    rows = [row for _, row in keyed_rows(datasets)]
     compute = (tokenizer.pad_token_id, cfg.train.eval_batch_size, accelerator.autocast)
     return load_or_compute(inner, layers, key, cfg.data.path, rows, compute, progress)
 
