@@ -30,15 +30,29 @@ def test_processes_that_do_not_form_one_group_are_refused():
 
 
 @pytest.mark.slow
-def test_accelerate_launch_with_the_fsdp_file_on_a_cpu_stops_in_one_line(
-    tiny_model_dir, hh_jsonl, tmp_path
+@pytest.mark.parametrize(
+    "launch_file, engine, fix",
+    [
+        ("fsdp1.yaml", "FSDP", "only FSDP2 runs"),
+        ("deepspeed_zero3.yaml", "DEEPSPEED", "only on GPUs"),
+    ],
+)
+def test_an_engine_a_cpu_cannot_give_stops_in_one_line(
+    launch_file, engine, fix, tiny_model_dir, hh_jsonl, tmp_path
 ):
-    """configs/accelerate/fsdp.yaml as a user would launch it here: Accelerate would train under
-    DDP without a word; the run stops before the model loads instead."""
+    """configs/accelerate/fsdp.yaml with fsdp_version 1, and deepspeed_zero3.yaml (CI installs
+    DeepSpeed), as a user would launch them here: Accelerate would train under DDP without a word
+    (only FSDP2 is given on a CPU: tests/test_sharded.py); the run stops before the model loads."""
+    if engine == "DEEPSPEED":
+        pytest.importorskip("deepspeed")  # accelerate launch needs it; .ci/run installs it
+        path = CONFIGS / launch_file
+    else:
+        path = tmp_path / launch_file
+        path.write_text((CONFIGS / "fsdp.yaml").read_text().replace("version: 2", "version: 1"))
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--config_file", str(CONFIGS / "fsdp.yaml"), "--num_processes", "2",
+        "--config_file", str(path), "--num_processes", "2", "--mixed_precision", "no",
         "-m", "tokenratio.cli", "train",
         "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"data.path={hh_jsonl}",
         "--set", f"train.output_dir={out}", "--set", "train.max_steps=1", "--set",
@@ -49,8 +63,34 @@ def test_accelerate_launch_with_the_fsdp_file_on_a_cpu_stops_in_one_line(
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("tokenratio train:")]
-    assert ours and "asked for FSDP" in ours[0] and "MULTI_CPU" in ours[0], result.stderr[-2000:]
+    assert ours and f"asked for {engine}" in ours[0] and fix in ours[0], result.stderr[-2000:]
     assert "Loading weights" not in result.stderr and not (out / "final").exists()
+
+
+def _sharded_accelerator():
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    return SimpleNamespace(distributed_type=DistributedType.FSDP, is_fsdp2=True)
+
+
+def test_a_sharded_run_refuses_what_it_cannot_do_before_loading():
+    from dataclasses import replace
+
+    from tokenratio.config import Config, DataConfig, LossConfig, ModelConfig
+    from tokenratio.step import check_sharded
+
+    cfg = Config(model=ModelConfig(name_or_path="x"), data=DataConfig(path="x"))
+    check_sharded(cfg, _sharded_accelerator())  # full fine-tuning: fine
+    lora = replace(cfg, model=replace(cfg.model, lora_r=8))
+    with pytest.raises(TrainingError, match=r"LoRA under FSDP is not supported.*model.lora_r = 0"):
+        check_sharded(lora, _sharded_accelerator())
+    rmsprop = replace(
+        cfg, loss=LossConfig(name="tbpo-q"), train=replace(cfg.train, optimizer="rmsprop")
+    )
+    with pytest.raises(TrainingError, match="tbpo-q's head shares the policy's optimizer"):
+        check_sharded(rmsprop, _sharded_accelerator())
 
 
 def test_one_process_may_train_again_in_another_precision():

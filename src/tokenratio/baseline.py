@@ -32,11 +32,13 @@ class StateBaselineHead(nn.Module):
         hidden = hidden.detach().to(self.net[0].weight.dtype)
         return self.net(hidden).squeeze(-1)
 
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write the weights (safetensors) and the shape (JSON) into `directory`."""
+    def save_pretrained(self, directory: str | Path, state_dict: dict | None = None) -> None:
+        """Write the weights (safetensors; `state_dict` where this module's own are shards) and
+        the shape (JSON) into `directory`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        state = self.state_dict() if state_dict is None else state_dict
+        state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
         save_file(state, directory / WEIGHTS_NAME)
         config = {"hidden_size": self.hidden_size, "width": self.width}
         (directory / CONFIG_NAME).write_text(json.dumps(config))

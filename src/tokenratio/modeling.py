@@ -399,24 +399,39 @@ def _has_module(model, suffix: str) -> bool:
     return any(name.endswith(suffix) for name, _ in model.named_modules())
 
 
-def save_final(policy: PolicyWithHead, tokenizer, directory: Path, merged: bool = True) -> Path:
+def save_final(
+    policy: PolicyWithHead, tokenizer, directory: Path, merged: bool = True, state_dict=None
+) -> Path:
     """Write a model directory that `AutoModelForCausalLM.from_pretrained` loads (LoRA merged; the
     adapter itself also in adapter/; with `merged` false (train.save_merged) the adapter alone,
     which from_pretrained loads onto its base model), the TBPO-Q head beside it, and the
-    tokenizer. Written into
-    `directory`.tmp and published when complete (`atomic.publish_dir`, with its COMPLETE
-    marker): a crash leaves no half model."""
+    tokenizer. `state_dict`: the policy's full weights where its own parameters are shards
+    (FSDP, ZeRO-3: `sharding.full_state_dict`). Written into `directory`.tmp and published when
+    complete (`atomic.publish_dir`, with its COMPLETE marker): a crash leaves no half model."""
     from tokenratio.atomic import COMPLETE, publish_dir
 
     tmp = directory.with_name(directory.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model = policy.model
+    weights, head_weights = _split_policy_state(state_dict)
     if hasattr(model, "merge_and_unload") and merged:
         model.save_pretrained(tmp / "adapter")
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(tmp, safe_serialization=True)  # the adapter alone when not merged
+    given = {} if weights is None else {"state_dict": weights}
+    model.save_pretrained(tmp, safe_serialization=True, **given)  # the adapter alone if unmerged
     tokenizer.save_pretrained(tmp)
     if policy.head is not None:
-        policy.head.save_pretrained(tmp)
+        policy.head.save_pretrained(tmp, head_weights)
     return publish_dir(tmp, directory, marker=COMPLETE)
+
+
+def _split_policy_state(state_dict: dict | None) -> tuple[dict | None, dict | None]:
+    """A PolicyWithHead's {"model.<name>": ..., "head.<name>": ...} -> (model's, head's)."""
+    if state_dict is None:
+        return None, None
+    parts = {"model": {}, "head": {}}
+    for name, tensor in state_dict.items():
+        owner, _, rest = name.partition(".")
+        parts[owner][rest] = tensor
+    return parts["model"], parts["head"]

@@ -20,7 +20,7 @@ from tokenratio.logprobs import (
     token_logps_at,
 )
 from tokenratio.losses import Needs, TokenLogps, k3
-from tokenratio.modeling import response_logits
+from tokenratio.modeling import PolicyWithHead, response_logits
 
 Tensor = torch.Tensor
 # policy(batch, with_baseline) -> (logits (2B, T, V), baseline (2B, T) or None)
@@ -166,7 +166,15 @@ def score_batches(
     device = next(models[0].parameters()).device
     for batch in tqdm(batches, desc=desc or "scoring", disable=not progress, leave=False):
         batch = batch.to(device)
-        yield batch, [response_logits(model, batch) for model in models]
+        yield batch, [_response_logits(model, batch) for model in models]
+
+
+def _response_logits(model, batch: PreferenceBatch):
+    """A causal LM's (logits, hidden); a PolicyWithHead's (logits, None) through its own forward,
+    where FSDP gathers the shards of a sharded one (the reference's scoring pass under FSDP2)."""
+    if isinstance(model, PolicyWithHead):
+        return model(batch)[0], None
+    return response_logits(model, batch)
 
 
 def batch_contrasts(positive, negative, batch_iter, progress: bool = False):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tokenratio import reference
+from tokenratio import reference, sharding
 from tokenratio.batch import collate, collate_shared
 from tokenratio.losses import LOSSES, Loss, Needs, reduce
 from tokenratio.modeling import build_policy, has_accelerator, load_causal_lm, unwrap_peft
@@ -77,23 +77,45 @@ def _fused(kind) -> dict:
     return {"fused": True} if kind is torch.optim.AdamW else {}
 
 
-def _optimizers(cfg, policy):
+def _optimizers(cfg, policy, one: bool = False):
+    """The policy's optimizer, and the TBPO-Q head's (its own AdamW: authors' code, lr 1e-3,
+    trained only through the TBPO-Q loss). `one` (sharded runs: Accelerate's FSDP saves one
+    optimizer per model) puts the head into a second param group of the policy's AdamW, with the
+    same settings its own would have: the same updates."""
     head_params = list(policy.head.parameters()) if policy.head is not None else []
     head_ids = {id(p) for p in head_params}
     params = [p for p in policy.parameters() if p.requires_grad and id(p) not in head_ids]
     kind = {"rmsprop": torch.optim.RMSprop, "adamw": torch.optim.AdamW}[cfg.train.optimizer]
+    head_group = {"params": head_params, "lr": cfg.train.head_lr, "weight_decay": HEAD_DECAY}
+    if one and head_params:
+        groups = [{"params": params, "weight_decay": cfg.train.weight_decay}, head_group]
+        return torch.optim.AdamW(groups, lr=cfg.train.lr, **_fused(kind)), None
     main = kind(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, **_fused(kind))
-    # The head has its own AdamW (authors' code: lr 1e-3), trained only through the TBPO-Q loss.
-    head = torch.optim.AdamW(head_params, lr=cfg.train.head_lr, fused=True) if head_params else None
+    head = torch.optim.AdamW([head_group], fused=True) if head_params else None
     return main, head
 
 
+HEAD_DECAY = 0.01  # torch's AdamW default, which the head's own optimizer has always had
+
+
 def _scheduler(cfg, optimizer, total_steps):
+    """The configured schedule for the policy's parameters; a second param group (the TBPO-Q
+    head's, in sharded runs) keeps its lr, as the head's own optimizer does."""
+    from torch.optim.lr_scheduler import LambdaLR
     from transformers import get_scheduler
 
     name = {"cosine": "cosine", "constant": "constant_with_warmup"}[cfg.train.schedule]
     warmup = math.ceil(cfg.train.warmup_ratio * total_steps)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    scheduler = get_scheduler(
+        name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+    if len(optimizer.param_groups) == 1:
+        return scheduler
+    return LambdaLR(optimizer, [scheduler.lr_lambdas[0], _constant])
+
+
+def _constant(step: int) -> float:
+    return 1.0
 
 
 def prepare_step_parts(
@@ -116,7 +138,7 @@ def prepare_step_parts(
         frozen.fused = cfg.train.fused_head
     if cfg.train.compile:
         unwrap_peft(policy.model).base_model.compile(dynamic=True)
-    optimizer, head_optimizer = _optimizers(cfg, policy)
+    optimizer, head_optimizer = _optimizers(cfg, policy, sharding.shards_models(accelerator))
     scheduler = _scheduler(cfg, optimizer, total_steps)
     optimizers = (optimizer, head_optimizer) if head_optimizer else (optimizer,)
     policy, *optimizers = accelerator.prepare(policy, *optimizers)
@@ -224,7 +246,8 @@ def mean_metrics(accelerator, sums: dict, count: int) -> dict:
 
 
 def make_accelerator(cfg, out: Path | None = None):
-    """The run's Accelerator, checked against what the launch asked for (`check_launch`)."""
+    """The run's Accelerator, checked against what the launch asked for (`check_launch`); FSDP2
+    asked for on a CPU process group is given (`sharding.fsdp2_on_cpu`)."""
     import os
 
     from accelerate import Accelerator
@@ -236,7 +259,9 @@ def make_accelerator(cfg, out: Path | None = None):
         log_with=list(cfg.train.report_to) or None,
         project_dir=None if out is None else str(out),
     )
+    sharding.fsdp2_on_cpu(accelerator)
     check_launch(os.environ, str(accelerator.distributed_type), accelerator.num_processes)
+    check_sharded(cfg, accelerator)
     return accelerator
 
 
@@ -254,20 +279,26 @@ def _forget_other_precision(mixed_precision: str) -> None:
 
 
 ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED"}
+ON_A_CPU = {  # what to do when a CPU launch asked for an engine it could not get
+    "FSDP": "on a CPU only FSDP2 runs (fsdp_version: 2 in the launch file, as "
+    "configs/accelerate/fsdp.yaml has it), over a process group of 2 or more",
+    "DEEPSPEED": "Accelerate runs DeepSpeed only on GPUs; on a CPU launch with "
+    "configs/accelerate/fsdp.yaml, configs/accelerate/ddp.yaml or torchrun instead",
+}
 
 
 def check_launch(env, distributed_type: str, num_processes: int) -> None:
     """Stop before any model loads when the launch asked for an engine (FSDP, DeepSpeed) that
     Accelerate did not give, or started several processes that did not form one group: Accelerate
     1.15 drops an FSDP or DeepSpeed plugin on a CPU without a word (the model then trains under
-    DDP, or each process alone), which would be a different run than the one asked for."""
+    DDP, or each process alone), which would be a different run than the one asked for. (FSDP2
+    on a CPU group is given by `sharding.fsdp2_on_cpu` before this check.)"""
     given = distributed_type.rsplit(".", 1)[-1]
     for variable, engine in ENGINES.items():
         if str(env.get(variable, "false")).lower() == "true" and given != engine:
             raise TrainingError(
                 f"the launch asked for {engine} ({variable}=true) but Accelerate set up {given} "
-                f"with {num_processes} process(es): Accelerate runs {engine} only on GPUs; on a "
-                "CPU launch with configs/accelerate/ddp.yaml or torchrun instead"
+                f"with {num_processes} process(es): {ON_A_CPU[engine]}"
             )
     world = int(env.get("WORLD_SIZE", "1") or 1)
     if world > 1 and num_processes != world:
@@ -275,4 +306,23 @@ def check_launch(env, distributed_type: str, num_processes: int) -> None:
             f"the launch started {world} processes (WORLD_SIZE={world}) but Accelerate sees "
             f"{num_processes} in its group ({given}): each would train alone. On a CPU set "
             "train.cpu = true (or launch with torchrun / `accelerate launch --cpu`)"
+        )
+
+
+def check_sharded(cfg, accelerator) -> None:
+    """What a sharded run (FSDP, ZeRO) cannot do yet, refused before any model loads."""
+    if not sharding.shards_models(accelerator):
+        return
+    engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    if cfg.model.lora_r > 0:
+        raise TrainingError(
+            f"LoRA under {engine} is not supported: shard full fine-tuning (model.lora_r = 0, as "
+            "configs/accelerate/fsdp.yaml says), or train LoRA data-parallel "
+            "(configs/accelerate/ddp.yaml), where the frozen base stays whole"
+        )
+    if LOSSES[cfg.loss.name].needs(cfg.loss.options).baseline and cfg.train.optimizer != "adamw":
+        raise TrainingError(
+            f"{cfg.loss.name}'s head shares the policy's optimizer under {engine} (Accelerate "
+            f"saves one optimizer per sharded model): set train.optimizer = adamw, not "
+            f"{cfg.train.optimizer}"
         )

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from tokenratio import atomic, checkpoint, reference, rundir, runlog, trunk
+from tokenratio import atomic, checkpoint, reference, rundir, runlog, sharding, trunk
 from tokenratio.batch import length_grouped_order, pair_lengths
 from tokenratio.curves import plot_run
 from tokenratio.data import load_raw, tokenize_dataset
@@ -198,6 +198,7 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     data, heldout, report, splits = prepare_data(cfg, tokenizer, accelerator)
     _check_weights(cfg, needs, heldout)
     ref_plan = reference.plan(cfg, needs, accelerator)
+    accelerator.print(f"launch: {sharding.describe(accelerator)}")
     accelerator.print(f"reference: {ref_plan.reason}")
     total_steps = _total_steps(cfg, len(data), accelerator.num_processes)
     parts = prepare_step_parts(cfg, accelerator, total_steps, plan=ref_plan)
@@ -224,10 +225,12 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     if _last_evaluation(out).get("step") != n:  # resumed after logging it: not twice
         _log(accelerator, out / runlog.NAME, {"step": n, **final_eval})
     accelerator.wait_for_everyone()
+    gathered = None  # a sharded policy's full weights, gathered by every process for the main one
+    if sharding.shards_models(accelerator):
+        gathered = sharding.full_state_dict(accelerator, parts.policy)
     if accelerator.is_main_process:
-        save_final(
-            accelerator.unwrap_model(parts.policy), tokenizer, out / "final", cfg.train.save_merged
-        )
+        policy = accelerator.unwrap_model(parts.policy)
+        save_final(policy, tokenizer, out / "final", cfg.train.save_merged, gathered)
     _draw_curves(accelerator, cfg)
     accelerator.end_training()
     seconds = time.perf_counter() - started

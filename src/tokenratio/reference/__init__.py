@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from tokenratio.reference.cache import CacheLocationError, load_or_score, score_rows
 from tokenratio.reference.key import RevisionUnknownError, model_identity
 from tokenratio.reference.store import CachedValues
+from tokenratio.sharding import is_fsdp2, shard_frozen, shards_models
 
 __all__ = [
     "CacheLocationError",
@@ -80,19 +81,16 @@ def _why_not_cached(cfg, needs, accelerator, identity) -> tuple[str | None, str]
         )
     if needs.kl not in (None, "k3"):
         return f"{cfg.loss.name} needs the reference's {needs.kl} at every step", ""
-    if accelerator is not None and _shards_models(accelerator):
-        return "the reference is sharded (FSDP or ZeRO): the scoring pass would load it whole", ""
+    if accelerator is not None and shards_models(accelerator) and not is_fsdp2(accelerator):
+        return (
+            "the reference is sharded by an engine whose scoring pass would load it whole on "
+            "every process (only FSDP2's is sharded)",
+            "",
+        )
     try:
         return None, identity or model_identity(cfg.model)
     except RevisionUnknownError as err:
         return f"{err}, so a cache could not tell its versions apart", ""
-
-
-def _shards_models(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    sharding = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
-    return accelerator.distributed_type in sharding
 
 
 def frozen_copy(the_plan: Plan, model):
@@ -109,10 +107,7 @@ def forward(the_plan: Plan, accelerator, policy, frozen=None):
     """The step's reference forward (batch -> response logits (2B, T, V)), or None when the
     plan runs no reference. `policy`: the prepared policy; `frozen`: `frozen_copy`'s module."""
     if the_plan.source == "copy":
-        if _shards_models(accelerator):  # sharded like the policy (Accelerate wraps it)
-            frozen = accelerator.prepare_model(frozen, evaluation_mode=True)
-        else:
-            frozen = frozen.to(accelerator.device)
+        frozen = shard_frozen(accelerator, frozen)  # under FSDP2 sharded as the policy is
 
         def run_copy(batch):
             with accelerator.autocast():

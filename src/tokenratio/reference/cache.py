@@ -11,6 +11,7 @@ whatever the order or the split.
 
 import contextlib
 import os
+from math import ceil
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from tokenratio.reference import key as keys
 from tokenratio.reference import score as scoring
 from tokenratio.reference import store
 from tokenratio.reference.store import CachedValues, DamagedShardError, ShardWriter
+from tokenratio.sharding import shard_frozen, shards_models
 
 ENV = "TOKENRATIO_REF_CACHE_DIR"
 
@@ -91,39 +93,45 @@ def _drop(path: Path, why: str, say) -> None:
         path.unlink()
 
 
-def fill_missing(model_loader, todo: dict, writer: ShardWriter, run, trunk=None) -> None:
+def fill_missing(
+    model_loader, todo: dict, writer: ShardWriter, run, trunk=None, lockstep=None
+) -> None:
     """Score this process's share of `todo` into `writer` (shards on disk as it goes, when it
     has a directory). `run`: the pad id, eval batch size, progress flag and autocast context;
-    `trunk`: a trunk.TrunkCache holding these pairs (the reference runs only above it)."""
+    `trunk`: a trunk.TrunkCache holding these pairs (the reference runs only above it);
+    `lockstep`: under sharding (each forward pass gathers every process's shards), (the number
+    of passes every process makes, a pair to pad with): its own batches, then idle passes."""
     pad_id, batch_size, progress, autocast = run
-    if todo:
+    if todo or lockstep:
         model = model_loader()
         with autocast():
             scored = scoring.score(model, todo, pad_id, batch_size, writer.samples, progress, trunk)
             for entries in scored:
                 writer.add(entries)
+            if lockstep:
+                passes, filler = lockstep
+                scoring.idle_passes(model, filler, pad_id, passes - ceil(len(todo) / batch_size))
         del model
     writer.flush()
 
 
-def gather(accelerator, shards: list[dict]) -> list[dict]:
-    """Every process's freshly scored shards, on every process."""
+def gather(accelerator, shards: list[dict]) -> list[list[dict]]:
+    """Every process's freshly scored shards, on every process, by process index."""
     if accelerator.num_processes == 1:
-        return shards
+        return [shards]
     from accelerate.utils import gather_object
 
-    return [tensors for part in gather_object([shards]) for tensors in part]
+    return gather_object([shards])
 
 
 def load_or_score(
     cfg, plan, accelerator, tokenizer, datasets, progress: bool, trunk=None
 ) -> CachedValues:
     """The cached values of every pair in `datasets`; the missing ones are scored once, shared
-    out over the processes (each loads the reference for that and drops it), under the
-    training's autocast, and each process writes its shards as it goes (above the frozen
-    trunk's cached states when `trunk` holds them)."""
-    from tokenratio.modeling import load_causal_lm
-
+    out over the processes (each loads the reference for that and drops it; under FSDP2 they
+    shard it and run it in lockstep), under the training's autocast (above the frozen trunk's
+    cached states when `trunk` holds them). Every process keeps every value; the main process
+    writes the shards, its own as it goes."""
     device = accelerator.device
     cache_key = keys.cache_key(cfg, plan.identity, tokenizer, device.type, plan.samples)
     directories = [root / cache_key for root in roots(cfg.data.path)]
@@ -138,20 +146,39 @@ def load_or_score(
         return values
     target = writable_dir(directories)  # before scoring, never after
     accelerator.wait_for_everyone()  # every process has read before any writes
-    share = scoring.shard(todo, accelerator.process_index, accelerator.num_processes)
-    writer = ShardWriter(target, cache_key, plan.samples)
-    bar = progress and accelerator.is_main_process  # one bar, as the training loop's
-
-    def loader():
-        return load_causal_lm(cfg.model).to(device).eval()
-
-    run = (tokenizer.pad_token_id, cfg.train.eval_batch_size, bar, accelerator.autocast)
-    fill_missing(loader, share, writer, run, trunk)
-    for tensors in gather(accelerator, writer.written):
-        values.add(tensors)
+    count, main = accelerator.num_processes, accelerator.is_main_process
+    share = scoring.shard(todo, accelerator.process_index, count)
+    writer = ShardWriter(target if main else None, cache_key, plan.samples)
+    batch_size = cfg.train.eval_batch_size
+    lockstep = None
+    if shards_models(accelerator):  # as many passes as the largest share needs
+        lockstep = (ceil(ceil(len(todo) / count) / batch_size), next(iter(todo.values())))
+    bar = progress and main  # one bar, as the training loop's
+    run = (tokenizer.pad_token_id, batch_size, bar, accelerator.autocast)
+    fill_missing(_reference_loader(cfg, accelerator), share, writer, run, trunk, lockstep)
+    for index, shards in enumerate(gather(accelerator, writer.written)):
+        for tensors in shards:
+            values.add(tensors)
+            if main and index != accelerator.process_index:
+                store.write_shard(target, tensors, cache_key, plan.samples)
     accelerator.wait_for_everyone()
     say(f"reference log-probs: scored {len(todo)} pairs into {target}")
     return values
+
+
+def _reference_loader(cfg, accelerator):
+    """How the scoring pass gets the reference: whole on this process's device, or, under
+    sharding, the frozen PolicyWithHead sharded as the policy is (`sharding.shard_frozen`)."""
+    from tokenratio.modeling import PolicyWithHead, load_causal_lm
+
+    def load():
+        model = load_causal_lm(cfg.model)
+        if not shards_models(accelerator):
+            return model.to(accelerator.device).eval()
+        frozen = PolicyWithHead(model).eval().requires_grad_(False)
+        return shard_frozen(accelerator, frozen)
+
+    return load
 
 
 def _found_in(directories: list[Path]) -> str:

@@ -81,6 +81,17 @@ def score(
         done += batch.num_pairs
 
 
+@torch.no_grad()
+def idle_passes(model, filler: dict, pad_id: int, count: int) -> None:
+    """`count` forward passes over one pair (`filler`: its token ids), their results dropped:
+    under sharding a process with fewer batches keeps in step with the others this way."""
+    from tokenratio.batch import collate_shared
+    from tokenratio.scoring import score_batches
+
+    for _ in score_batches([model], [collate_shared([filler], pad_id)] * max(count, 0)):
+        pass
+
+
 def _entries(keys, rows, done, B, logits, logps, samples) -> Iterator:
     for i in range(B):
         key, row, entry = keys[done + i], rows[done + i], {}

@@ -1,0 +1,143 @@
+"""Scale-out on CPU, launched as a user would (`accelerate launch --config_file configs/accelerate/
+{ddp,fsdp}.yaml --num_processes 2`): two gloo processes of `tokenratio train` give the loss curve
+and the final weights of one process with the same global batch.
+
+Under fsdp.yaml the run is Accelerate's own FSDP2 path (sharding.fsdp2_on_cpu turns it on where
+Accelerate 1.15 would fall back to DDP on a CPU): the policy, TBPO-Q's head with it, and the frozen
+reference sharded per decoder layer, DCP checkpoints that resume exactly, full weights gathered
+into final/, and the reference cache scored by the sharded reference in lockstep."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tokenratio.reference.cache import read
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+PAIRS = 95  # the scored pairs of hh_jsonl (91 train, 4 held out; one record is invalid)
+
+
+def settings(model_dir, data, out, **extra) -> list[str]:
+    values = {
+        "model.name_or_path": str(model_dir),
+        "data.path": str(data),
+        "train.output_dir": str(out),
+        "data.max_length": 384,
+        "data.max_prompt_length": 256,
+        "data.on_invalid": "skip",
+        "train.max_steps": 5,
+        "train.batch_size": 4,
+        "train.lr": 1e-3,
+        "train.optimizer": "adamw",
+        "train.warmup_ratio": 0.0,
+        "train.group_by_length": False,
+        "train.mixed_precision": "no",
+        **extra,
+    }
+    args = []
+    for key, value in values.items():
+        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, str) else value}"]
+    return args
+
+
+def train(args: list[str], cache: Path, launch_file: str | None = None, *more):
+    """`tokenratio train` in one process, or under `accelerate launch` with 2 processes."""
+    command = [sys.executable, "-m", "tokenratio.cli", "train"]
+    if launch_file:
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+            str(CONFIGS / launch_file), "--num_processes", "2", "--mixed_precision", "no",
+            "-m", "tokenratio.cli", "train",
+        ]  # fmt: skip
+    env = {**os.environ, "TOKENRATIO_REF_CACHE_DIR": str(cache), "ACCELERATE_MIXED_PRECISION": "no"}
+    result = subprocess.run(
+        [*command, *args, *more, "--no-progress"], capture_output=True, text=True, env=env,
+        timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def losses(out: Path) -> list[float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [row.get("loss", row.get("eval_loss")) for row in map(json.loads, lines)]
+
+
+def assert_same_weights(a: Path, b: Path, name: str = "model.safetensors") -> None:
+    left, right = load_file(a / name), load_file(b / name)
+    assert sorted(left) == sorted(right)
+    for key in left:
+        torch.testing.assert_close(right[key], left[key], rtol=0, atol=2e-6, msg=key)
+
+
+def cached_values(root: Path):
+    (directory,) = [d for d in root.iterdir() if d.is_dir()]
+    return read([directory], directory.name, 0, 1 << 20, print)
+
+
+@pytest.mark.parametrize(
+    "loss, launch_file",
+    [("dpo", "fsdp.yaml"), ("tbpo-a", "fsdp.yaml"), ("tbpo-q", "fsdp.yaml"), ("dpo", "ddp.yaml")],
+)
+def test_two_processes_train_as_one(loss, launch_file, tiny_model_dir, hh_jsonl, tmp_path):
+    """dpo reads the reference cache (scored by the sharded reference), tbpo-a runs the sharded
+    frozen reference in every step (its exact KL), tbpo-q trains its head in the policy's
+    optimizer. eval_batch_size 47: the scoring pass's shares (48 and 47 pairs) take 2 and 1
+    batches, so the second process must pad with an idle pass or the first would wait forever."""
+    extra = {"loss.name": loss, "train.eval_batch_size": 47, "train.save_every": 2}
+    one = tmp_path / "one"
+    train(settings(tiny_model_dir, hh_jsonl, one, **extra), tmp_path / "cache-one")
+    two = tmp_path / "two"
+    args = settings(tiny_model_dir, hh_jsonl, two, **{**extra, "train.batch_size": 2})
+    stdout = train(args, tmp_path / "cache-two", launch_file)
+
+    engine = "FSDP2 (parameters sharded" if launch_file == "fsdp.yaml" else "MULTI_CPU"
+    assert f"launch: 2 processes, {engine}" in stdout
+    assert losses(two) == pytest.approx(losses(one), abs=1e-6)
+    assert_same_weights(one / "final", two / "final")
+    if loss == "tbpo-q":
+        assert_same_weights(one / "final", two / "final", "baseline_head.safetensors")
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(two / "final")  # full weights, loadable
+    if launch_file == "fsdp.yaml":  # sharded (DCP) checkpoints, not one file
+        assert (two / "checkpoints" / "step-000004" / "pytorch_model_fsdp_0").is_dir()
+    if loss != "tbpo-a":  # the cache, scored once by both processes, equals one process's
+        assert f"reference log-probs: scored {PAIRS} pairs" in stdout
+        sharded, whole = (
+            cached_values(tmp_path / "cache-two"),
+            cached_values(tmp_path / "cache-one"),
+        )
+        assert set(sharded.where) == set(whole.where) and len(whole) == PAIRS
+        for key in whole.where:
+            for side in ("chosen", "rejected"):
+                torch.testing.assert_close(
+                    sharded.entry(key, side), whole.entry(key, side), rtol=0, atol=1e-5
+                )
+
+
+def test_a_sharded_checkpoint_resumes_exactly(tiny_model_dir, hh_jsonl, tmp_path):
+    """FSDP2, tbpo-q: a run cut after its step-2 checkpoint (final/ and the later checkpoint
+    gone, as a crash would leave it) resumes from the DCP shards to the uninterrupted weights."""
+    import shutil
+
+    extra = {"loss.name": "tbpo-q", "train.batch_size": 2, "train.save_every": 2}
+    straight, cut = tmp_path / "straight", tmp_path / "cut"
+    train(settings(tiny_model_dir, hh_jsonl, straight, **extra), tmp_path / "cache", "fsdp.yaml")
+    shutil.copytree(straight, cut)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "checkpoints" / "step-000004")
+    args = settings(tiny_model_dir, hh_jsonl, cut, **extra)
+    stdout = train(args, tmp_path / "cache", "fsdp.yaml", "--resume")
+
+    assert "resumed from" in stdout and "(step 2)" in stdout
+    assert_same_weights(straight / "final", cut / "final")
+    assert_same_weights(straight / "final", cut / "final", "baseline_head.safetensors")
