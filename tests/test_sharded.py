@@ -44,7 +44,7 @@ def settings(model_dir, data, out, **extra) -> list[str]:
     }
     args = []
     for key, value in values.items():
-        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, str) else value}"]
+        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, str | bool) else value}"]
     return args
 
 
@@ -90,9 +90,9 @@ def cached_values(root: Path):
 def test_two_processes_train_as_one(loss, launch_file, tiny_model_dir, hh_jsonl, tmp_path):
     """dpo reads the reference cache (scored by the sharded reference), tbpo-a runs the sharded
     frozen reference in every step (its exact KL), tbpo-q trains its head in the policy's
-    optimizer. eval_batch_size 47: the scoring pass's shares (48 and 47 pairs) take 2 and 1
+    optimizer. eval_batch_size 1: the scoring pass's shares (48 and 47 pairs) take 48 and 47
     batches, so the second process must pad with an idle pass or the first would wait forever."""
-    extra = {"loss.name": loss, "train.eval_batch_size": 47, "train.save_every": 2}
+    extra = {"loss.name": loss, "train.eval_batch_size": 1, "train.save_every": 2}
     one = tmp_path / "one"
     train(settings(tiny_model_dir, hh_jsonl, one, **extra), tmp_path / "cache-one")
     two = tmp_path / "two"

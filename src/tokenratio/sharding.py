@@ -50,9 +50,9 @@ def fsdp2_on_cpu(accelerator, env=os.environ) -> None:
 
     if not asked_for_fsdp(env) or accelerator.distributed_type != DistributedType.MULTI_CPU:
         return
-    plugin = FullyShardedDataParallelPlugin()  # reads the launch's FSDP_* variables
-    if plugin.fsdp_version != 2:
+    if str(env.get("FSDP_VERSION", "1")) != "2":  # Accelerate's default is FSDP1
         return
+    plugin = FullyShardedDataParallelPlugin()  # reads the launch's FSDP_* variables
     state = accelerator.state
     if state.mixed_precision != "no":
         plugin.set_mixed_precision(state.mixed_precision)

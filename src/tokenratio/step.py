@@ -253,8 +253,15 @@ def make_accelerator(cfg, out: Path | None = None):
     from accelerate import Accelerator
 
     _forget_other_precision(cfg.train.mixed_precision)
+    cpu = cfg.train.cpu or not has_accelerator()
+    version = os.environ.get("FSDP_VERSION", "1")  # Accelerate's default is FSDP1
+    if cpu and sharding.asked_for_fsdp() and version != "2":  # Accelerate would raise on it
+        raise TrainingError(
+            f"the launch asked for FSDP version {version} ({sharding.FSDP_FLAG}=true) on a CPU: "
+            f"{ON_A_CPU['FSDP']}"
+        )
     accelerator = Accelerator(
-        cpu=cfg.train.cpu or not has_accelerator(),
+        cpu=cpu,
         mixed_precision=cfg.train.mixed_precision,
         log_with=list(cfg.train.report_to) or None,
         project_dir=None if out is None else str(out),
