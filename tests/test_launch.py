@@ -93,6 +93,28 @@ def test_a_sharded_run_refuses_what_it_cannot_do_before_loading():
         check_sharded(rmsprop, _sharded_accelerator())
 
 
+def test_zero3_with_the_fused_head_is_refused():
+    """ZeRO-3 gathers the LM head's weight only inside its forward, which the fused head skips."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from tokenratio.config import Config, DataConfig, ModelConfig
+    from tokenratio.step import check_sharded
+
+    cfg = Config(model=ModelConfig(name_or_path="x"), data=DataConfig(path="x"))
+    plugin = SimpleNamespace(zero_stage=3)
+    zero3 = SimpleNamespace(
+        distributed_type=DistributedType.DEEPSPEED, state=SimpleNamespace(deepspeed_plugin=plugin)
+    )
+    with pytest.raises(TrainingError, match=r"ZeRO-3 .* train.fused_head = false"):
+        check_sharded(cfg, zero3)
+    check_sharded(replace(cfg, train=replace(cfg.train, fused_head=False)), zero3)
+    plugin.zero_stage = 2  # ZeRO-2 keeps every parameter whole: the fused head reads it
+    check_sharded(cfg, zero3)
+
+
 def test_one_process_may_train_again_in_another_precision():
     """A study after another training in the same process (a notebook, the help examples)."""
     from dataclasses import replace

@@ -90,9 +90,11 @@ def cached_values(root: Path):
 def test_two_processes_train_as_one(loss, launch_file, tiny_model_dir, hh_jsonl, tmp_path):
     """dpo reads the reference cache (scored by the sharded reference), tbpo-a runs the sharded
     frozen reference in every step (its exact KL), tbpo-q trains its head in the policy's
-    optimizer. eval_batch_size 1: the scoring pass's shares (48 and 47 pairs) take 48 and 47
-    batches, so the second process must pad with an idle pass or the first would wait forever."""
-    extra = {"loss.name": loss, "train.eval_batch_size": 1, "train.save_every": 2}
+    optimizer. eval_batch_size 47: the scoring pass's shares (48 and 47 pairs) take 2 and 1
+    batches, so the second process must pad with an idle pass or the first would wait forever;
+    and the 4 held-out pairs fill one process's batch only, so Accelerate repeats pairs to even
+    it out, which the held-out metrics must not count."""
+    extra = {"loss.name": loss, "train.eval_batch_size": 47, "train.save_every": 2}
     one = tmp_path / "one"
     train(settings(tiny_model_dir, hh_jsonl, one, **extra), tmp_path / "cache-one")
     two = tmp_path / "two"

@@ -28,6 +28,12 @@ def is_fsdp2(accelerator) -> bool:
     return bool(getattr(accelerator, "is_fsdp2", False))
 
 
+def zero_stage(accelerator) -> int:
+    """DeepSpeed's ZeRO stage in this run (0 when DeepSpeed does not run it)."""
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    return int(getattr(plugin, "zero_stage", 0) or 0) if shards_models(accelerator) else 0
+
+
 def describe(accelerator) -> str:
     """One line for the start of a run: how many processes, under which engine."""
     count = accelerator.num_processes

@@ -221,16 +221,21 @@ def check_finite(flags: list) -> None:
 
 
 def heldout_metrics(parts: StepParts, loader) -> dict:
-    """Held-out loss and pair metrics (implicit-reward accuracy and margins), all processes."""
+    """Held-out loss and pair metrics (implicit-reward accuracy and margins) over every held-out
+    pair once: each batch's per-pair values are gathered from all processes with Accelerate's
+    `gather_for_metrics`, which drops the pairs a prepared loader repeats to even out the last
+    batch (counted, they would bias a multi-process evaluation)."""
+    accelerator = parts.accelerator
     parts.policy.eval()
     sums, count = {}, 0
     with torch.no_grad():
         for batch in loader:
             losses, metrics = step_losses(parts, batch)
-            _add_metrics(sums, losses, metrics)
-            count += losses.shape[0]
+            every = accelerator.gather_for_metrics({"loss": losses, **metrics})
+            count += every["loss"].shape[0]
+            _add_metrics(sums, every.pop("loss"), every)
     parts.policy.train()
-    return {f"eval_{k}": v for k, v in mean_metrics(parts.accelerator, sums, count).items()}
+    return {f"eval_{k}": float(v) / count for k, v in sorted(sums.items())} if count else {}
 
 
 def mean_metrics(accelerator, sums: dict, count: int) -> dict:
@@ -326,6 +331,12 @@ def check_sharded(cfg, accelerator) -> None:
             f"LoRA under {engine} is not supported: shard full fine-tuning (model.lora_r = 0, as "
             "configs/accelerate/fsdp.yaml says), or train LoRA data-parallel "
             "(configs/accelerate/ddp.yaml), where the frozen base stays whole"
+        )
+    if cfg.train.fused_head and sharding.zero_stage(accelerator) == 3:
+        raise TrainingError(
+            "DeepSpeed ZeRO-3 gathers a parameter only inside its module's forward, and the fused "
+            "head reads the LM head's weight without calling it: set train.fused_head = false "
+            "under ZeRO-3 (the logits are then built whole), or shard with FSDP2"
         )
     if LOSSES[cfg.loss.name].needs(cfg.loss.options).baseline and cfg.train.optimizer != "adamw":
         raise TrainingError(
