@@ -18,7 +18,7 @@ LAYERS = {
     ),
     "data and models": (
         "batch", "checkpoint", "curves", "data", "modeling", "reference", "rundir", "scoring",
-        "trunk",
+        "sharding", "trunk",
     ),
     "step": ("step",),
     "workflows": ("bench", "eval", "integrations", "perf", "study", "tisdpo", "trainer"),
