@@ -39,6 +39,7 @@ def test_overrides_parse_toml_values_and_bare_strings():
         ("train.batch_size=2.5", r"train.batch_size: expected int, got 2.5"),
         ("train.optimizer=sgd", r"choose one of \['rmsprop', 'adamw'\]"),
         ("train.lr", r"must look like section.key=value"),
+        ("train.head_tile_elements=0", r"train.head_tile_elements = 0: must be at least 1"),
     ],
 )
 def test_bad_overrides_are_clear_errors(override, message):

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 
 Tensor = torch.Tensor
-TILE_ROWS = 512  # rows per tile: 512 x 128k fp32 logits = 256 MiB at Llama-3's vocabulary
+TILE_ROWS = 512  # rows per tile where a caller gives none: 512 x 128k fp32 logits = 251 MiB
+TILE_ELEMENTS = 1 << 24  # rows x vocabulary per tile on the scoring path (train.head_tile_elements)
 
 
 @dataclass(frozen=True)
@@ -131,12 +132,19 @@ def _head_grads(ctx, h, weight, bias, tok, grad_at, grad_kl):
         rows = slice(start, start + tiles)
         z, slope = tile_logits(h[rows], head)
         p = z.softmax(-1)
-        g = grad_at[rows]
-        grad_z = -g.sum(-1, keepdim=True) * p
-        grad_z.scatter_add_(-1, tok[rows], g)
+        del z  # at most three tiles live (p, and with a reference p_ref and the KL term)
+        kl_term = None
         if ctx.with_ref and grad_kl is not None:
             zr, _ = tile_logits(ref_h[rows], Head(ref_weight, ref_bias, spec[2], spec[3]))
-            grad_z += grad_kl.float()[rows, None] * (p - zr.softmax(-1))
+            kl_term = zr.softmax(-1)
+            del zr
+            kl_term.neg_().add_(p).mul_(grad_kl.float()[rows, None])  # g_kl (p - p_ref)
+        g = grad_at[rows]
+        grad_z = p.mul_(-g.sum(-1, keepdim=True))  # in place: p is not read again
+        grad_z.scatter_add_(-1, tok[rows], g)
+        if kl_term is not None:
+            grad_z += kl_term
+            del kl_term
         grad_z *= slope
         grad_weight += grad_z.T @ h[rows].float()
         if grad_bias is not None:

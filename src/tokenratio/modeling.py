@@ -16,7 +16,7 @@ from torch import nn
 
 from tokenratio.baseline import CONFIG_NAME, StateBaselineHead
 from tokenratio.batch import PreferenceBatch
-from tokenratio.fused_head import Head
+from tokenratio.fused_head import TILE_ELEMENTS, Head
 from tokenratio.logprobs import HeadRows
 from tokenratio.paths import check_local_path
 
@@ -63,7 +63,7 @@ def _check_head_dropout(module, adapter: str) -> None:
         )
 
 
-def response_logits(model, batch: PreferenceBatch, fused: bool = True):
+def response_logits(model, batch: PreferenceBatch, fused: bool = True, tile_elements=TILE_ELEMENTS):
     """Logits (or, `fused`, the `HeadRows` that stand for them) and final hidden states at the
     positions predicting each response token.
 
@@ -73,7 +73,9 @@ def response_logits(model, batch: PreferenceBatch, fused: bool = True):
     inner = unwrap_peft(model)
     hidden = _response_hidden(inner, batch)
     if fused:  # never built whole: the kernels read the head in row tiles (fused_head.py)
-        return HeadRows(hidden, output_head(inner), index=batch.token_index), hidden
+        head = output_head(inner)
+        rows = max(1, tile_elements // head.weight.shape[0])  # a tile's size, not its rows, bounded
+        return HeadRows(hidden, head, rows, batch.token_index), hidden
     logits = inner.get_output_embeddings()(hidden)
     config = inner.config
     if getattr(config, "logit_scale", None) is not None:  # Cohere-style scaled logits
@@ -213,6 +215,7 @@ class PolicyWithHead(nn.Module):
         self.model = model
         self.head = head
         self.fused = fused  # train.fused_head: HeadRows instead of logits
+        self.tile_elements = TILE_ELEMENTS  # train.head_tile_elements
 
     @property
     def _no_split_modules(self):
@@ -220,7 +223,7 @@ class PolicyWithHead(nn.Module):
         return getattr(unwrap_peft(self.model), "_no_split_modules", None)
 
     def forward(self, batch: PreferenceBatch, with_baseline: bool = False):
-        logits, hidden = response_logits(self.model, batch, self.fused)
+        logits, hidden = response_logits(self.model, batch, self.fused, self.tile_elements)
         baseline = self.head(hidden) if (with_baseline and self.head is not None) else None
         return logits, baseline
 

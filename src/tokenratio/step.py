@@ -133,9 +133,8 @@ def prepare_step_parts(
     model = load_causal_lm(cfg.model) if model is None else model
     frozen = reference.frozen_copy(plan, model)
     policy = build_policy(cfg.model, needs, model)
-    policy.fused = cfg.train.fused_head
-    if frozen is not None:
-        frozen.fused = cfg.train.fused_head
+    for module in (policy, frozen) if frozen is not None else (policy,):
+        module.fused, module.tile_elements = cfg.train.fused_head, cfg.train.head_tile_elements
     if cfg.train.compile:
         unwrap_peft(policy.model).base_model.compile(dynamic=True)
     optimizer, head_optimizer = _optimizers(cfg, policy, sharding.shards_models(accelerator))
