@@ -106,9 +106,9 @@ class TrainConfig:
     # no (tokens x vocabulary) logits tensor, for the policy or the reference. false: the head's
     # full logits, then chunked log-probs (the measured alternative, docs/perf.md).
     fused_head: bool = True
-    # Rows x vocabulary per tile of the fused head (float32: 1 << 24 is 64 MiB; 130 rows at
-    # Llama-3's 128,256 tokens, 2,048 at 8k): its largest temporary, a few alive at once.
-    head_tile_elements: int = 1 << 24
+    # Rows x vocabulary per tile of the fused head (float32: 1 << 23 is 32 MiB; 65 rows at
+    # Llama-3's 128,256 tokens, 1,024 at 8k): its largest temporary, at most three alive.
+    head_tile_elements: int = 1 << 23
     compile: bool = False  # torch.compile the policy's forward (measured: `tokenratio perf`)
     mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the end)

@@ -25,7 +25,7 @@ import torch
 
 Tensor = torch.Tensor
 TILE_ROWS = 512  # rows per tile where a caller gives none: 512 x 128k fp32 logits = 251 MiB
-TILE_ELEMENTS = 1 << 24  # rows x vocabulary per tile on the scoring path (train.head_tile_elements)
+TILE_ELEMENTS = 1 << 23  # rows x vocabulary per tile on the scoring path (train.head_tile_elements)
 
 
 @dataclass(frozen=True)
@@ -70,22 +70,27 @@ class _HeadValues(torch.autograd.Function):
             rows = slice(start, start + tile_rows)
             z, slope = tile_logits(h[rows], head)
             logp = z.log_softmax(-1)
-            del z  # at most three tiles live: logits (briefly), log-probs, probabilities
+            del z  # at most three tiles live: log-probs, and p, or p_ref and its log-probs
             p = logp.exp()
             tok = tokens[rows].clamp_min(0)
             at[rows] = logp.gather(-1, tok)
             slopes[rows] = slope.gather(-1, tok)
             if grads:
                 expected[rows] = _expected(p, slope, w, head)
+            del p
             if ref is not None:
                 zr, _ = tile_logits(ref_h[rows], ref)
                 ref_logp = zr.log_softmax(-1)
+                del zr
                 ref_p = ref_logp.exp()
                 ref_at[rows] = ref_logp.gather(-1, tok)
-                kl[rows] = (ref_p * (ref_logp - logp)).sum(-1)
                 if grads:
                     expected_ref[rows] = _expected(ref_p, slope, w, head)
-            del logp, p, slope
+                # KL(p_ref || p) row by row as a batched dot product: no fourth tile
+                ref_logp.sub_(logp)
+                kl[rows] = (ref_p.unsqueeze(1) @ ref_logp.unsqueeze(2)).view(-1)
+                del ref_logp, ref_p
+            del logp, slope
         ctx.spec, ctx.tile_rows, ctx.with_ref = spec, tile_rows, ref is not None
         ctx.save_for_backward(h, weight, bias, tokens, ref_h, ref_weight, ref_bias, slopes,
                               expected, expected_ref)  # fmt: skip
