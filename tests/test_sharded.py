@@ -17,6 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from test_trainer import overrides
 from tokenratio.reference.cache import read
 
 pytestmark = pytest.mark.slow
@@ -26,26 +27,10 @@ PAIRS = 95  # the scored pairs of hh_jsonl (91 train, 4 held out; one record is 
 
 
 def settings(model_dir, data, out, **extra) -> list[str]:
-    values = {
-        "model.name_or_path": str(model_dir),
-        "data.path": str(data),
-        "train.output_dir": str(out),
-        "data.max_length": 384,
-        "data.max_prompt_length": 256,
-        "data.on_invalid": "skip",
-        "train.max_steps": 5,
-        "train.batch_size": 4,
-        "train.lr": 1e-3,
-        "train.optimizer": "adamw",
-        "train.warmup_ratio": 0.0,
-        "train.group_by_length": False,
-        "train.mixed_precision": "no",
-        **extra,
-    }
-    args = []
-    for key, value in values.items():
-        args += ["--set", f"{key}={json.dumps(value) if isinstance(value, str | bool) else value}"]
-    return args
+    """test_trainer's overrides, with the loss curve fixed by the data order (no length
+    grouping) and fp32 (no autocast)."""
+    fixed = {"train.max_steps": 5, "train.group_by_length": False, "train.mixed_precision": "no"}
+    return overrides(model_dir, data, out, **{**fixed, **extra})
 
 
 def train(args: list[str], cache: Path, launch_file: str | None = None, *more):
