@@ -218,3 +218,44 @@ def test_damaged_weights_are_one_line_in_eval_and_explain(
         assert len(err) == 2 and all("the model could not be loaded" in e for e in err), err
         assert all("model.safetensors" in e for e in err)
         assert "tokenratio/modeling.py" not in stderr  # no traceback through our loading code
+
+
+def _naive_response_values(model, reference, prompt, response):
+    """log pi(y) - log pi_ref(y) and sum_t KL(pi || pi_ref) over one response, from full logits."""
+    import torch
+
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = model(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+        ref = reference(ids).logits[0, len(prompt) - 1 : -1].float().log_softmax(-1)
+    target = torch.tensor(response)[:, None]
+    ratio = (logp.gather(-1, target) - ref.gather(-1, target)).sum()
+    kl = (logp.exp() * (logp - ref)).sum()
+    return float(ratio), float(kl)
+
+
+def test_preference_metrics_match_a_naive_full_logits_computation(tiny_model_dir, hh_jsonl):
+    """Accuracy, margins and KL(pi || pi_ref) of a policy that differs from its reference, from
+    the fused head's one pass over both models, equal log_softmax over full logits per pair."""
+    from tiny import load_tiny_pairs, perturbed
+    from tokenratio.eval.evaluate import preference_metrics
+
+    reference, tokenizer, pairs = load_tiny_pairs(tiny_model_dir, hh_jsonl, limit=5)
+    model = perturbed(reference, scale=0.05).eval()
+    beta = 0.1
+    result = preference_metrics(model, reference.eval(), pairs, tokenizer.pad_token_id, beta, 2)
+    margins, kls, correct = [], [], []
+    for pair in pairs:
+        chosen, kl_c = _naive_response_values(
+            model, reference, pair["prompt_ids"], pair["chosen_ids"]
+        )
+        rejected, kl_r = _naive_response_values(
+            model, reference, pair["prompt_ids"], pair["rejected_ids"]
+        )
+        margins.append(beta * (chosen - rejected))
+        correct.append(float(chosen > rejected))
+        kls += [kl_c, kl_r]
+    assert result["per_pair"]["margin"] == pytest.approx(margins, rel=1e-4, abs=1e-6)
+    assert result["per_pair"]["correct"] == correct
+    assert result["kl_to_ref"][0] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
+    assert min(kls) > 0

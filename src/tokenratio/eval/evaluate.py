@@ -27,7 +27,7 @@ from tokenratio.config import DataConfig
 from tokenratio.data import load_raw, tokenize_dataset
 from tokenratio.eval import metrics
 from tokenratio.formats import to_text
-from tokenratio.logprobs import IGNORE_INDEX, token_kl, token_logps
+from tokenratio.logprobs import IGNORE_INDEX, token_logps_and_kl
 from tokenratio.losses import preference_accuracy
 from tokenratio.modeling import load_pretrained
 from tokenratio.provenance import run_dir_of, trained_on
@@ -123,15 +123,17 @@ def preference_metrics(
     bar = _bar(len(pairs), "eval: scoring pairs", progress)
     for batch, ((logits, _), (ref_logits, _)) in scored:
         bar.update(batch.num_pairs)
-        logits, ref_logits = logits.float(), ref_logits.float()
         mask = batch.labels != IGNORE_INDEX
-        ratio = token_logps(logits, batch.labels) - token_logps(ref_logits, batch.labels)
-        reward = beta * (ratio * mask).sum(-1)  # (2B,)
+        # One pass over both models' logits (tiles of the head, response tokens only): the roles
+        # swapped, token_logps_and_kl's KL(first's ref || first) is KL(pi || pi_ref) here.
+        ref_logps, per_token_kl, logps = token_logps_and_kl(
+            ref_logits.float(), batch.labels, logits.float(), return_ref_logps=True
+        )
+        reward = beta * ((logps - ref_logps) * mask).sum(-1)  # (2B,)
         B = batch.num_pairs
         accuracy += preference_accuracy(reward[:B], reward[B:]).tolist()
         margin += (reward[:B] - reward[B:]).tolist()
-        # KL(pi || pi_ref) = token_kl with the roles swapped (token_kl(p, q) = KL(q || p)).
-        per_response = (token_kl(ref_logits, logits) * mask).sum(-1)  # (2B,)
+        per_response = (per_token_kl * mask).sum(-1)  # (2B,)
         kl += per_response.tolist()
         kl_token += (per_response / mask.sum(-1).clamp_min(1)).tolist()
     bar.close()
