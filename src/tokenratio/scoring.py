@@ -127,20 +127,23 @@ def score_pairs(
         needs: what the loss needs (`LOSSES[name].needs(options)`).
         chunk_elements: chunk size of the log-prob / KL kernels.
     """
-    logits, baseline = policy(batch, needs.baseline)
-    if needs.reference and batch.ref_logps is not None:  # cached: no reference forward at all
-        values = cached_logps_and_kl(logits, batch, kl=needs.kl, chunk_elements=chunk_elements)
-        return split_pairs(batch, *values, baseline)
     ref_logits = None
-    if needs.reference:
+    if needs.reference and batch.ref_logps is None:
         if reference is None:
             raise ValueError(
                 "the loss needs the reference's log-probs, but the batch carries none and no "
                 "reference was built: with train.ref_cache, batches need their cached values "
                 "(reference.CachedValues.fill)"
             )
+        # Before the policy's forward: the reference's temporaries come and go on an allocator
+        # that holds nothing else yet, instead of leaving holes between the policy's saved
+        # activations (on a CPU those holes stayed resident: +11% peak RSS for exact TBPO-A).
         with torch.no_grad():
             ref_logits = reference(batch)
+    logits, baseline = policy(batch, needs.baseline)
+    if needs.reference and batch.ref_logps is not None:  # cached: no reference forward at all
+        values = cached_logps_and_kl(logits, batch, kl=needs.kl, chunk_elements=chunk_elements)
+        return split_pairs(batch, *values, baseline)
     logps, ref_logps, kl_values = label_logps_and_kl(
         logits, ref_logits, batch.labels, kl=needs.kl, chunk_elements=chunk_elements
     )
