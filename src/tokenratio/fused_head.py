@@ -24,8 +24,12 @@ from dataclasses import dataclass
 import torch
 
 Tensor = torch.Tensor
-TILE_ROWS = 512  # rows per tile where a caller gives none: 512 x 128k fp32 logits = 251 MiB
-TILE_ELEMENTS = 1 << 23  # rows x vocabulary per tile on the scoring path (train.head_tile_elements)
+TILE_ELEMENTS = 1 << 23  # rows x vocabulary per tile (train.head_tile_elements): 32 MiB of fp32
+
+
+def rows_per_tile(vocab_size: int, tile_elements: int = TILE_ELEMENTS) -> int:
+    """A tile's rows: its size, not its row count, is bounded (65 rows at 128k, 1,024 at 8k)."""
+    return max(1, tile_elements // vocab_size)
 
 
 @dataclass(frozen=True)
@@ -163,19 +167,19 @@ def _spec(head: Head, ref: Head | None) -> tuple:
 
 def head_values(
     h: Tensor, head: Head, tokens: Tensor, ref_h: Tensor | None = None, ref: Head | None = None,
-    *, tile_rows: int = TILE_ROWS,
+    *, tile_rows: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:  # fmt: skip
     """(log pi of `tokens` (N, k), KL(pi_ref || pi) (N,) or None, log pi_ref of `tokens` or None)
     for rows `h` (N, H); tokens < 0 (IGNORE_INDEX) read token 0 and are masked by the caller."""
     ref_args = (None, None, None) if ref_h is None else (ref_h, ref.weight, ref.bias)
-    return _HeadValues.apply(
-        h, head.weight, head.bias, tokens, *ref_args, _spec(head, ref), tile_rows
-    )
+    rows = tile_rows or rows_per_tile(head.weight.shape[0])
+    return _HeadValues.apply(h, head.weight, head.bias, tokens, *ref_args, _spec(head, ref), rows)
 
 
 @torch.no_grad()
-def head_entropy(h: Tensor, head: Head, *, tile_rows: int = TILE_ROWS, top_k: int = 0) -> Tensor:
+def head_entropy(h: Tensor, head: Head, *, tile_rows: int | None = None, top_k: int = 0) -> Tensor:
     """Predictive entropy (N,) of each row's distribution (top-k renormalised when top_k > 0)."""
+    tile_rows = tile_rows or rows_per_tile(head.weight.shape[0])
     out = h.new_zeros(h.shape[0], dtype=torch.float32)
     for start in range(0, h.shape[0], tile_rows):
         z, _ = tile_logits(h[start : start + tile_rows], head)
@@ -188,9 +192,10 @@ def head_entropy(h: Tensor, head: Head, *, tile_rows: int = TILE_ROWS, top_k: in
 
 @torch.no_grad()
 def head_sample(
-    h: Tensor, head: Head, generator: torch.Generator, *, tile_rows: int = TILE_ROWS
+    h: Tensor, head: Head, generator: torch.Generator, *, tile_rows: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """One token a ~ softmax(z) per row by Gumbel-max, tile by tile, and log pi(a): (N,), (N,)."""
+    tile_rows = tile_rows or rows_per_tile(head.weight.shape[0])
     tokens = torch.empty(h.shape[0], dtype=torch.long, device=h.device)
     logps = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
     for start in range(0, h.shape[0], tile_rows):

@@ -25,7 +25,7 @@ fused head").
 
 import torch
 
-from tokenratio.fused_head import TILE_ROWS, Head, head_sample, head_values, tile_logits
+from tokenratio.fused_head import Head, head_sample, head_values, rows_per_tile, tile_logits
 
 IGNORE_INDEX = -100
 # Elements (rows x vocabulary) per chunk: 4M float32 = 16 MiB of temporaries at a time.
@@ -39,8 +39,9 @@ class HeadRows:
     are computed there only and are 0 at every other position (KL and samples included), which
     callers mask anyway; without it, the positions whose first token is not ignored."""
 
-    def __init__(self, hidden, head: Head, tile_rows: int = TILE_ROWS, index=None):
-        self.hidden, self.head, self.tile_rows, self.index = hidden, head, tile_rows, index
+    def __init__(self, hidden, head: Head, tile_rows: int | None = None, index=None):
+        self.hidden, self.head, self.index = hidden, head, index
+        self.tile_rows = tile_rows or rows_per_tile(head.weight.shape[0])  # default tile size
 
     @property
     def shape(self) -> torch.Size:

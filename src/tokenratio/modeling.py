@@ -16,7 +16,7 @@ from torch import nn
 
 from tokenratio.baseline import CONFIG_NAME, StateBaselineHead
 from tokenratio.batch import PreferenceBatch
-from tokenratio.fused_head import TILE_ELEMENTS, Head
+from tokenratio.fused_head import TILE_ELEMENTS, Head, rows_per_tile
 from tokenratio.logprobs import HeadRows
 from tokenratio.paths import check_local_path
 
@@ -74,7 +74,7 @@ def response_logits(model, batch: PreferenceBatch, fused: bool = True, tile_elem
     hidden = _response_hidden(inner, batch)
     if fused:  # never built whole: the kernels read the head in row tiles (fused_head.py)
         head = output_head(inner)
-        rows = max(1, tile_elements // head.weight.shape[0])  # a tile's size, not its rows, bounded
+        rows = rows_per_tile(head.weight.shape[0], tile_elements)
         return HeadRows(hidden, head, rows, batch.token_index), hidden
     logits = inner.get_output_embeddings()(hidden)
     config = inner.config

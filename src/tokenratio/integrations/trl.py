@@ -30,6 +30,7 @@ import torch
 
 from tokenratio.baseline import StateBaselineHead
 from tokenratio.batch import PreferenceBatch
+from tokenratio.fused_head import TILE_ELEMENTS, rows_per_tile
 from tokenratio.logprobs import IGNORE_INDEX, HeadRows
 from tokenratio.losses import LOSSES, reduce
 from tokenratio.modeling import has_accelerator, output_head, unwrap_peft
@@ -55,6 +56,12 @@ class TBPOConfig(DPOConfig):
     fused_head: bool = field(
         default=True,
         metadata={"help": "per-token values from hidden states and the head in row tiles"},
+    )
+    head_tile_elements: int = field(
+        default=TILE_ELEMENTS,
+        metadata={
+            "help": "rows x vocabulary per tile of the fused head (train.head_tile_elements)"
+        },
     )
 
     def __post_init__(self):
@@ -185,7 +192,9 @@ class TBPOTrainer(DPOTrainer):
         last = captured[-1]
         positions = batch.positions
         states = last.gather(1, positions[..., None].expand(-1, -1, last.shape[-1]))
-        return HeadRows(states, output_head(inner), index=batch.token_index), states
+        head = output_head(inner)
+        rows = rows_per_tile(head.weight.shape[0], self.args.head_tile_elements)
+        return HeadRows(states, head, rows, batch.token_index), states
 
     def _policy_forward(self, model):
         def forward(batch, with_baseline):

@@ -446,7 +446,8 @@ def format_report(report: dict) -> str:
     lines.append(
         "tok/s: real tokens (prompt once per side, as TRL counts them; no padding), the same for every "
         "row; MFU: the FLOPs those tokens need; pad: padding share of the tokens our layout computes; "
-        "peak MiB: the process's resident set (CPU) or max_memory_allocated (GPU); tensor MiB: the "
-        "exact peak of tensor memory one step allocates beyond what is resident (CPU, profiler)"
+        "peak MiB: the process's peak resident set up to the end of the timed steps (CPU) or "
+        "max_memory_allocated (GPU); tensor MiB: the exact peak of tensor memory one more step "
+        "allocates beyond what is resident (CPU, under the profiler, after the peak is read)"
     )
     return "\n".join(lines)

@@ -135,6 +135,9 @@ def run_ours(row: str, args) -> dict:
 
     step, batches = prepare_row(row, args)
     times = _timed_steps(step, batches, args["device"])
+    # The peak resident set of the timed steps, read before the profiled one: the profiler's own
+    # record of every allocation is no training memory (TRL's row runs no profiler).
+    peak = _peak_memory(args["device"])
     # One more step under the profiler: the exact peak of tensor memory it allocates on top of what
     # is resident (weights, optimizer state); the resident set is the metric, but noisy here.
     tensor_peak = None
@@ -144,6 +147,7 @@ def run_ours(row: str, args) -> dict:
     return {
         "times": times[args["warmup"] :],
         "tensor_peak_bytes": tensor_peak,
+        "peak_bytes": peak,
         "real_tokens": sum(b.real_tokens for b in timed),
         "response_tokens": sum(int((b.labels >= 0).sum()) for b in timed),
         "padded_tokens": sum(b.input_ids.numel() for b in timed),
@@ -322,11 +326,11 @@ def worker(args: dict) -> dict:
     seconds = sum(measured["times"])
     return {
         "row": args["row"],
+        "peak_bytes": _peak_memory(args["device"]),  # unless the row read it itself (ours)
         **measured,
         "seconds": seconds,
         "step_s": seconds / len(measured["times"]),
         "tokens_per_s": measured["real_tokens"] / seconds,
-        "peak_bytes": _peak_memory(args["device"]),
     }
 
 
