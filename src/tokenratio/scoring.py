@@ -137,7 +137,7 @@ def score_pairs(
             )
         # Before the policy's forward: the reference's temporaries come and go on an allocator
         # that holds nothing else yet, instead of leaving holes between the policy's saved
-        # activations (on a CPU those holes stayed resident: +11% peak RSS for exact TBPO-A).
+        # activations (on a CPU glibc kept those holes resident: exact TBPO-A's peak RSS grew).
         with torch.no_grad():
             ref_logits = reference(batch)
     logits, baseline = policy(batch, needs.baseline)
