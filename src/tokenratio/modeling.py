@@ -73,9 +73,7 @@ def response_logits(model, batch: PreferenceBatch, fused: bool = True, tile_elem
     inner = unwrap_peft(model)
     hidden = _response_hidden(inner, batch)
     if fused:  # never built whole: the kernels read the head in row tiles (fused_head.py)
-        head = output_head(inner)
-        rows = rows_per_tile(head.weight.shape[0], tile_elements)
-        return HeadRows(hidden, head, rows, batch.token_index), hidden
+        return head_rows(inner, hidden, batch, tile_elements), hidden
     logits = inner.get_output_embeddings()(hidden)
     config = inner.config
     if getattr(config, "logit_scale", None) is not None:  # Cohere-style scaled logits
@@ -84,6 +82,15 @@ def response_logits(model, batch: PreferenceBatch, fused: bool = True, tile_elem
     if cap is not None:  # Gemma-style soft-capped logits
         logits = torch.tanh(logits / cap) * cap
     return logits, hidden
+
+
+def head_rows(inner, hidden, batch: PreferenceBatch, tile_elements=TILE_ELEMENTS) -> HeadRows:
+    """The `HeadRows` that stand for the logits of response-aligned `hidden` (2B, T, H): the
+    model's output head, tiles of `tile_elements`, the batch's token positions."""
+    head = output_head(inner)
+    return HeadRows(
+        hidden, head, rows_per_tile(head.weight.shape[0], tile_elements), batch.token_index
+    )
 
 
 def segment_mask(segments: torch.Tensor, boolean: bool) -> torch.Tensor:

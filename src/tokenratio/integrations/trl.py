@@ -30,10 +30,10 @@ import torch
 
 from tokenratio.baseline import StateBaselineHead
 from tokenratio.batch import PreferenceBatch
-from tokenratio.fused_head import TILE_ELEMENTS, rows_per_tile
-from tokenratio.logprobs import IGNORE_INDEX, HeadRows
+from tokenratio.fused_head import TILE_ELEMENTS
+from tokenratio.logprobs import IGNORE_INDEX
 from tokenratio.losses import LOSSES, reduce
-from tokenratio.modeling import has_accelerator, output_head, unwrap_peft
+from tokenratio.modeling import has_accelerator, head_rows, unwrap_peft
 from tokenratio.scoring import score_pairs
 
 HEAD_ATTRIBUTE = "tbpo_baseline_head"
@@ -192,9 +192,7 @@ class TBPOTrainer(DPOTrainer):
         last = captured[-1]
         positions = batch.positions
         states = last.gather(1, positions[..., None].expand(-1, -1, last.shape[-1]))
-        head = output_head(inner)
-        rows = rows_per_tile(head.weight.shape[0], self.args.head_tile_elements)
-        return HeadRows(states, head, rows, batch.token_index), states
+        return head_rows(inner, states, batch, self.args.head_tile_elements), states
 
     def _policy_forward(self, model):
         def forward(batch, with_baseline):
