@@ -323,10 +323,10 @@ def worker(args: dict) -> dict:
         measured = run_train(args)
     else:
         measured = run_ours(args["row"], args)
+    measured.setdefault("peak_bytes", _peak_memory(args["device"]))  # ours read it themselves
     seconds = sum(measured["times"])
     return {
         "row": args["row"],
-        "peak_bytes": _peak_memory(args["device"]),  # unless the row read it itself (ours)
         **measured,
         "seconds": seconds,
         "step_s": seconds / len(measured["times"]),
