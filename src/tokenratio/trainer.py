@@ -232,6 +232,10 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
         policy = accelerator.unwrap_model(parts.policy)
         save_final(policy, tokenizer, out / "final", cfg.train.save_merged, gathered)
     _draw_curves(accelerator, cfg)
+    # Every process tears the group down together: a process that destroyed it while the main one
+    # still wrote final/ aborted once at exit under gloo ("terminate called without an active
+    # exception", tests/test_sharded.py's resumed run).
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     seconds = time.perf_counter() - started
     return {**last, **final_eval, "data": report, "seconds": seconds, "step": n}
