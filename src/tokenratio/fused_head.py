@@ -42,18 +42,37 @@ class Head:
     softcap: float | None = None  # Gemma-2's final_logit_softcapping
 
 
-def tile_logits(h: Tensor, head: Head) -> tuple[Tensor, Tensor]:
-    """(z, f') of one tile: the float32 logits and dz/d(h W^T + b), both (rows, V)."""
-    z = torch.nn.functional.linear(h, head.weight, head.bias).float()
+def tile_logits(h: Tensor, head: Head, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(z, f') of one tile: the float32 logits and dz/d(h W^T + b), both (rows, V). With `out`
+    (a float32 (rows, V) buffer) z is written there: the kernels reuse their tile buffers."""
+    z = _linear_into(h, head, out)
     slope = torch.full_like(z[:, :1], 1.0)
     if head.scale is not None:
-        z = z * head.scale
+        z.mul_(head.scale)  # z is this call's own tensor (fresh, or the caller's buffer)
         slope = slope * head.scale
-    if head.softcap is not None:
+    if head.softcap is not None:  # out of place: tanh's backward reads its output
         t = torch.tanh(z / head.softcap)
-        z = t * head.softcap
         slope = slope * (1 - t * t)
+        z = t * head.softcap
     return z, slope.expand_as(z)
+
+
+def _linear_into(h: Tensor, head: Head, out: Tensor | None) -> Tensor:
+    if out is None:
+        return torch.nn.functional.linear(h, head.weight, head.bias).float()
+    if h.dtype == head.weight.dtype == torch.float32:
+        if head.bias is None:
+            return torch.matmul(h, head.weight.T, out=out)
+        return torch.addmm(head.bias.float(), h, head.weight.T, out=out)
+    return out.copy_(torch.nn.functional.linear(h, head.weight, head.bias))
+
+
+def _tile_buffers(count: int, rows: int, vocab: int, like: Tensor) -> list[Tensor]:
+    """`count` float32 (rows, V) tiles in one allocation, reused by every tile of a pass: one
+    block per pass rather than three per tile, which glibc's heap kept resident in holes
+    (docs/perf.md, the head rows' resident memory)."""
+    block = torch.empty(count, rows, vocab, dtype=torch.float32, device=like.device)
+    return list(block.unbind(0))
 
 
 class _HeadValues(torch.autograd.Function):
@@ -70,31 +89,32 @@ class _HeadValues(torch.autograd.Function):
         expected = h.new_zeros(N, h.shape[1] if grads else 0, dtype=torch.float32)
         expected_ref = expected.clone() if ref is not None else None
         w = weight.float()
+        # three tiles live, in reused buffers: A holds z, then p, then z_ref, then p_ref; B holds
+        # log p; C holds log p_ref, then log p_ref - log p
+        a, b, c = _tile_buffers(3, min(tile_rows, N), weight.shape[0], h)
         for start in range(0, N, tile_rows):
             rows = slice(start, start + tile_rows)
-            z, slope = tile_logits(h[rows], head)
-            logp = z.log_softmax(-1)
-            del z  # at most three tiles live: log-probs, and p, or p_ref and its log-probs
-            p = logp.exp()
+            n = min(tile_rows, N - start)
+            z, slope = tile_logits(h[rows], head, a[:n])
+            logp = torch._log_softmax(z, -1, False, out=b[:n])
+            p = torch.exp(logp, out=a[:n])
             tok = tokens[rows].clamp_min(0)
             at[rows] = logp.gather(-1, tok)
             slopes[rows] = slope.gather(-1, tok)
             if grads:
                 expected[rows] = _expected(p, slope, w, head)
-            del p
             if ref is not None:
-                zr, _ = tile_logits(ref_h[rows], ref)
-                ref_logp = zr.log_softmax(-1)
-                del zr
-                ref_p = ref_logp.exp()
+                zr, _ = tile_logits(ref_h[rows], ref, a[:n])
+                ref_logp = torch._log_softmax(zr, -1, False, out=c[:n])
+                ref_p = torch.exp(ref_logp, out=a[:n])
                 ref_at[rows] = ref_logp.gather(-1, tok)
                 if grads:
                     expected_ref[rows] = _expected(ref_p, slope, w, head)
                 # KL(p_ref || p) row by row as a batched dot product: no fourth tile
                 ref_logp.sub_(logp)
                 kl[rows] = (ref_p.unsqueeze(1) @ ref_logp.unsqueeze(2)).view(-1)
-                del ref_logp, ref_p
-            del logp, slope
+            del slope
+        del a, b, c
         ctx.spec, ctx.tile_rows, ctx.with_ref = spec, tile_rows, ref is not None
         ctx.save_for_backward(h, weight, bias, tokens, ref_h, ref_weight, ref_bias, slopes,
                               expected, expected_ref)  # fmt: skip
@@ -137,25 +157,27 @@ def _head_grads(ctx, h, weight, bias, tok, grad_at, grad_kl):
     head = Head(weight, bias, spec[0], spec[1])
     grad_weight = torch.zeros_like(weight, dtype=torch.float32)
     grad_bias = None if bias is None else torch.zeros_like(bias, dtype=torch.float32)
-    for start in range(0, h.shape[0], tiles):
+    n_rows = h.shape[0]
+    # three tiles live, in reused buffers: A holds z, then z_ref; B holds p, then d/dz;
+    # C holds p_ref, then the KL term
+    a, b, c = _tile_buffers(3, min(tiles, n_rows), weight.shape[0], h)
+    for start in range(0, n_rows, tiles):
         rows = slice(start, start + tiles)
-        z, slope = tile_logits(h[rows], head)
-        p = z.softmax(-1)
-        del z  # at most three tiles live (p, and with a reference p_ref and the KL term)
+        n = min(tiles, n_rows - start)
+        z, slope = tile_logits(h[rows], head, a[:n])
+        p = torch._softmax(z, -1, False, out=b[:n])
         kl_term = None
         if ctx.with_ref and grad_kl is not None:
-            zr, _ = tile_logits(ref_h[rows], Head(ref_weight, ref_bias, spec[2], spec[3]))
-            kl_term = zr.softmax(-1)
-            del zr
+            zr, _ = tile_logits(ref_h[rows], Head(ref_weight, ref_bias, spec[2], spec[3]), a[:n])
+            kl_term = torch._softmax(zr, -1, False, out=c[:n])
             kl_term.neg_().add_(p).mul_(grad_kl.float()[rows, None])  # g_kl (p - p_ref)
         g = grad_at[rows]
         grad_z = p.mul_(-g.sum(-1, keepdim=True))  # in place: p is not read again
         grad_z.scatter_add_(-1, tok[rows], g)
         if kl_term is not None:
             grad_z += kl_term
-            del kl_term
         grad_z *= slope
-        grad_weight += grad_z.T @ h[rows].float()
+        grad_weight.addmm_(grad_z.T, h[rows].float())  # no (V, H) temporary per tile
         if grad_bias is not None:
             grad_bias += grad_z.sum(0)
     return grad_weight.to(weight.dtype), None if bias is None else grad_bias.to(bias.dtype)
