@@ -4,8 +4,11 @@
 # Needs torch with CUDA, transformers, accelerate and peft (the device image has them), and TRL for
 # the perf rows against TRL (carry its wheel). Each part has its own timeout and writes into OUT_DIR
 # as it finishes, so a part that runs long still leaves the others' results.
-#   1. FSDP (configs/accelerate/fsdp.yaml settings, 1 process, fp32) against a plain 1-process run
-#      of the same config on a tiny model: the same loss curve. (Accelerate has no FSDP on CPUs.)
+#   1. FSDP (configs/accelerate/fsdp.yaml settings, 1 process, fp32) and DeepSpeed ZeRO-3
+#      (configs/accelerate/deepspeed_zero3.yaml, 1 process, fp32, no fused head; skipped where
+#      DeepSpeed is not installed: carry it) against a plain 1-process run of the same config on a
+#      tiny model: the same loss curve, through Accelerate's own GPU wrapping (on CPUs tokenratio
+#      switches it on itself: tests/test_sharded.py).
 #   2. tokenratio perf --preset gpu: random-weight SmolLM2-135M and Llama-3.2-1B shapes, bf16
 #      autocast over fp32 weights (as `tokenratio train`), HH lengths; our dpo/tbpo rows, the
 #      ablation rows, TRL (carry its wheel) and the one-process TBPO step ratios (--ab).
@@ -37,16 +40,23 @@ timeout 180 python -m tokenratio.cli train "${COMMON[@]}" --set train.output_dir
 timeout 240 accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 1 \
   --mixed_precision no -m tokenratio.cli train "${COMMON[@]}" --set train.output_dir="$OUT/fsdp" \
   > "$OUT/fsdp.log" 2>&1
-python - "$OUT" <<'PY' | tee "$OUT/fsdp_check.txt"
+if python -c "import deepspeed" 2>/dev/null; then
+  timeout 240 accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml --num_processes 1 \
+    --mixed_precision no -m tokenratio.cli train "${COMMON[@]}" --set train.fused_head=false \
+    --set train.output_dir="$OUT/zero3" > "$OUT/zero3.log" 2>&1
+fi
+python - "$OUT" <<'PY' | tee "$OUT/sharded_check.txt"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 def losses(run):
     path = out / run / "metrics.jsonl"
     return [json.loads(l).get("loss") for l in path.read_text().splitlines()] if path.exists() else None
-plain, fsdp = losses("plain"), losses("fsdp")
-same = plain and fsdp and all(abs((a or 0) - (b or 0)) < 1e-4 for a, b in zip(plain, fsdp))
-print(f"FSDP vs plain: {'the same loss curve' if same else 'DIFFERENT or failed'}\nplain {plain}\nfsdp  {fsdp}")
+plain = losses("plain")
+for run in ("fsdp", "zero3"):
+    got = losses(run)
+    same = plain and got and all(abs((a or 0) - (b or 0)) < 1e-4 for a, b in zip(plain, got))
+    print(f"{run} vs plain: {'the same loss curve' if same else 'DIFFERENT or failed'}\nplain {plain}\n{run} {got}")
 PY
 
 timeout 570 python -m tokenratio.cli perf --preset gpu --data "$TOKENRATIO_HH_PATH" --out "$OUT/perf" \

@@ -1,11 +1,14 @@
 """Scale-out on CPU, launched as a user would (`accelerate launch --config_file configs/accelerate/
-{ddp,fsdp}.yaml --num_processes 2`): two gloo processes of `tokenratio train` give the loss curve
-and the final weights of one process with the same global batch.
+{ddp,fsdp,deepspeed_zero3}.yaml --num_processes 2`): two gloo processes of `tokenratio train` give
+the loss curve and the final weights of one process with the same global batch.
 
 Under fsdp.yaml the run is Accelerate's own FSDP2 path (sharding.fsdp2_on_cpu turns it on where
-Accelerate 1.15 would fall back to DDP on a CPU): the policy, TBPO-Q's head with it, and the frozen
+Accelerate would fall back to DDP on a CPU): the policy, TBPO-Q's head with it, and the frozen
 reference sharded per decoder layer, DCP checkpoints that resume exactly, full weights gathered
-into final/, and the reference cache scored by the sharded reference in lockstep."""
+into final/, and the reference cache scored by the sharded reference in lockstep. Under
+deepspeed_zero3.yaml it is Accelerate's DeepSpeed path (sharding.deepspeed_on_cpu): the policy
+partitioned by its ZeRO-3 engine, the reference by its own, ZeRO checkpoints that resume
+exactly, and the full weights gathered into final/."""
 
 import json
 import os
@@ -68,10 +71,30 @@ def cached_values(root: Path):
     return read([directory], directory.name, 0, 1 << 20, print)
 
 
+ZERO3 = "deepspeed_zero3.yaml"
+ENGINES = {  # what the run says it launched under
+    "fsdp.yaml": "FSDP2 (parameters sharded",
+    "ddp.yaml": "MULTI_CPU",
+    ZERO3: "DeepSpeed ZeRO-3 (parameters partitioned)",
+}
+SHARDED = {  # where a sharded checkpoint keeps its shards
+    "fsdp.yaml": "pytorch_model_fsdp_0",
+    ZERO3: "pytorch_model",
+}
+
+
+def engine_settings(launch_file: str) -> dict:
+    """ZeRO-3 gathers a weight only inside its module's forward: no fused head there."""
+    return {"train.fused_head": False} if launch_file == ZERO3 else {}
+
+
 @pytest.mark.parametrize(
     "loss, launch_file",
-    [("dpo", "fsdp.yaml"), ("tbpo-a", "fsdp.yaml"), ("tbpo-q", "fsdp.yaml"), ("dpo", "ddp.yaml")],
-)
+    [
+        ("dpo", "fsdp.yaml"), ("tbpo-a", "fsdp.yaml"), ("tbpo-q", "fsdp.yaml"), ("dpo", "ddp.yaml"),
+        ("dpo", ZERO3), ("tbpo-a", ZERO3), ("tbpo-q", ZERO3),
+    ],
+)  # fmt: skip
 def test_two_processes_train_as_one(loss, launch_file, tiny_model_dir, hh_jsonl, tmp_path):
     """dpo reads the reference cache (scored by the sharded reference), tbpo-a runs the sharded
     frozen reference in every step (its exact KL), tbpo-q trains its head in the policy's
@@ -79,15 +102,17 @@ def test_two_processes_train_as_one(loss, launch_file, tiny_model_dir, hh_jsonl,
     batches, so the second process must pad with an idle pass or the first would wait forever;
     and the 4 held-out pairs fill one process's batch only, so Accelerate repeats pairs to even
     it out, which the held-out metrics must not count."""
+    if launch_file == ZERO3:
+        pytest.importorskip("deepspeed")  # .ci/run installs it
     extra = {"loss.name": loss, "train.eval_batch_size": 47, "train.save_every": 2}
+    extra.update(engine_settings(launch_file))
     one = tmp_path / "one"
     train(settings(tiny_model_dir, hh_jsonl, one, **extra), tmp_path / "cache-one")
     two = tmp_path / "two"
     args = settings(tiny_model_dir, hh_jsonl, two, **{**extra, "train.batch_size": 2})
     stdout = train(args, tmp_path / "cache-two", launch_file)
 
-    engine = "FSDP2 (parameters sharded" if launch_file == "fsdp.yaml" else "MULTI_CPU"
-    assert f"launch: 2 processes, {engine}" in stdout
+    assert f"launch: 2 processes, {ENGINES[launch_file]}" in stdout
     assert losses(two) == pytest.approx(losses(one), abs=1e-6)
     assert_same_weights(one / "final", two / "final")
     if loss == "tbpo-q":
@@ -95,8 +120,11 @@ def test_two_processes_train_as_one(loss, launch_file, tiny_model_dir, hh_jsonl,
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(two / "final")  # full weights, loadable
-    if launch_file == "fsdp.yaml":  # sharded (DCP) checkpoints, not one file
-        assert (two / "checkpoints" / "step-000004" / "pytorch_model_fsdp_0").is_dir()
+    if launch_file in SHARDED:  # sharded checkpoints (DCP, ZeRO), not one file
+        assert (two / "checkpoints" / "step-000004" / SHARDED[launch_file]).is_dir()
+    if launch_file == ZERO3:  # one partition of the weights per process: ZeRO-3's alone
+        shards = two / "checkpoints" / "step-000004" / "pytorch_model"
+        assert len(list(shards.glob("zero_pp_rank_*_mp_rank_00_model_states.pt"))) == 2
     if loss != "tbpo-a":  # the cache, scored once by both processes, equals one process's
         assert f"reference log-probs: scored {PAIRS} pairs" in stdout
         sharded, whole = (
@@ -111,20 +139,38 @@ def test_two_processes_train_as_one(loss, launch_file, tiny_model_dir, hh_jsonl,
                 )
 
 
-def test_a_sharded_checkpoint_resumes_exactly(tiny_model_dir, hh_jsonl, tmp_path):
-    """FSDP2, tbpo-q: a run cut after its step-2 checkpoint (final/ and the later checkpoint
-    gone, as a crash would leave it) resumes from the DCP shards to the uninterrupted weights."""
+@pytest.mark.parametrize("launch_file", ["fsdp.yaml", ZERO3])
+def test_a_sharded_checkpoint_resumes_exactly(launch_file, tiny_model_dir, hh_jsonl, tmp_path):
+    """tbpo-q: a run cut after its step-2 checkpoint (final/ and the later checkpoint gone, as
+    a crash would leave it) resumes from the DCP or ZeRO shards to the uninterrupted weights."""
     import shutil
 
+    if launch_file == ZERO3:
+        pytest.importorskip("deepspeed")
     extra = {"loss.name": "tbpo-q", "train.batch_size": 2, "train.save_every": 2}
+    extra.update(engine_settings(launch_file))
     straight, cut = tmp_path / "straight", tmp_path / "cut"
-    train(settings(tiny_model_dir, hh_jsonl, straight, **extra), tmp_path / "cache", "fsdp.yaml")
+    train(settings(tiny_model_dir, hh_jsonl, straight, **extra), tmp_path / "cache", launch_file)
     shutil.copytree(straight, cut)
     shutil.rmtree(cut / "final")
     shutil.rmtree(cut / "checkpoints" / "step-000004")
     args = settings(tiny_model_dir, hh_jsonl, cut, **extra)
-    stdout = train(args, tmp_path / "cache", "fsdp.yaml", "--resume")
+    stdout = train(args, tmp_path / "cache", launch_file, "--resume")
 
     assert "resumed from" in stdout and "(step 2)" in stdout
     assert_same_weights(straight / "final", cut / "final")
     assert_same_weights(straight / "final", cut / "final", "baseline_head.safetensors")
+
+
+def test_zero3_accumulates_micro_batches_into_one_step(tiny_model_dir, hh_jsonl, tmp_path):
+    """ZeRO-3, dpo: 2 processes x 2 micro-batches of 1 pair are one process's batch of 4. The
+    step marks the accumulation boundary itself (Accelerate would step the engine after every
+    micro-batch) and the engine divides the loss by nothing more."""
+    pytest.importorskip("deepspeed")
+    extra = {"loss.name": "dpo", "train.fused_head": False}
+    one, two = tmp_path / "one", tmp_path / "two"
+    train(settings(tiny_model_dir, hh_jsonl, one, **extra), tmp_path / "cache")
+    micro = {**extra, "train.batch_size": 1, "train.grad_accumulation": 2}
+    train(settings(tiny_model_dir, hh_jsonl, two, **micro), tmp_path / "cache", ZERO3)
+    assert losses(two) == pytest.approx(losses(one), abs=1e-6)
+    assert_same_weights(one / "final", two / "final")

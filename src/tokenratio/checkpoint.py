@@ -16,7 +16,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError
 
-from tokenratio import atomic
+from tokenratio import atomic, sharding
 
 STATE_NAME = "trainer_state.json"
 
@@ -121,7 +121,7 @@ def load(accelerator, directory: Path, scheduler, total_steps: int | None = None
     try:  # Accelerate loads with weights_only=True: a crafted pickle fails here, it does not run
         # strict=False only where frozen parameters were left out; `_check_trainable` then
         # checks that every trainable one was in the file
-        accelerator.load_state(str(directory), strict=not frozen)
+        accelerator.load_state(str(directory), **_strict(accelerator, not frozen))
         if frozen:
             _check_trainable(accelerator, directory)
     except (
@@ -144,6 +144,13 @@ def load(accelerator, directory: Path, scheduler, total_steps: int | None = None
         for _ in range(state["step"]):
             scheduler.step()
     return state
+
+
+def _strict(accelerator, strict: bool) -> dict:
+    """Accelerate hands this keyword to the model's loader: a DeepSpeed engine names it its own."""
+    if sharding.uses_deepspeed(accelerator):
+        return {"load_module_strict": strict}
+    return {"strict": strict}
 
 
 def _warn_unless_rng_restored(accelerator, directory: Path) -> None:

@@ -174,8 +174,9 @@ def score_batches(
 
 def _response_logits(model, batch: PreferenceBatch):
     """A causal LM's (logits, hidden); a PolicyWithHead's (logits, None) through its own forward,
-    where FSDP gathers the shards of a sharded one (the reference's scoring pass under FSDP2)."""
-    if isinstance(model, PolicyWithHead):
+    where FSDP gathers the shards of a sharded one (the reference's scoring pass under FSDP2;
+    under DeepSpeed the PolicyWithHead is its engine's `module`)."""
+    if isinstance(getattr(model, "module", model), PolicyWithHead):
         return model(batch)[0], None
     return response_logits(model, batch)
 

@@ -131,13 +131,14 @@ def prepare_step_parts(
     needs = loss.needs(cfg.loss.options)
     plan = plan or reference.plan(cfg, needs, accelerator)
     model = load_causal_lm(cfg.model) if model is None else model
-    frozen = reference.frozen_copy(plan, model)
+    frozen = reference.frozen_copy(plan, model, lambda: load_causal_lm(cfg.model))
     policy = build_policy(cfg.model, needs, model)
     for module in (policy, frozen) if frozen is not None else (policy,):
         module.fused, module.tile_elements = cfg.train.fused_head, cfg.train.head_tile_elements
     if cfg.train.compile:
         unwrap_peft(policy.model).base_model.compile(dynamic=True)
     optimizer, head_optimizer = _optimizers(cfg, policy, sharding.shards_models(accelerator))
+    sharding.configure_deepspeed(accelerator, cfg.train.batch_size, cfg.train.max_grad_norm)
     scheduler = _scheduler(cfg, optimizer, total_steps)
     optimizers = (optimizer, head_optimizer) if head_optimizer else (optimizer,)
     policy, *optimizers = accelerator.prepare(policy, *optimizers)
@@ -183,25 +184,48 @@ def train_step(parts: StepParts, micro_batches: list) -> dict:
         so no checkpoint ever holds the weights of a non-finite step.
     """
     accelerator, policy = parts.accelerator, parts.policy
+    engine = policy if sharding.uses_deepspeed(accelerator) else None
     sums = {}
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(policy):
             losses, metrics = step_losses(parts, batch)
-            accelerator.backward(reduce(losses) / len(micro_batches))
+            _backward(accelerator, engine, reduce(losses) / len(micro_batches), last)
         _add_metrics(sums, losses, metrics)
-    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), parts.max_grad_norm)
+    grad_norm = _clip_and_update(parts, engine)
     # A device flag, read with the metrics (`check_finite`), never here: reading it would make
     # every step wait for the device.
     finite = torch.isfinite(grad_norm) & torch.isfinite(sums["loss"])
-    for optimizer in parts.optimizers:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
     parts.scheduler.step()
     sums["pairs"] = sum(b.num_pairs for b in micro_batches)
     sums["real_tokens"] = sum(b.real_tokens for b in micro_batches)
     sums["finite"] = finite
     return sums
+
+
+def _backward(accelerator, engine, loss, last: bool) -> None:
+    """Accelerate's backward; a DeepSpeed engine is told where the accumulation ends itself
+    (Accelerate would mark every micro-batch a boundary) and divides by nothing (its config
+    counts one micro-batch per step: `sharding.configure_deepspeed`)."""
+    if engine is None:
+        accelerator.backward(loss)
+        return
+    engine.set_gradient_accumulation_boundary(is_boundary=last)
+    engine.backward(loss)
+
+
+def _clip_and_update(parts: StepParts, engine):
+    """Clip and update; the gradient norm before clipping, a device tensor. A DeepSpeed engine
+    clips and updates in its own step (the norm is its record of it), so a non-finite step is
+    caught only after its update: the trainer still stops before that step is saved."""
+    if engine is not None:
+        engine.step()
+        return torch.as_tensor(engine.get_global_grad_norm(), dtype=torch.float32)
+    grad_norm = parts.accelerator.clip_grad_norm_(parts.policy.parameters(), parts.max_grad_norm)
+    for optimizer in parts.optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def check_finite(flags: list) -> None:
@@ -258,7 +282,9 @@ def make_accelerator(cfg, out: Path | None = None):
 
     _forget_other_precision(cfg.train.mixed_precision)
     cpu = cfg.train.cpu or not has_accelerator()
-    version = os.environ.get("FSDP_VERSION", "1")  # Accelerate's default is FSDP1
+    if cpu and sharding.asked_for_deepspeed():  # before DeepSpeed picks its accelerator
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    version = sharding.fsdp_version()
     if cpu and sharding.asked_for_fsdp() and version != "2":  # Accelerate would raise on it
         raise TrainingError(
             f"the launch asked for FSDP version {version} ({sharding.FSDP_FLAG}=true) on a CPU: "
@@ -271,6 +297,7 @@ def make_accelerator(cfg, out: Path | None = None):
         project_dir=None if out is None else str(out),
     )
     sharding.fsdp2_on_cpu(accelerator)
+    sharding.deepspeed_on_cpu(accelerator)
     check_launch(os.environ, str(accelerator.distributed_type), accelerator.num_processes)
     check_sharded(cfg, accelerator)
     return accelerator
@@ -293,8 +320,8 @@ ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DEEPSPEED
 ON_A_CPU = {  # what to do when a CPU launch asked for an engine it could not get
     "FSDP": "on a CPU only FSDP2 runs (fsdp_version: 2 in the launch file, as "
     "configs/accelerate/fsdp.yaml has it), over a process group of 2 or more",
-    "DEEPSPEED": "Accelerate runs DeepSpeed only on GPUs; on a CPU launch with "
-    "configs/accelerate/fsdp.yaml, configs/accelerate/ddp.yaml or torchrun instead",
+    "DEEPSPEED": "DeepSpeed runs over the process group a DeepSpeed launch file starts "
+    "(accelerate launch --config_file configs/accelerate/deepspeed_zero3.yaml)",
 }
 
 

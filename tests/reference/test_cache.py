@@ -311,7 +311,7 @@ def test_tbpo_a_with_k3_trains_from_the_cache_without_a_reference(
 
     copies = []
     real = reference.frozen_copy
-    monkeypatch.setattr(reference, "frozen_copy", lambda p, m: copies.append(p) or real(p, m))
+    monkeypatch.setattr(reference, "frozen_copy", lambda p, *a: copies.append(p) or real(p, *a))
     settings = {"loss.name": "tbpo-a", "loss.options.kl_estimator": "k3", "train.max_steps": 3}
     records = run(tiny_model_dir, hh_jsonl, tmp_path / "k3", **settings, **{"train.k3_samples": 2})
     out = capsys.readouterr().out

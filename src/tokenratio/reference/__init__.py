@@ -19,7 +19,13 @@ from dataclasses import dataclass
 from tokenratio.reference.cache import CacheLocationError, load_or_score, score_rows
 from tokenratio.reference.key import RevisionUnknownError, model_identity
 from tokenratio.reference.store import CachedValues
-from tokenratio.sharding import is_fsdp2, shard_frozen, shards_models
+from tokenratio.sharding import (
+    is_fsdp2,
+    shard_frozen,
+    shards_models,
+    uses_deepspeed,
+    zero_partitioned,
+)
 
 __all__ = [
     "CacheLocationError",
@@ -81,10 +87,11 @@ def _why_not_cached(cfg, needs, accelerator, identity) -> tuple[str | None, str]
         )
     if needs.kl not in (None, "k3"):
         return f"{cfg.loss.name} needs the reference's {needs.kl} at every step", ""
-    if accelerator is not None and shards_models(accelerator) and not is_fsdp2(accelerator):
+    sharded_pass = accelerator is None or is_fsdp2(accelerator) or uses_deepspeed(accelerator)
+    if not sharded_pass and shards_models(accelerator):
         return (
             "the reference is sharded by an engine whose scoring pass would load it whole on "
-            "every process (only FSDP2's is sharded)",
+            "every process (FSDP2's and DeepSpeed's are sharded)",
             "",
         )
     try:
@@ -93,14 +100,16 @@ def _why_not_cached(cfg, needs, accelerator, identity) -> tuple[str | None, str]
         return f"{err}, so a cache could not tell its versions apart", ""
 
 
-def frozen_copy(the_plan: Plan, model):
+def frozen_copy(the_plan: Plan, model, reload=None):
     """The frozen reference plan "copy" runs (a PolicyWithHead without head), taken from `model`
-    before it trains; None for every other plan."""
+    before it trains; None for every other plan. Weights that ZeRO-3 partitioned as they loaded
+    cannot be copied: the reference is then loaded again (`reload`)."""
     if the_plan.source != "copy":
         return None
     from tokenratio.modeling import PolicyWithHead
 
-    return PolicyWithHead(copy.deepcopy(model)).eval().requires_grad_(False)
+    source = reload() if zero_partitioned(model) else copy.deepcopy(model)
+    return PolicyWithHead(source).eval().requires_grad_(False)
 
 
 def forward(the_plan: Plan, accelerator, policy, frozen=None):

@@ -175,7 +175,8 @@ def _reference_loader(cfg, accelerator):
         model = load_causal_lm(cfg.model)
         if not shards_models(accelerator):
             return model.to(accelerator.device).eval()
-        frozen = PolicyWithHead(model).eval().requires_grad_(False)
+        frozen = PolicyWithHead(model, fused=cfg.train.fused_head).eval().requires_grad_(False)
+        frozen.tile_elements = cfg.train.head_tile_elements
         return shard_frozen(accelerator, frozen)
 
     return load
