@@ -220,7 +220,8 @@ def _clip_and_update(parts: StepParts, engine):
     caught only after its update: the trainer still stops before that step is saved."""
     if engine is not None:
         engine.step()
-        return torch.as_tensor(engine.get_global_grad_norm(), dtype=torch.float32)
+        norm = engine.get_global_grad_norm()  # None without ZeRO (stage 0): the loss is checked
+        return torch.as_tensor(0.0 if norm is None else norm, dtype=torch.float32)
     grad_norm = parts.accelerator.clip_grad_norm_(parts.policy.parameters(), parts.max_grad_norm)
     for optimizer in parts.optimizers:
         optimizer.step()
