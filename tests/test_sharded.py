@@ -84,8 +84,12 @@ SHARDED = {  # where a sharded checkpoint keeps its shards
 
 
 def engine_settings(launch_file: str) -> dict:
-    """ZeRO-3 gathers a weight only inside its module's forward: no fused head there."""
-    return {"train.fused_head": False} if launch_file == ZERO3 else {}
+    """What a launch file's runs need: under ZeRO-3 DeepSpeed (.ci/run installs it), and no
+    fused head (ZeRO-3 gathers a weight only inside its module's forward)."""
+    if launch_file != ZERO3:
+        return {}
+    pytest.importorskip("deepspeed")
+    return {"train.fused_head": False}
 
 
 @pytest.mark.parametrize(
@@ -102,8 +106,6 @@ def test_two_processes_train_as_one(loss, launch_file, tiny_model_dir, hh_jsonl,
     batches, so the second process must pad with an idle pass or the first would wait forever;
     and the 4 held-out pairs fill one process's batch only, so Accelerate repeats pairs to even
     it out, which the held-out metrics must not count."""
-    if launch_file == ZERO3:
-        pytest.importorskip("deepspeed")  # .ci/run installs it
     extra = {"loss.name": loss, "train.eval_batch_size": 47, "train.save_every": 2}
     extra.update(engine_settings(launch_file))
     one = tmp_path / "one"
@@ -145,8 +147,6 @@ def test_a_sharded_checkpoint_resumes_exactly(launch_file, tiny_model_dir, hh_js
     a crash would leave it) resumes from the DCP or ZeRO shards to the uninterrupted weights."""
     import shutil
 
-    if launch_file == ZERO3:
-        pytest.importorskip("deepspeed")
     extra = {"loss.name": "tbpo-q", "train.batch_size": 2, "train.save_every": 2}
     extra.update(engine_settings(launch_file))
     straight, cut = tmp_path / "straight", tmp_path / "cut"
@@ -166,8 +166,7 @@ def test_zero3_accumulates_micro_batches_into_one_step(tiny_model_dir, hh_jsonl,
     """ZeRO-3, dpo: 2 processes x 2 micro-batches of 1 pair are one process's batch of 4. The
     step marks the accumulation boundary itself (Accelerate would step the engine after every
     micro-batch) and the engine divides the loss by nothing more."""
-    pytest.importorskip("deepspeed")
-    extra = {"loss.name": "dpo", "train.fused_head": False}
+    extra = {"loss.name": "dpo", **engine_settings(ZERO3)}
     one, two = tmp_path / "one", tmp_path / "two"
     train(settings(tiny_model_dir, hh_jsonl, one, **extra), tmp_path / "cache")
     micro = {**extra, "train.batch_size": 1, "train.grad_accumulation": 2}

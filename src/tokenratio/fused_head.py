@@ -113,8 +113,6 @@ class _HeadValues(torch.autograd.Function):
                 # KL(p_ref || p) row by row as a batched dot product: no fourth tile
                 ref_logp.sub_(logp)
                 kl[rows] = (ref_p.unsqueeze(1) @ ref_logp.unsqueeze(2)).view(-1)
-            del slope
-        del a, b, c
         ctx.spec, ctx.tile_rows, ctx.with_ref = spec, tile_rows, ref is not None
         ctx.save_for_backward(h, weight, bias, tokens, ref_h, ref_weight, ref_bias, slopes,
                               expected, expected_ref)  # fmt: skip

@@ -224,6 +224,12 @@ class PolicyWithHead(nn.Module):
         self.fused = fused  # train.fused_head: HeadRows instead of logits
         self.tile_elements = TILE_ELEMENTS  # train.head_tile_elements
 
+    def use_head_settings(self, train) -> "PolicyWithHead":
+        """The run's train.fused_head and train.head_tile_elements (`train`: the config's
+        train section)."""
+        self.fused, self.tile_elements = train.fused_head, train.head_tile_elements
+        return self
+
     @property
     def _no_split_modules(self):
         """FSDP's transformer auto-wrap policy reads this from the module it is given."""

@@ -50,7 +50,7 @@ def describe(accelerator) -> str:
     if is_fsdp2(accelerator):
         engine = "FSDP2 (parameters sharded per decoder layer)"
     elif uses_deepspeed(accelerator):
-        stage = accelerator.state.deepspeed_plugin.zero_stage
+        stage = zero_stage(accelerator)
         engine = f"DeepSpeed ZeRO-{stage}" + (" (parameters partitioned)" if stage == 3 else "")
     return f"{count} process{'es' if count > 1 else ''}, {engine}"
 
@@ -92,7 +92,6 @@ def deepspeed_on_cpu(accelerator, env=os.environ) -> None:
     state.deepspeed_plugins = plugin
     state.distributed_type = DistributedType.DEEPSPEED
     PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED  # as Accelerate does
-    accelerator.deepspeed_engine_wrapped = None
 
 
 def configure_deepspeed(accelerator, micro_batch: int, max_grad_norm: float) -> None:

@@ -134,7 +134,7 @@ def prepare_step_parts(
     frozen = reference.frozen_copy(plan, model, lambda: load_causal_lm(cfg.model))
     policy = build_policy(cfg.model, needs, model)
     for module in (policy, frozen) if frozen is not None else (policy,):
-        module.fused, module.tile_elements = cfg.train.fused_head, cfg.train.head_tile_elements
+        module.use_head_settings(cfg.train)
     if cfg.train.compile:
         unwrap_peft(policy.model).base_model.compile(dynamic=True)
     optimizer, head_optimizer = _optimizers(cfg, policy, sharding.shards_models(accelerator))

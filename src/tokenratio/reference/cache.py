@@ -175,8 +175,7 @@ def _reference_loader(cfg, accelerator):
         model = load_causal_lm(cfg.model)
         if not shards_models(accelerator):
             return model.to(accelerator.device).eval()
-        frozen = PolicyWithHead(model, fused=cfg.train.fused_head).eval().requires_grad_(False)
-        frozen.tile_elements = cfg.train.head_tile_elements
+        frozen = PolicyWithHead(model).use_head_settings(cfg.train).eval().requires_grad_(False)
         return shard_frozen(accelerator, frozen)
 
     return load
