@@ -14,7 +14,8 @@ PACKAGE = SRC / "tokenratio"
 LAYERS = {
     "core": (  # pure functions, files and settings: torch at most
         "atomic", "baseline", "bregman", "config", "config_print", "formats", "fused_head", "jsonlines",
-        "logprobs", "losses", "memory", "methods", "paths", "provenance", "runlog",
+        "interrupt", "logprobs", "losses", "memory", "methods", "paths", "precision", "provenance",
+        "runlog",
     ),
     "data and models": (
         "batch", "checkpoint", "curves", "data", "modeling", "reference", "rundir", "scoring",

@@ -110,7 +110,9 @@ class TrainConfig:
     # Llama-3's 128,256 tokens, 1,024 at 8k): its largest temporary, at most three alive.
     head_tile_elements: int = 1 << 23
     compile: bool = False  # torch.compile the policy's forward (measured: `tokenratio perf`)
-    mixed_precision: str = "no"  # no | bf16 | fp16 (Accelerate autocast)
+    # auto | no | bf16 | fp16 (Accelerate autocast). auto: bf16 where the hardware multiplies it
+    # natively (a recent GPU, a CPU with AVX512-BF16 or AMX), else fp32 (precision.py).
+    mixed_precision: str = "auto"
     eval_every: int = 0  # optimizer steps between held-out evaluations (0: only at the end)
     eval_batch_size: int = 8
     save_every: int = 0  # optimizer steps between checkpoints (0: only the final model)
@@ -152,7 +154,7 @@ CHOICES = {
     ("data", "on_invalid"): ("error", "skip"),
     ("train", "optimizer"): ("rmsprop", "adamw"),
     ("train", "schedule"): ("cosine", "constant"),
-    ("train", "mixed_precision"): ("no", "bf16", "fp16"),
+    ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
 }
 
 POSITIVE = {("train", "k3_samples"), ("train", "head_tile_elements")}

@@ -160,14 +160,21 @@ def batches(rows: list, pad_id: int, batch_size: int, collate_fn=collate) -> Ite
 
 @torch.no_grad()
 def score_batches(
-    models: list, batches: Iterable[PreferenceBatch], *, progress: bool = False, desc: str = ""
+    models: list,
+    batches: Iterable[PreferenceBatch],
+    *,
+    progress: bool = False,
+    desc: str = "",
+    total: int | None = None,
 ) -> Iterator[tuple[PreferenceBatch, list[tuple[Tensor, Tensor]]]]:
     """Frozen models over a dataset: each batch moved to the models' device, and each model's
-    response-aligned (logits (N, T, V), hidden (N, T, H)) on it."""
+    response-aligned (logits (N, T, V), hidden (N, T, H)) on it. `total`: the number of batches,
+    for the progress bar's time left."""
     from tqdm.auto import tqdm
 
     device = next(models[0].parameters()).device
-    for batch in tqdm(batches, desc=desc or "scoring", disable=not progress, leave=False):
+    bar = tqdm(batches, desc=desc or "scoring", total=total, disable=not progress, leave=False)
+    for batch in bar:
         batch = batch.to(device)
         yield batch, [_response_logits(model, batch) for model in models]
 

@@ -10,6 +10,8 @@ n-th micro-batch, so N processes with batch b see the same global batches as one
 """
 
 import json
+import shlex
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,12 +19,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from tokenratio import atomic, checkpoint, reference, rundir, runlog, sharding, trunk
+from tokenratio import atomic, checkpoint, precision, reference, rundir, runlog, sharding, trunk
 from tokenratio.batch import length_grouped_order, pair_lengths
 from tokenratio.curves import plot_run
 from tokenratio.data import load_raw, tokenize_dataset
+from tokenratio.interrupt import SignalStopError, StopRequest
 from tokenratio.losses import LOSSES, Needs
-from tokenratio.modeling import load_tokenizer, save_final
+from tokenratio.modeling import has_accelerator, load_tokenizer, save_final
 from tokenratio.provenance import SPLITS_NAME, splits_record
 from tokenratio.step import (
     NonFiniteStepError,
@@ -37,7 +40,7 @@ from tokenratio.step import (
     train_step,
 )
 
-__all__ = ["LoopState", "TrainingError", "prepare_data", "train"]
+__all__ = ["LoopState", "SignalStopError", "TrainingError", "prepare_data", "train"]
 
 
 @dataclass
@@ -171,6 +174,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool 
     """
     needs = LOSSES[cfg.loss.name].needs(cfg.loss.options)  # bad name/options: fail before loading
     _check_trackers(cfg.train.report_to)
+    cfg, chosen = precision.resolved_config(cfg, cfg.train.cpu or not has_accelerator())
     out = Path(cfg.train.output_dir)
     plan = rundir.inspect(out, cfg, resume=resume, overwrite=overwrite)  # before anything loads
     if plan.action == "finished":
@@ -181,6 +185,7 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool 
     if accelerator.is_main_process:
         rundir.claim(out, plan)
     try:
+        accelerator.print(f"precision: {chosen.describe()}")
         return _train(cfg, accelerator, needs, plan, progress)
     finally:
         if accelerator.is_main_process:
@@ -219,7 +224,8 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
         )
     )
     started = time.perf_counter()
-    last = _loop(cfg, parts, data, heldout_loader, pad_id, state, total_steps, progress)
+    with StopRequest(say=accelerator.print) as stop:
+        last = _loop(cfg, parts, data, heldout_loader, pad_id, state, total_steps, progress, stop)
     final_eval = heldout_metrics(parts, heldout_loader)
     n = state.optimizer_steps
     if _last_evaluation(out).get("step") != n:  # resumed after logging it: not twice
@@ -309,9 +315,10 @@ def _epoch_batches(cfg, parts: StepParts, data, pad_id, state: LoopState):
 
 
 def _loop(
-    cfg, parts: StepParts, data, heldout_loader, pad_id, state, total_steps, progress
+    cfg, parts: StepParts, data, heldout_loader, pad_id, state, total_steps, progress, stop
 ) -> dict:
-    """Optimizer steps until total_steps; logs, evaluates and checkpoints on their cadences."""
+    """Optimizer steps until total_steps; logs, evaluates and checkpoints on their cadences, and
+    stops at a step boundary with a checkpoint when `stop` (a StopRequest) was signalled."""
     from tqdm.auto import tqdm
 
     bar = tqdm(
@@ -329,6 +336,9 @@ def _loop(
             last = _on_cadence(cfg, parts, heldout_loader, state, total_steps, bar) or last
             if state.optimizer_steps >= total_steps:
                 break
+            if stop.requested(parts.accelerator):
+                bar.close()
+                _stop_with_checkpoint(cfg, parts, state, total_steps, stop.signal_name)
         else:
             state.next_epoch()
     bar.close()
@@ -401,6 +411,25 @@ def _save_checkpoint(cfg, parts: StepParts, state: LoopState, root: Path) -> Non
             f"last good checkpoint is {checkpoint.latest(root) or 'none'}: free some space and "
             "run again with --resume"
         ) from None
+
+
+def _stop_with_checkpoint(cfg, parts, state: LoopState, total_steps: int, signal_name) -> None:
+    """A checkpoint at this step (unless its cadence just wrote one), then SignalStopError, whose
+    one line says the step, the checkpoint and the command that resumes."""
+    root = Path(cfg.train.output_dir) / "checkpoints"
+    n = state.optimizer_steps
+    state.check_finite(root)
+    saved = checkpoint.latest(root)
+    if saved is None or saved != checkpoint.checkpoint_dir(root, n):
+        _save_checkpoint(cfg, parts, state, root)
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    resume = ["--resume"] if args[:1] == ["train"] else []  # a study resumes its runs itself
+    again = shlex.join(["tokenratio", *args, *resume])
+    raise SignalStopError(
+        f"stopped by {signal_name or 'a signal on another process'} at step {n} of "
+        f"{total_steps}; checkpoint: {checkpoint.checkpoint_dir(root, n)}; continue with: {again}",
+        signal_name or "SIGTERM",
+    )
 
 
 def _draw_curves(accelerator, cfg) -> None:

@@ -7,6 +7,8 @@ matplotlib) happen inside the commands.
 
 import argparse
 import contextlib
+import os
+import sys
 
 from tokenratio.cli import bench, convert, eval, explain, perf, study, tisdpo, train
 
@@ -34,7 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    from tokenratio.interrupt import SignalStopError
+
+    try:
+        return args.run(args)
+    except SignalStopError as err:  # training stopped at a step boundary with a checkpoint
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"tokenratio {args.command}: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:  # outside training's step loop
+        print(f"tokenratio {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

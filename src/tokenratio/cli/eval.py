@@ -181,7 +181,12 @@ def add_parser(sub) -> None:
         help="score pairs above the frozen layers a model shares with the reference (a model "
         "trained with LoRA on its last layers), computed once and kept beside the data",
     )
-    ev.add_argument("--mixed-precision", default="no", choices=["no", "bf16"], help="bf16 autocast")
+    ev.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=["auto", "no", "bf16"],
+        help="bf16 autocast; auto: bf16 where the hardware multiplies it natively, else fp32",
+    )
     ev.add_argument("--reference", help="reference policy (default: the runs' own)")
     ev.add_argument(
         "--data",

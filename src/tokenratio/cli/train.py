@@ -63,10 +63,15 @@ def run(args: argparse.Namespace) -> int:
         )
     except (DataError, TrainingError, RunDirError, CheckpointError, ValueError, OSError) as err:
         return fail("train", err)
-    if int(os.environ.get("RANK", "0")) == 0 and not result.get("finished_before"):
+    if _main_process() and not result.get("finished_before"):
         # once under torchrun / accelerate launch
         print(train_summary(result, cfg.train.output_dir))
     return 0
+
+
+def _main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch, or the only process."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def add_parser(sub) -> None:

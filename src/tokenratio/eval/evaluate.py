@@ -16,11 +16,12 @@ import json
 import math
 import sys
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from tokenratio import precision
 from tokenratio.atomic import write_text
 from tokenratio.batch import collate, collate_rows
 from tokenratio.config import DataConfig
@@ -63,7 +64,8 @@ class EvalConfig:
     # leading layers both hold identically (a LoRA-on-the-last-layers model and its base) run
     # once per pair, cached beside the data.
     trunk_cache: bool = False
-    mixed_precision: str = "no"  # no | bf16: scoring and generation under bf16 autocast
+    # auto | no | bf16: scoring and generation under bf16 autocast; auto as train's (precision.py)
+    mixed_precision: str = "auto"
     progress: bool = True  # a bar per stage (scoring, generation) on stderr
 
 
@@ -401,6 +403,9 @@ def skipped_by_reason(raw) -> dict[str, int]:
 
 
 def run_eval(cfg: EvalConfig, out: Path) -> list[dict]:
+    chosen = precision.resolve(cfg.mixed_precision, not torch.cuda.is_available())
+    cfg = replace(cfg, mixed_precision=chosen.mode)
+    print(f"precision: {chosen.describe()}")
     raw = evaluated_records(cfg)
     skipped = skipped_by_reason(raw)
     overlap = check_training_overlap(raw, cfg.models)

@@ -16,6 +16,7 @@ before Accelerate prepares it, so DDP, FSDP and ZeRO see it; it gets its own opt
 (AdamW-style lr `baseline_head_lr`) and is saved beside the model.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 try:
@@ -34,9 +35,11 @@ from tokenratio.fused_head import TILE_ELEMENTS
 from tokenratio.logprobs import IGNORE_INDEX
 from tokenratio.losses import LOSSES, reduce
 from tokenratio.modeling import has_accelerator, head_rows, unwrap_peft
+from tokenratio.precision import warn_if_slow_bf16
 from tokenratio.scoring import score_pairs
 
 HEAD_ATTRIBUTE = "tbpo_baseline_head"
+logger = logging.getLogger("tokenratio")
 
 if not hasattr(DPOTrainer, "compute_loss"):  # feature detection, not a version check
     raise ImportError(f"TRL {trl.__version__} has no DPOTrainer.compute_loss to extend")
@@ -117,6 +120,8 @@ class TBPOTrainer(DPOTrainer):
             config.ddp_find_unused_parameters = False
         super().__init__(*args, **kwargs)
         config = self.args
+        on_cpu = self.accelerator.device.type == "cpu"
+        warn_if_slow_bf16(next(self.model.parameters()).dtype, on_cpu, logger.warning)
         self._loss = LOSSES[config.tokenratio_loss]
         self._loss_options = dict(config.tokenratio_loss_options or {})
         self._needs = self._loss.needs(self._loss_options)

@@ -73,6 +73,7 @@ def score(
         batches(rows, pad_id, batch_size, collate_pairs),
         progress=progress,
         desc="reference",
+        total=-(-len(rows) // batch_size),
     )
     done = 0
     for batch, [(logits, _)] in scored:

@@ -5,6 +5,7 @@ Resumable at every level: a finished run (its `study_run.json`) or evaluation (i
 is skipped; an interrupted run resumes from its newest checkpoint.
 """
 
+import contextlib
 import json
 import re
 import time
@@ -62,7 +63,7 @@ def run_config(base, run: Run, paths: dict, out: Path):
 
 def eval_model(
     models, data: str, reference: str, beta: float, num_pairs: int, study, base, out: Path,
-    overwrite: bool = False,
+    overwrite: bool = False, progress: bool = False,
 ) -> dict:  # fmt: skip
     """`tokenratio eval`'s metrics for one model, generations and judge included, into
     out/results.json (reused when present and made with these settings), on pairs tokenized as
@@ -82,7 +83,7 @@ def eval_model(
         batch_size=e.batch_size,
         beta=beta,
         chat_template=study_data.chat_template,
-        progress=False,  # the study prints one line per evaluation
+        progress=progress,  # bars on stderr; the study prints one line per evaluation
         max_length=study_data.max_length,
         max_prompt_length=study_data.max_prompt_length,
         judge=e.judge or None,
@@ -93,7 +94,8 @@ def eval_model(
     reuse.check(out, "results.json", asdict(cfg), overwrite, key=lambda r: r["config"])
     if (out / "results.json").exists():
         return json.loads((out / "results.json").read_text())["results"][0]
-    return run_eval(cfg, out)[0]
+    with run_log(out.parent.parent, f"test-{out.name}"):
+        return run_eval(cfg, out)[0]
 
 
 def train_and_validate(
@@ -114,14 +116,24 @@ def train_and_validate(
         progress.step(f"train {run.name}", 0, skipped=True)
         return json.loads(record_path.read_text())
     started = time.perf_counter()
-    if LOSSES[cfg.loss.name].weights:  # TIS-DPO: contrast models, scored weights, then training
-        run_tisdpo(cfg, progress=False)
-    else:
-        train(cfg, resume=True, progress=False)
+    with run_log(out, run.name):
+        if LOSSES[cfg.loss.name].weights:  # TIS-DPO: contrast models, scored weights, training
+            run_tisdpo(cfg, progress=progress.enabled)
+        else:
+            train(cfg, resume=True, progress=progress.enabled)
     record = {**asdict(run), "name": run.name, "valid_accuracy": final_heldout_accuracy(run_dir)}
     record_path.write_text(json.dumps(record, indent=1))
     progress.step(f"train {run.name}", time.perf_counter() - started)
     return record
+
+
+@contextlib.contextmanager
+def run_log(out: Path, name: str):
+    """What a run prints goes to out/logs/<name>.log, so the study's terminal keeps one line per
+    run; its progress bars (stderr) still show there, with their totals and time left."""
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    with open(out / "logs" / f"{name}.log", "a") as log, contextlib.redirect_stdout(log):
+        yield
 
 
 def final_heldout_accuracy(run_dir: Path) -> float:
@@ -244,6 +256,7 @@ def _evaluate_on_test(
         base,
         target,
         overwrite,
+        bar.enabled,
     )
     bar.step(f"test {name}", time.perf_counter() - started, skipped)
     return result
