@@ -48,7 +48,6 @@ def assert_moved_alike(actual: dict, expected: dict, start: dict, terms: int) ->
         diff = actual[key].double() - expected[key].double()
         ulp = U * float(begin.abs().max()) * math.sqrt(diff.numel())
         bound = 2 * gamma(terms) * float(moved.norm()) + ulp
-        print(f"RATIO {key} {float(diff.norm()) / bound:.4f}", flush=True)
         if float(diff.norm()) > bound:
             failures.append(
                 f"{key}: |difference| {float(diff.norm()):.3e} > bound {bound:.3e} "
@@ -65,5 +64,4 @@ def assert_sums_close(actual, expected, terms: int, what: str = "values") -> Non
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
     bound = 2 * gamma(terms) * float(expected.abs().max().clamp(min=1.0))
     diff = actual - expected
-    print(f"SUMS {what} {float(diff.abs().max()) / bound:.4f}", flush=True)
     assert float(diff.abs().max()) <= bound, f"{what}: bound {bound:.3e}; {_where(diff)}"
