@@ -44,8 +44,8 @@ def _wait_for_first_step(process, metrics: Path, timeout: float = 300) -> None:
 @pytest.mark.slow
 def test_sigterm_then_resume_equals_an_uninterrupted_run(tiny_model_dir, hh_jsonl, tmp_path):
     """60 steps (91 training pairs in batches of 4: 22 steps an epoch, so into the third epoch):
-    SIGTERM after the first logged step; the run ends with code 143, one line naming its step, checkpoint and resume
-    command; `--resume` then ends at the same weights as a run never interrupted."""
+    SIGTERM after the first logged step; the run ends with code 143, one line naming its step,
+    checkpoint and resume command; `--resume` then ends at the same weights as a run never interrupted."""
     extra = {"train.max_steps": 60, "train.mixed_precision": "no", "loss.name": "dpo"}
     straight, cut = tmp_path / "straight", tmp_path / "cut"
     done = subprocess.run(_command(overrides(tiny_model_dir, hh_jsonl, straight, **extra)))

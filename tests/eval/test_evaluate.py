@@ -259,3 +259,33 @@ def test_preference_metrics_match_a_naive_full_logits_computation(tiny_model_dir
     assert result["per_pair"]["correct"] == correct
     assert result["kl_to_ref"][0] == pytest.approx(sum(kls) / len(kls), rel=1e-4)
     assert min(kls) > 0
+
+
+def test_eval_of_a_run_scores_its_whole_held_out_split_as_train_reported_it(
+    tiny_model_dir, hh_jsonl, tmp_path
+):
+    """No --num-pairs: every held-out pair (19 here, more than eval's 64-pair default of --data
+    would matter for), the accuracy train logged at its end with the same Wilson interval, and a
+    results.md whose `|` inside a header is escaped (a valid GitHub table)."""
+    from test_trainer import run
+    from tokenratio.eval.metrics import accuracy_interval
+
+    out = tmp_path / "run"
+    records = run(
+        tiny_model_dir, hh_jsonl, out, **{"loss.name": "dpo", "data.heldout_fraction": 0.2}
+    )
+    trained = records[-1]["eval_reward_accuracy"]
+    assert (
+        main(["eval", "--model", f"dpo={out}", "--num-prompts", "0", "--out", str(tmp_path / "e")])
+        == 0
+    )
+    result = json.loads((tmp_path / "e" / "results.json").read_text())["results"][0]
+    assert result["pairs"] == 19
+    assert result["pref_accuracy"][0] == pytest.approx(trained)
+    low, high = accuracy_interval(trained, 19)
+    assert result["pref_accuracy_interval"] == pytest.approx([low, high])
+    table = (tmp_path / "e" / "results.md").read_text().splitlines()
+    assert "KL(pi\\|\\|ref)" in table[0]
+    assert all(row.count("|") - row.count("\\|") == table[0].count("|") - table[0].count("\\|")
+               for row in table[:3])  # fmt: skip
+    assert f"({low:.3f}-{high:.3f})" in table[2] and "Wilson" in "\n".join(table)

@@ -111,8 +111,6 @@ def train_summary(result: dict, out: str) -> str:
 
 
 def accuracy_interval(accuracy: float, n: int) -> tuple[float, float]:
-    """Wilson's 95% interval of a proportion (scipy.stats.binomtest's), ties counted as half."""
-    from scipy.stats import binomtest
+    from tokenratio.eval.metrics import accuracy_interval as wilson
 
-    result = binomtest(round(accuracy * n), n).proportion_ci(0.95, method="wilson")
-    return result.low, result.high
+    return wilson(accuracy, n)

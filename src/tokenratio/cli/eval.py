@@ -58,7 +58,7 @@ def check_flags(args) -> None:
     if args.num_prompts and args.samples < 2:
         raise ValueError(f"--samples {args.samples}: self-BLEU needs at least 2 samples per prompt")
     for flag in ("num_prompts", "num_pairs", "max_new_tokens"):
-        if getattr(args, flag) < 0:
+        if (getattr(args, flag) or 0) < 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be >= 0")
 
 
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             chat_template=chat_template,
             reference=reference,
             num_prompts=args.num_prompts,
-            num_pairs=args.num_pairs,
+            num_pairs=args.num_pairs if args.num_pairs is not None else (None if records else 64),
             samples_per_prompt=args.samples,
             max_new_tokens=args.max_new_tokens,
             temperature=args.temperature,
@@ -213,7 +213,12 @@ def add_parser(sub) -> None:
         help="prompt tokens (default: the runs' data.max_prompt_length, or 384)",
     )
     ev.add_argument("--num-prompts", type=int, default=20, help="prompts to generate for (20)")
-    ev.add_argument("--num-pairs", type=int, default=64, help="pairs for preference metrics (64)")
+    ev.add_argument(
+        "--num-pairs",
+        type=int,
+        default=None,
+        help="pairs for preference metrics (default: a run's whole held-out split; 64 of --data)",
+    )
     ev.add_argument("--samples", type=int, default=5, help="samples per prompt (paper: 5)")
     ev.add_argument("--max-new-tokens", type=int, default=128, help="paper: 128")
     ev.add_argument("--temperature", type=float, default=1.0, help="paper: 1.0")

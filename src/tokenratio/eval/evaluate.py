@@ -9,7 +9,8 @@ Per model:
   a prompt's samples, distinct-1 of the first sample;
 - win rate and length-controlled win rate of the first sample against the dataset's reference
   response (or another model's first sample), with a judge from `judges.py`.
-Results: results.json and results.md (a Markdown table, mean ± standard error).
+Results: results.json and results.md (a Markdown table: held-out accuracy with its Wilson 95%
+interval, as `tokenratio train` reports it; every other metric as mean ± standard error).
 """
 
 import json
@@ -45,7 +46,7 @@ class EvalConfig:
     data_format: str = "auto"
     split: str = "train"  # of a directory or hub dataset with several
     num_prompts: int = 20
-    num_pairs: int = 64
+    num_pairs: int | None = None  # None: every selected record (a run's whole held-out split)
     samples_per_prompt: int = 5  # paper: 5
     max_new_tokens: int = 128  # paper: 128
     temperature: float = 1.0  # paper: 1.0
@@ -141,6 +142,10 @@ def preference_metrics(
     bar.close()
     return {
         "pref_accuracy": mean_se(accuracy),
+        "pref_accuracy_interval": metrics.accuracy_interval(
+            sum(accuracy) / len(accuracy), len(accuracy)
+        ),
+        "pairs": len(accuracy),
         "reward_margin": mean_se(margin),
         "kl_to_ref": mean_se(kl),
         "kl_per_token": mean_se(kl_token),
@@ -221,7 +226,8 @@ def evaluate_model(name, path, reference, raw, cfg: EvalConfig) -> dict:
     )
     pairs, report = tokenize_dataset(raw, tokenizer, data_cfg)
     result = {"name": name, "path": path, "data": report}
-    held_out = pairs.select(range(min(cfg.num_pairs, len(pairs))))
+    wanted = len(pairs) if cfg.num_pairs is None else min(cfg.num_pairs, len(pairs))
+    held_out = pairs.select(range(wanted))
     with autocast(cfg.mixed_precision):
         if reference is not None:
             trunk = _shared_trunk(model, reference, held_out, tokenizer, cfg)
@@ -349,24 +355,40 @@ COLUMNS = [
 
 
 def markdown_table(results: list[dict]) -> str:
+    """A GitHub Markdown table (a `|` inside a cell escaped), then a line saying what it holds."""
     present = [c for c in COLUMNS if any(c[0] in r for r in results)]
     lines = [
-        "| model | " + " | ".join(c[1] for c in present) + " |",
+        "| model | " + " | ".join(_cell(c[1]) for c in present) + " |",
         "|---|" + "---|" * len(present),
     ]
     for r in results:
-        cells = []
-        for key, _, digits in present:
-            mean, se = r.get(key, (float("nan"), float("nan")))
-            cells.append(f"{mean:.{digits}f} ± {se:.{digits}f}")
-        lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        cells = [_cell(r["name"])] + [_value(r, key, digits) for key, _, digits in present]
+        lines.append("| " + " | ".join(cells) + " |")
+    pairs = sorted({r["pairs"] for r in results if "pairs" in r})
+    on = f" on {', '.join(map(str, pairs))} held-out pairs" if pairs else ""
+    note = (
+        f"\npref. acc.: implicit-reward accuracy{on} (ties count half) with its 95% Wilson "
+        "interval, as `tokenratio train` reports it; other columns: mean ± standard error."
+    )
+    return "\n".join(lines) + "\n" + note
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def _value(result: dict, key: str, digits: int) -> str:
+    mean, se = result.get(key, (float("nan"), float("nan")))
+    if key == "pref_accuracy" and "pref_accuracy_interval" in result:
+        low, high = result["pref_accuracy_interval"]
+        return f"{mean:.{digits}f} ({low:.{digits}f}-{high:.{digits}f})"
+    return f"{mean:.{digits}f} ± {se:.{digits}f}"
 
 
 def evaluated_records(cfg: EvalConfig):
     """The records of cfg.data this evaluation reads: the listed ones, else from the offset on."""
     raw = load_raw(cfg.data, cfg.split, on_invalid=cfg.on_invalid, fmt=cfg.data_format)
-    wanted = max(cfg.num_prompts, cfg.num_pairs)
+    wanted = max(cfg.num_prompts, cfg.num_pairs if cfg.num_pairs is not None else 1 << 62)
     if cfg.records is not None:
         return raw.select(cfg.records[:wanted])
     if cfg.offset >= len(raw.dataset):
