@@ -152,3 +152,17 @@ def test_a_gzip_file_cut_short_names_the_last_line_read(tmp_path):
     path.write_bytes(whole[: len(whole) // 2])
     with pytest.raises(DataError, match=r"cut.jsonl.gz: damaged or cut short after line \d+"):
         load_raw(str(path), on_invalid="skip")
+
+
+def test_a_malformed_line_reads_as_one_sentence(tmp_path):
+    """json's messages that end in "at" ("Unterminated string starting at", "Invalid control
+    character at") are not followed by a second "at"."""
+    path = tmp_path / "bad.jsonl"
+    for text, expected in (
+        ('{"chosen": "oops', "Unterminated string starting at column 12"),
+        ('{"chosen": "oops\n', "Invalid control character at column 17"),
+    ):
+        path.write_text(text)
+        with pytest.raises(DataError) as err:
+            load_raw(str(path))
+        assert expected in str(err.value) and "at at" not in str(err.value)

@@ -97,7 +97,7 @@ def cached_values(root: Path):
 ZERO3 = "deepspeed_zero3.yaml"
 ENGINES = {  # what the run says it launched under
     "fsdp.yaml": "FSDP2 (parameters sharded",
-    "ddp.yaml": "MULTI_CPU",
+    "ddp.yaml": "DDP over CPU processes (gloo)",
     ZERO3: "DeepSpeed ZeRO-3 (parameters partitioned)",
 }
 SHARDED = {  # where a sharded checkpoint keeps its shards

@@ -33,6 +33,7 @@ def overrides(model_dir, data, out, **extra):
         "train.lr": 1e-3,
         "train.optimizer": "adamw",
         "train.warmup_ratio": 0.0,
+        "train.mixed_precision": "no",  # fp32 on every CPU: the numbers do not depend on the host
         **extra,
     }
     args = []
@@ -311,3 +312,19 @@ def test_a_truncated_checkpoint_is_refused_in_one_line(tiny_model_dir, hh_jsonl,
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenratio")]
     assert code == 1 and len(err) == 1, err
     assert "step-000002 could not be loaded" in err[0] and "delete it" in err[0]
+
+
+def test_held_out_curves_start_at_step_0_where_the_policy_is_the_reference(
+    tiny_model_dir, hh_jsonl, tmp_path
+):
+    """With train.eval_every, the first held-out point is the reference itself: every implicit
+    reward is 0, so DPO's accuracy is 0.5 (ties count half) and its loss log 2."""
+    import math
+
+    records = run(
+        tiny_model_dir, hh_jsonl, tmp_path / "r", **{"loss.name": "dpo", "train.eval_every": 2}
+    )
+    first = records[0]
+    assert first["step"] == 0 and first["eval_reward_accuracy"] == 0.5
+    assert first["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]

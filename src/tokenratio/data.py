@@ -304,6 +304,29 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
     return valid.remove_columns(["error", "reason", "truncated", "prompt_truncated"]), counts
 
 
+def data_line(report: dict) -> str:
+    """The data report in one line for a person: records, format, the split, what was cut and
+    what was skipped, by reason (the whole report stays in data_report.json)."""
+    template = ", chat template" if report.get("chat_template") else ""
+    parts = [f"{report['records']} records ({report['format']}{template})"]
+    if "train_pairs" in report:
+        parts.append(f"{report['train_pairs']} train / {report['heldout_pairs']} held-out pairs")
+    cut = [
+        f"{report[key]} {what}"
+        for key, what in (("truncated", "responses cut"), ("prompt_truncated", "prompts cut"))
+        if report.get(key)
+    ]
+    if cut:
+        parts.append(" and ".join(cut) + " to fit data.max_length / max_prompt_length")
+    reasons = report.get("invalid_by_reason") or {}
+    if reasons:
+        counted = ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+        examples = report.get("invalid_examples", {})
+        first = next(iter(examples.values()), [""])[0]
+        parts.append(f"{report['invalid']} invalid skipped ({counted}; first: {first})")
+    return "; ".join(parts)
+
+
 def invalid_by_reason(invalid: list[tuple[str, str]], examples: int = 3) -> dict:
     """data_report.json's audit of skipped records: a count per reason, and the first few
     'file, line N: ...' of each."""

@@ -77,7 +77,9 @@ def parse_line(raw: bytes | None, first: bool = False) -> dict | None:
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
-        detail = f"malformed JSON ({err.msg} at column {err.colno}); fix or remove the line"
+        # json's own messages may end in "at" ("Unterminated string starting at")
+        what = err.msg.removesuffix(" at")
+        detail = f"malformed JSON ({what} at column {err.colno}); fix or remove the line"
         raise LineFaultError("malformed JSON", detail) from None
     except RecursionError:
         raise LineFaultError("nested too deeply", "JSON nested too deeply to read") from None

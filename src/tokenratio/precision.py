@@ -25,7 +25,7 @@ class Precision:
 
     def describe(self) -> str:
         name = {"no": "fp32 (no autocast)", "bf16": "bf16 autocast", "fp16": "fp16 autocast"}
-        return f"{name[self.mode]}: {self.reason}"
+        return f"{name[self.mode]}; {self.reason}"
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:

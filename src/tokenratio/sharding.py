@@ -43,10 +43,25 @@ def zero_stage(accelerator) -> int:
     return int(getattr(plugin, "zero_stage", 0) or 0) if shards_models(accelerator) else 0
 
 
+# Accelerate's distributed types, in words for the run's `launch:` line.
+IN_WORDS = {
+    "NO": "no distributed engine",
+    "MULTI_CPU": "DDP over CPU processes (gloo)",
+    "MULTI_GPU": "DDP over GPUs",
+    "MULTI_XPU": "DDP over XPUs",
+    "MULTI_NPU": "DDP over NPUs",
+    "MULTI_MLU": "DDP over MLUs",
+    "MULTI_HPU": "DDP over HPUs",
+    "FSDP": "FSDP (parameters sharded)",
+    "XLA": "XLA",
+}
+
+
 def describe(accelerator) -> str:
-    """One line for the start of a run: how many processes, under which engine."""
+    """One line for the start of a run: how many processes, under which engine, in words."""
     count = accelerator.num_processes
-    engine = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    given = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    engine = IN_WORDS.get(given, given)
     if is_fsdp2(accelerator):
         engine = "FSDP2 (parameters sharded per decoder layer)"
     elif uses_deepspeed(accelerator):

@@ -283,7 +283,8 @@ def make_accelerator(cfg, out: Path | None = None):
 
     _forget_other_precision(cfg.train.mixed_precision)
     cpu = cfg.train.cpu or not has_accelerator()
-    if cpu and sharding.asked_for_deepspeed():  # before DeepSpeed picks its accelerator
+    if cpu:  # before DeepSpeed (imported by Accelerate and transformers where installed) looks
+        # for an accelerator: it would warn "Setting accelerator to CPU" on every run
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     version = sharding.fsdp_version()
     if cpu and sharding.asked_for_fsdp() and version != "2":  # Accelerate would raise on it

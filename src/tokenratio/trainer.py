@@ -9,7 +9,6 @@ Data order is a seeded permutation per epoch, identical on every process; each p
 n-th micro-batch, so N processes with batch b see the same global batches as one process with N*b.
 """
 
-import json
 import shlex
 import sys
 import time
@@ -22,7 +21,7 @@ from torch.utils.data import DataLoader
 from tokenratio import atomic, checkpoint, precision, reference, rundir, runlog, sharding, trunk
 from tokenratio.batch import length_grouped_order, pair_lengths
 from tokenratio.curves import plot_run
-from tokenratio.data import load_raw, tokenize_dataset
+from tokenratio.data import data_line, load_raw, tokenize_dataset
 from tokenratio.interrupt import SignalStopError, StopRequest
 from tokenratio.losses import LOSSES, Needs
 from tokenratio.modeling import has_accelerator, load_tokenizer, save_final
@@ -185,14 +184,15 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool 
     if accelerator.is_main_process:
         rundir.claim(out, plan)
     try:
-        accelerator.print(f"precision: {chosen.describe()}")
-        return _train(cfg, accelerator, needs, plan, progress)
+        return _train(cfg, accelerator, needs, plan, progress, chosen)
     finally:
         if accelerator.is_main_process:
             rundir.release(out)
 
 
-def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) -> dict:
+def _train(
+    cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool, chosen: precision.Precision
+) -> dict:
     from accelerate.utils import set_seed
 
     out = Path(cfg.train.output_dir)
@@ -204,6 +204,7 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     _check_weights(cfg, needs, heldout)
     ref_plan = reference.plan(cfg, needs, accelerator)
     accelerator.print(f"launch: {sharding.describe(accelerator)}")
+    accelerator.print(f"precision: {chosen.describe()}")
     accelerator.print(f"reference: {ref_plan.reason}")
     total_steps = _total_steps(cfg, len(data), accelerator.num_processes)
     parts = prepare_step_parts(cfg, accelerator, total_steps, plan=ref_plan)
@@ -216,13 +217,15 @@ def _train(cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool) ->
     state = _start_state(cfg, parts, plan, total_steps)
     _write_run_files(accelerator, out, cfg, report, splits)
     accelerator.init_trackers("tokenratio", config={"loss": cfg.loss.name, "beta": cfg.loss.beta})
-    accelerator.print(f"data: {json.dumps(report)}")
+    accelerator.print(f"data: {data_line(report)} (details: {out / 'data_report.json'})")
     pad_id = tokenizer.pad_token_id
     heldout_loader = accelerator.prepare_data_loader(
         _loader(
             heldout, cfg.train.eval_batch_size, batch_collator(cfg, parts, pad_id), drop_last=False
         )
     )
+    if cfg.train.eval_every and state.optimizer_steps == 0:  # the curves start at the reference
+        _log(accelerator, out / runlog.NAME, {"step": 0, **heldout_metrics(parts, heldout_loader)})
     started = time.perf_counter()
     with StopRequest(say=accelerator.print) as stop:
         last = _loop(cfg, parts, data, heldout_loader, pad_id, state, total_steps, progress, stop)

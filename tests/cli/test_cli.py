@@ -24,6 +24,17 @@ def test_bench_quick_writes_table_json_and_plots(tmp_path, capsys):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_refuses_to_replace_an_earlier_benchmark_without_overwrite(tmp_path, capsys):
+    (tmp_path / "population.json").write_text("{}")  # an earlier --population run's results
+    argv = ["bench", "--population", "--losses", "dpo", "--no-progress", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "population.json holds an earlier benchmark's results: give --overwrite" in err
+    assert (tmp_path / "population.json").read_text() == "{}"
+    assert main([*argv, "--overwrite"]) == 0
+    assert json.loads((tmp_path / "population.json").read_text())
+
+
 def test_bench_rejects_unknown_loss(capsys):
     assert main(["bench", "--losses", "dpo", "nope", "--no-progress"]) == 2
     assert "valid losses" in capsys.readouterr().err

@@ -31,3 +31,10 @@ def test_verdict_says_plainly_whether_the_check_method_trained_and_why_not():
     assert text.startswith("The recipe did NOT measurably train")
     assert "12.7 times" in text and "0.580 ± 0.078, 0.640 ± 0.078" in text
     assert "not in this study" in verdict(rows, "ipo", tested)
+
+
+def test_a_one_seed_summary_says_its_interval_is_over_the_pairs():
+    from tokenratio.study.report import _cell_meaning
+
+    assert "over the test pairs" in _cell_meaning(1) and "Student" not in _cell_meaning(1)
+    assert "over seeds (Student t)" in _cell_meaning(3)

@@ -87,3 +87,14 @@ def test_comparisons_pair_each_method_with_dpo_and_the_reference():
     }
     pairs = [(c["method"], c["baseline"]) for c in stats.comparisons(tested)]
     assert pairs == [("dpo", "reference"), ("tbpo-q", "dpo"), ("tbpo-q", "reference")]
+
+
+def test_a_verdict_reads_as_a_paper_would_print_it():
+    entry = {
+        "method": "tbpo-q", "baseline": "dpo", "diff": 0.05, "low": 0.02, "high": 0.08,
+        "p_value": 0.0, "prob_improvement": 1.0, "seeds": 1, "pairs": 199, "verdict": "better",
+    }  # fmt: skip
+    text = stats.sentence(entry)
+    assert "p < 0.001" in text and "p = 0.000" not in text
+    assert "1 seed x 199 pairs" in text and "1 seeds" not in text
+    assert "p = 0.042" in stats.sentence({**entry, "p_value": 0.0421, "seeds": 3})

@@ -113,14 +113,26 @@ def _run_regime(regime: str, cfg, args, out: Path) -> str:
     return format_finite(run_finite(cfg, out, progress=progress))
 
 
+def _check_out(out: Path, regime: str, overwrite: bool) -> None:
+    """An earlier benchmark's results are replaced only when asked (as `train` refuses a run
+    directory that holds a run)."""
+    earlier = [name for name in FILES[regime] if (out / name).exists()]
+    if earlier and not overwrite:
+        raise ValueError(
+            f"{out / earlier[0]} holds an earlier benchmark's results: give --overwrite to "
+            "replace them, or another --out"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
     try:
         regime = _regime(args)
         cfg = _config(args, regime)
+        _check_out(out, regime, args.overwrite)
     except ValueError as err:
         return fail("bench", err, code=2)
     started = time.perf_counter()
-    out = Path(args.out)
     print(_run_regime(regime, cfg, args, out))
     seconds = time.perf_counter() - started
     print(f"\n{regime} regime, {seconds:.0f} s; wrote {', '.join(FILES[regime])} in {out}/")
@@ -140,6 +152,9 @@ def add_parser(sub) -> None:
     bench.add_argument("--population", action="store_true", help="the exact population regime")
     bench.add_argument("--transformer", action="store_true", help="the transformer policy class")
     bench.add_argument("--out", default="bench_out", help="output directory (default: bench_out)")
+    bench.add_argument(
+        "--overwrite", action="store_true", help="replace an earlier benchmark's results in --out"
+    )
     bench.add_argument("--losses", nargs="+", help="registry names, e.g. dpo tbpo-a tbpo-q")
     bench.add_argument("--betas", nargs="+", type=float, help="KL strengths to sweep")
     bench.add_argument("--seeds", nargs="+", type=int, help="data seeds")

@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         raw = read_record(args.data, args.index, args.on_invalid)
-        check_training_overlap(raw, [("the model", model)])  # a loud line if it trained on it
+        advice = "Choose a held-out record: its index is in the run's splits.json (heldout)."
+        check_training_overlap(raw, [("the model", model)], advice)  # loud if it trained on it
         credits = explain(model, reference, raw, beta, Path(args.out))
     except (ValueError, OSError, IndexError) as err:
         return fail("explain", on_invalid_hint(err))

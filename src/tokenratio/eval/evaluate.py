@@ -396,8 +396,12 @@ def evaluated_records(cfg: EvalConfig):
     return raw.select(range(cfg.offset, min(cfg.offset + wanted, len(raw.dataset))))
 
 
-def check_training_overlap(raw, models) -> dict[str, int]:
-    """Per trained run among `models`: how many evaluated records it trained on, said loudly."""
+EVAL_ADVICE = "Evaluate the run without --data (its own held-out split) or choose other records."
+
+
+def check_training_overlap(raw, models, advice: str = EVAL_ADVICE) -> dict[str, int]:
+    """Per trained run among `models`: how many evaluated records it trained on, said loudly,
+    with `advice` (what the calling command's flags can do about it)."""
     counts = {}
     for name, path in models:
         run = run_dir_of(path)
@@ -407,8 +411,7 @@ def check_training_overlap(raw, models) -> dict[str, int]:
         if counts[name]:
             print(
                 f"WARNING: {counts[name]} of the {len(raw.dataset)} evaluated records are in the "
-                f"training data of {name} ({run}): its numbers here are NOT held-out. Evaluate "
-                "the run without --data (its own held-out split) or choose other records.",
+                f"training data of {name} ({run}): its numbers here are NOT held-out. {advice}",
                 file=sys.stderr,
             )
     return counts

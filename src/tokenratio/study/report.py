@@ -41,6 +41,17 @@ def interval(pairs: list[tuple[float, float]]) -> dict:
     return {"mean": statistics.fmean(values), "half_width": half, "n": n}
 
 
+def _cell_meaning(seeds: int) -> str:
+    """What a summary cell's ± is: over seeds, or with one seed over the test pairs (module
+    docstring)."""
+    if seeds == 1:
+        return (
+            "Each cell: mean ± 95% interval over the test pairs (1.96 standard errors; one seed, "
+            "so seed-to-seed noise is not in it), n = 1 seed."
+        )
+    return "Each cell: mean ± 95% interval over seeds (Student t), n seeds."
+
+
 def summarise(tested: dict) -> list[dict]:
     """One row per method (the reference first): each metric's interval over that method's seeds."""
     rows = []
@@ -216,8 +227,8 @@ report.json under `comparisons`).
 ## Summary over seeds
 
 Test split: {study.test_pairs} pairs that training and lr selection never saw (`data/splits.json`).
-Each cell: mean ± 95% interval over seeds (Student t), n seeds; the reference row is the starting
-model. KL/token: KL(pi || pi_ref) per response token, teacher-forced on the test pairs.
+{_cell_meaning(len(study.seeds))} The reference row is the starting model. KL/token: KL(pi ||
+pi_ref) per response token, teacher-forced on the test pairs.
 
 {markdown_table(rows)}
 

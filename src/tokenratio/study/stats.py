@@ -130,12 +130,21 @@ def verdict_of(entry: dict) -> str:
     return "no difference detectable"
 
 
+def p_text(p: float) -> str:
+    """A p-value as a paper prints it: never "p = 0.000"."""
+    return "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+
+
+def counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def sentence(entry: dict) -> str:
     """The verdict in words, with the numbers behind it."""
     numbers = (
         f"{entry['diff']:+.3f} accuracy (95% {entry['low']:+.3f} to {entry['high']:+.3f}, "
-        f"p = {entry['p_value']:.3f}, P(improvement) = {entry['prob_improvement']:.2f}, "
-        f"{entry['seeds']} seeds x {entry['pairs']} pairs)"
+        f"{p_text(entry['p_value'])}, P(improvement) = {entry['prob_improvement']:.2f}, "
+        f"{counted(entry['seeds'], 'seed')} x {counted(entry['pairs'], 'pair')})"
     )
     if entry["verdict"] == "no difference detectable":
         return (
