@@ -13,7 +13,7 @@ def test_auto_is_the_default():
 def test_auto_on_a_cpu_without_native_bf16_is_fp32():
     chosen = precision.resolve("auto", on_cpu=True, flags={"avx2", "avx512f", "fma"})
     assert chosen.mode == "no"
-    assert "no native bf16" in chosen.describe() and "5.4x slower" in chosen.describe()
+    assert "no native bf16" in chosen.describe() and "4-33x slower" in chosen.describe()
 
 
 def test_auto_on_a_cpu_with_native_bf16_is_bf16():

@@ -1,6 +1,18 @@
 """Input paths checked before anything heavy loads: a bad one fails at once, in one line."""
 
+import os
 from pathlib import Path
+
+CACHE_ENV = "TOKENRATIO_CACHE_DIR"
+
+
+def user_cache_dir() -> Path:
+    """Where tokenratio keeps what it computes once (the reference and trunk caches): the
+    field's convention, a user cache directory, never beside the data (which is often shared or
+    read-only): $TOKENRATIO_CACHE_DIR, else $XDG_CACHE_HOME/tokenratio, else ~/.cache/tokenratio."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tokenratio"
 
 
 def looks_local(path: str) -> bool:

@@ -2,10 +2,10 @@
 
 bf16 autocast halves the bytes a matmul reads, but only hardware that multiplies bf16 natively is
 faster for it: GPUs from Ampere on, and CPUs with AVX512-BF16 or AMX (x86) or the BF16 extension
-(Arm). On a CPU without them (AVX2 only, or AVX512 without BF16) oneDNN converts every operand to
-fp32 and back: measured 5.4x slower than fp32 for SmolLM2's 49,152-row head matmul on an AVX2-only
-2-core VM (docs/training.md, "Precision"). So "auto" is bf16 there and fp32 ("no") elsewhere, and
-the run says which and why in one line.
+(Arm). Without them (AVX2 only, or AVX512 without BF16) every operand is converted to fp32 and
+back: SmolLM2's head matmul with AVX2 kernels took 3.8x fp32's time forward and 33x forward and
+backward (`scripts/bf16_cpu.py`, docs/training.md "Precision"). So "auto" is bf16 where it is
+native and fp32 ("no") elsewhere, and the run says which and why in one line.
 """
 
 import sys
@@ -14,8 +14,9 @@ from pathlib import Path
 
 CHOICES = ("auto", "no", "bf16", "fp16")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (two kinds), Arm's FEAT_BF16
-# SmolLM2's head matmul, bf16 autocast against fp32, on an AVX2-only CPU (docs/training.md).
-SLOWDOWN_WITHOUT_NATIVE_BF16 = 5.4
+# SmolLM2's head matmul, bf16 autocast against fp32, forward / forward and backward, with AVX2
+# kernels (scripts/bf16_cpu.py, docs/training.md "Precision").
+SLOWDOWN_WITHOUT_NATIVE_BF16 = "4-33x"
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,7 @@ def resolve(requested: str, on_cpu: bool, flags: set[str] | None = None) -> Prec
     return Precision(
         "no",
         "auto: this CPU has no native bf16 (no avx512_bf16/amx_bf16), where bf16 is "
-        f"~{SLOWDOWN_WITHOUT_NATIVE_BF16:g}x slower",
+        f"{SLOWDOWN_WITHOUT_NATIVE_BF16} slower",
     )
 
 
@@ -81,8 +82,8 @@ def warn_if_slow_bf16(dtype, on_cpu: bool, say=None) -> bool:
     if dtype != torch.bfloat16 or not on_cpu or cpu_has_native_bf16():
         return False
     (say or (lambda text: print(text, file=sys.stderr)))(
-        "tokenratio: training bf16 weights on a CPU without native bf16 is about "
-        f"{SLOWDOWN_WITHOUT_NATIVE_BF16:g}x slower than float32: load the model with "
-        "dtype=torch.float32"
+        "tokenratio: training bf16 weights on a CPU without native bf16 is "
+        f"{SLOWDOWN_WITHOUT_NATIVE_BF16} slower than float32 (scripts/bf16_cpu.py): load the "
+        "model with dtype=torch.float32"
     )
     return True

@@ -266,15 +266,25 @@ def for_run(cfg, parts, tokenizer, datasets, progress: bool) -> TrunkCache:
     return load_or_compute(inner, layers, key, cfg.data.path, rows, compute, progress)
 
 
+def _directory(key: str, data_path: str) -> Path:
+    """trunk-<key>/ in the user cache directory (the reference cache's root, written there), or
+    one an earlier version wrote beside the data, where it exists (read)."""
+    from tokenratio.reference.cache import roots, writable_dir
+
+    places = roots(data_path)
+    for root in places[1:]:
+        if (root / f"trunk-{key}").is_dir():
+            return root / f"trunk-{key}"
+    return writable_dir(places) / f"trunk-{key}"
+
+
 def load_or_compute(inner, layers: int, key: str, data_path: str, rows, compute, progress):
-    """The cache named `key` beside `data_path` (the reference cache's locations), read, with
+    """The cache named `key` in the user cache directory (the reference cache's), read, with
     the states of `rows` it lacks computed by `inner` and written as one shard.
     `compute`: (pad id, batch size, autocast context factory)."""
     from tqdm.auto import tqdm
 
-    from tokenratio.reference.cache import roots, writable_dir
-
-    directory = writable_dir(roots(data_path)) / f"trunk-{key}"
+    directory = _directory(key, data_path)
     cache = TrunkCache(layers, key, directory)
     cache.read()
     missing = sum(1 for row in rows if pair_key(row) not in cache.states)

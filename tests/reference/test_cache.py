@@ -250,19 +250,44 @@ def test_a_read_only_cache_location_stops_before_scoring(
     assert loaded == []
 
 
-def test_an_unwritable_place_beside_the_data_falls_back_to_the_user_cache(
+def test_the_cache_goes_to_the_user_cache_directory_never_beside_the_data(
+    tiny, tiny_model_dir, hh_jsonl, tmp_path, monkeypatch
+):
+    """$TOKENRATIO_CACHE_DIR, else $XDG_CACHE_HOME/tokenratio; a cache an earlier version wrote
+    beside the data is still read (and nothing new is written there)."""
+    _, tokenizer, data = tiny
+    monkeypatch.delenv(cache.ENV)
+    local = tmp_path / "data" / "hh.jsonl"
+    local.parent.mkdir()
+    shutil.copy(hh_jsonl, local)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.delenv("TOKENRATIO_CACHE_DIR", raising=False)
+    _, said = _load(tiny_model_dir, local, tokenizer, [data])
+    assert str(tmp_path / "xdg" / "tokenratio" / "ref-logps") in said[-1]
+    assert list((tmp_path / "xdg").rglob("shard-*.safetensors"))
+    assert sorted(p.name for p in local.parent.iterdir()) == ["hh.jsonl"]
+
+    monkeypatch.setenv("TOKENRATIO_CACHE_DIR", str(tmp_path / "mine"))
+    _, said = _load(tiny_model_dir, local, tokenizer, [data])
+    assert f"into {tmp_path / 'mine' / 'ref-logps'}" in said[-1]
+
+    beside = local.parent / "hh.jsonl.ref-logps"  # as an earlier version left it
+    shutil.move(tmp_path / "mine" / "ref-logps", beside)
+    _, said = _load(tiny_model_dir, local, tokenizer, [data])
+    assert "read 8 pairs from" in said[-1] and str(beside) in said[-1]
+    assert not (tmp_path / "mine" / "ref-logps").exists()  # nothing scored, nothing written
+
+
+def test_an_unwritable_user_cache_is_one_line_naming_the_variable(
     tiny, tiny_model_dir, hh_jsonl, tmp_path, monkeypatch
 ):
     _, tokenizer, data = tiny
     monkeypatch.delenv(cache.ENV)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    local = tmp_path / "data" / "hh.jsonl"
-    local.parent.mkdir()
-    shutil.copy(hh_jsonl, local)
-    (local.parent / "hh.jsonl.ref-logps").write_text("")  # a file: no directory can go there
-    _, said = _load(tiny_model_dir, local, tokenizer, [data])
-    assert str(tmp_path / "xdg" / "tokenratio" / "ref-logps") in said[-1]
-    assert list((tmp_path / "xdg").rglob("shard-*.safetensors"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("TOKENRATIO_CACHE_DIR", str(blocker / "cache"))
+    with pytest.raises(reference.CacheLocationError, match=r"set \$TOKENRATIO_CACHE_DIR"):
+        _load(tiny_model_dir, hh_jsonl, tokenizer, [data])
 
 
 @pytest.mark.slow

@@ -49,6 +49,6 @@ def add_parser(sub) -> None:
         default="float32",
         choices=["float32", "bfloat16"],
         help="weights as written (float32: trains at full speed on any CPU; bfloat16 halves the "
-        "files, and is ~5x slower to train on a CPU without native bf16)",
+        "files, and trains 4-33x slower on a CPU without native bf16: scripts/bf16_cpu.py)",
     )
     parser.set_defaults(run=run)

@@ -1,10 +1,11 @@
 """`train.ref_cache`: the reference's per-token values, scored once and kept on disk, so later
 runs, seeds and evaluations never load or run the reference.
 
-Where: $TOKENRATIO_REF_CACHE_DIR when set (and only there), else beside a local data file
-(`<data>.ref-logps/`), else ~/.cache/tokenratio/ref-logps/ (also where a read-only data directory
-sends it); inside, one directory per cache key (`key.cache_key`) holding shard files
-(`store.py`). Every readable location is read; the first writable one is written. Inside, each
+Where: $TOKENRATIO_REF_CACHE_DIR when set (and only there), else the user cache directory's
+ref-logps/ (`paths.user_cache_dir`: $TOKENRATIO_CACHE_DIR, $XDG_CACHE_HOME/tokenratio or
+~/.cache/tokenratio), written there and never beside the data; a cache an earlier version wrote
+beside a local data file (`<data>.ref-logps/`) is still read. Inside, one directory per cache key
+(`key.cache_key`) holding shard files (`store.py`). Inside, each
 pair is found by a hash of its token ids, so a pair is never given another pair's values,
 whatever the order or the split.
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from tokenratio.paths import CACHE_ENV, user_cache_dir
 from tokenratio.reference import key as keys
 from tokenratio.reference import score as scoring
 from tokenratio.reference import store
@@ -30,15 +32,16 @@ class CacheLocationError(RuntimeError):
 
 
 def roots(data_path: str) -> list[Path]:
-    """Where caches lie, in the order they are written (module docstring)."""
+    """Where caches lie: the first is the one written, the others are only read (module
+    docstring)."""
     if os.environ.get(ENV):
         return [Path(os.environ[ENV]).expanduser()]
-    found = []
+    found = [user_cache_dir() / "ref-logps"]
     local = Path(data_path).expanduser()
-    if local.is_file():
-        found.append(local.resolve().parent / f"{local.name}.ref-logps")
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return [*found, Path(xdg) / "tokenratio" / "ref-logps"]
+    beside = local.resolve().parent / f"{local.name}.ref-logps"
+    if local.is_file() and beside.is_dir():  # written there by an earlier version
+        found.append(beside)
+    return found
 
 
 def _writable(directory: Path) -> bool:
@@ -53,15 +56,16 @@ def _writable(directory: Path) -> bool:
 
 
 def writable_dir(directories: list[Path]) -> Path:
-    """The first of `directories` that can be written; CacheLocationError before any scoring."""
-    for directory in directories:
-        if _writable(directory):
-            return directory
-    where = ", ".join(str(d) for d in directories)
+    """The first of `directories` (where caches are written), checked: CacheLocationError before
+    any scoring when it cannot be written."""
+    directory = directories[0]
+    if _writable(directory):
+        return directory
+    where = str(directory)
     fix = (
         f"point ${ENV} at a writable directory"
         if os.environ.get(ENV)
-        else f"set ${ENV} to a writable directory"
+        else f"set ${CACHE_ENV} to a writable directory"
     )
     raise CacheLocationError(
         f"reference cache: cannot write to {where}: {fix}, or set train.ref_cache = false"
