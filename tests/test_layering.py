@@ -14,7 +14,8 @@ PACKAGE = SRC / "tokenratio"
 LAYERS = {
     "core": (  # pure functions, files and settings: torch at most
         "atomic", "baseline", "bregman", "config", "config_print", "formats", "fused_head", "jsonlines",
-        "interrupt", "logprobs", "losses", "memory", "methods", "paths", "precision", "provenance",
+        "interrupt", "intervals", "logprobs", "losses", "memory", "methods", "model_card", "paths",
+        "precision", "provenance",
         "runlog",
     ),
     "data and models": (

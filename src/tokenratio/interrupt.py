@@ -59,4 +59,5 @@ class SignalStopError(RuntimeError):
 
     def __init__(self, message: str, signal_name: str):
         super().__init__(message)
+        self.signal_name = signal_name
         self.exit_code = EXIT_CODES.get(signal_name, 130)

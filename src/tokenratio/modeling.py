@@ -416,14 +416,20 @@ def _has_module(model, suffix: str) -> bool:
 
 
 def save_final(
-    policy: PolicyWithHead, tokenizer, directory: Path, merged: bool = True, state_dict=None
+    policy: PolicyWithHead,
+    tokenizer,
+    directory: Path,
+    merged: bool = True,
+    state_dict=None,
+    card: str | None = None,
 ) -> Path:
     """Write a model directory that `AutoModelForCausalLM.from_pretrained` loads (LoRA merged; the
     adapter itself also in adapter/; with `merged` false (train.save_merged) the adapter alone,
     which from_pretrained loads onto its base model), the TBPO-Q head beside it, and the
     tokenizer. `state_dict`: the policy's full weights where its own parameters are shards
-    (FSDP, ZeRO-3: `sharding.full_state_dict`). Written into `directory`.tmp and published when
-    complete (`atomic.publish_dir`, with its COMPLETE marker): a crash leaves no half model."""
+    (FSDP, ZeRO-3: `sharding.full_state_dict`); `card`: its README.md (model_card.render).
+    Written into `directory`.tmp and published when complete (`atomic.publish_dir`, with its
+    COMPLETE marker): a crash leaves no half model."""
     from tokenratio.atomic import COMPLETE, publish_dir
 
     tmp = directory.with_name(directory.name + ".tmp")
@@ -439,6 +445,8 @@ def save_final(
     tokenizer.save_pretrained(tmp)
     if policy.head is not None:
         policy.head.save_pretrained(tmp, head_weights)
+    if card is not None:  # after save_pretrained, which may write a card of its own
+        (tmp / "README.md").write_text(card)
     return publish_dir(tmp, directory, marker=COMPLETE)
 
 

@@ -10,7 +10,6 @@ n-th micro-batch, so N processes with batch b see the same global batches as one
 """
 
 import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,11 +17,22 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from tokenratio import atomic, checkpoint, precision, reference, rundir, runlog, sharding, trunk
+from tokenratio import (
+    atomic,
+    checkpoint,
+    model_card,
+    precision,
+    reference,
+    rundir,
+    runlog,
+    sharding,
+    trunk,
+)
 from tokenratio.batch import length_grouped_order, pair_lengths
 from tokenratio.curves import plot_run
 from tokenratio.data import data_line, load_raw, tokenize_dataset
 from tokenratio.interrupt import SignalStopError, StopRequest
+from tokenratio.intervals import accuracy_interval
 from tokenratio.losses import LOSSES, Needs
 from tokenratio.modeling import has_accelerator, load_tokenizer, save_final
 from tokenratio.provenance import SPLITS_NAME, splits_record
@@ -165,10 +175,18 @@ def _write_run_files(accelerator, out: Path, cfg, report: dict, splits: dict) ->
         atomic.write_json(out / SPLITS_NAME, splits, indent=None)
 
 
-def train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+def train(
+    cfg,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str | None = None,
+) -> dict:
     """Run training from a Config; returns the final metrics. Writes into cfg.train.output_dir:
     metrics.jsonl, data_report.json, config.json, checkpoints/step-N/, final/ (from_pretrained-able,
-    published complete or not at all). The directory's rules are rundir.py's: a directory holding
+    with a model card naming `command`, the command line that ran it; published complete or not
+    at all). The directory's rules are rundir.py's: a directory holding
     a run needs `resume` or `overwrite`; a finished run resumed does nothing.
     """
     needs = LOSSES[cfg.loss.name].needs(cfg.loss.options)  # bad name/options: fail before loading
@@ -184,14 +202,20 @@ def train(cfg, *, resume: bool = False, overwrite: bool = False, progress: bool 
     if accelerator.is_main_process:
         rundir.claim(out, plan)
     try:
-        return _train(cfg, accelerator, needs, plan, progress, chosen)
+        return _train(cfg, accelerator, needs, plan, progress, chosen, command)
     finally:
         if accelerator.is_main_process:
             rundir.release(out)
 
 
 def _train(
-    cfg, accelerator, needs: Needs, plan: rundir.Plan, progress: bool, chosen: precision.Precision
+    cfg,
+    accelerator,
+    needs: Needs,
+    plan: rundir.Plan,
+    progress: bool,
+    chosen: precision.Precision,
+    command: str | None,
 ) -> dict:
     from accelerate.utils import set_seed
 
@@ -228,7 +252,14 @@ def _train(
         _log(accelerator, out / runlog.NAME, {"step": 0, **heldout_metrics(parts, heldout_loader)})
     started = time.perf_counter()
     with StopRequest(say=accelerator.print) as stop:
-        last = _loop(cfg, parts, data, heldout_loader, pad_id, state, total_steps, progress, stop)
+        try:
+            last = _loop(
+                cfg, parts, data, heldout_loader, pad_id, state, total_steps, progress, stop
+            )
+        except SignalStopError as err:  # the one line says how to continue
+            raise SignalStopError(
+                f"{err}; continue with: {_resumed(command)}", err.signal_name
+            ) from None
     final_eval = heldout_metrics(parts, heldout_loader)
     n = state.optimizer_steps
     if _last_evaluation(out).get("step") != n:  # resumed after logging it: not twice
@@ -239,7 +270,8 @@ def _train(
         gathered = sharding.full_state_dict(accelerator, parts.policy)
     if accelerator.is_main_process:
         policy = accelerator.unwrap_model(parts.policy)
-        save_final(policy, tokenizer, out / "final", cfg.train.save_merged, gathered)
+        card = _model_card(cfg, final_eval, len(heldout), command)
+        save_final(policy, tokenizer, out / "final", cfg.train.save_merged, gathered, card)
     _draw_curves(accelerator, cfg)
     # Every process tears the group down together: a process that destroyed it while the main one
     # still wrote final/ aborted once at exit under gloo ("terminate called without an active
@@ -248,6 +280,22 @@ def _train(
     accelerator.end_training()
     seconds = time.perf_counter() - started
     return {**last, **final_eval, "data": report, "seconds": seconds, "step": n}
+
+
+def _model_card(cfg, final_eval: dict, heldout_pairs: int, command: str | None) -> str:
+    accuracy = final_eval.get("eval_reward_accuracy")
+    interval = None if accuracy is None else accuracy_interval(accuracy, heldout_pairs)
+    metrics = {**final_eval, "heldout_pairs": heldout_pairs}
+    return model_card.render(cfg, metrics, interval, command)
+
+
+def _resumed(command: str | None) -> str:
+    """The command that continues a stopped run: its own with --resume (a study, which calls
+    train without one, resumes its runs when run again)."""
+    if not command:
+        return "the same command (it resumes its runs)"
+    words = [w for w in shlex.split(command) if w != "--resume"]
+    return shlex.join([*words, "--resume"])
 
 
 def _start_state(cfg, parts: StepParts, plan: rundir.Plan, total_steps: int) -> LoopState:
@@ -425,12 +473,9 @@ def _stop_with_checkpoint(cfg, parts, state: LoopState, total_steps: int, signal
     saved = checkpoint.latest(root)
     if saved is None or saved != checkpoint.checkpoint_dir(root, n):
         _save_checkpoint(cfg, parts, state, root)
-    args = [a for a in sys.argv[1:] if a != "--resume"]
-    resume = ["--resume"] if args[:1] == ["train"] else []  # a study resumes its runs itself
-    again = shlex.join(["tokenratio", *args, *resume])
     raise SignalStopError(
         f"stopped by {signal_name or 'a signal on another process'} at step {n} of "
-        f"{total_steps}; checkpoint: {checkpoint.checkpoint_dir(root, n)}; continue with: {again}",
+        f"{total_steps}; checkpoint: {checkpoint.checkpoint_dir(root, n)}",
         signal_name or "SIGTERM",
     )
 

@@ -268,7 +268,7 @@ def test_eval_of_a_run_scores_its_whole_held_out_split_as_train_reported_it(
     would matter for), the accuracy train logged at its end with the same Wilson interval, and a
     results.md whose `|` inside a header is escaped (a valid GitHub table)."""
     from test_trainer import run
-    from tokenratio.eval.metrics import accuracy_interval
+    from tokenratio.intervals import accuracy_interval
 
     out = tmp_path / "run"
     records = run(

@@ -5,6 +5,8 @@ import json
 import sys
 from pathlib import Path
 
+from tokenratio.intervals import accuracy_interval
+
 
 def fail(command: str, err, code: int = 1) -> int:
     """Print `tokenratio COMMAND: message` to stderr and return the exit code."""
@@ -108,9 +110,3 @@ def train_summary(result: dict, out: str) -> str:
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         written += f", checkpoints: {checkpoints}"
     return "\n".join([*lines, written])
-
-
-def accuracy_interval(accuracy: float, n: int) -> tuple[float, float]:
-    from tokenratio.eval.metrics import accuracy_interval as wilson
-
-    return wilson(accuracy, n)

@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import shlex
 
 from tokenratio.cli.common import add_config_arguments, examples, fail, load_config, train_summary
 
@@ -59,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         result = train(
-            cfg, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress
+            cfg,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            command=shlex.join(["tokenratio", *getattr(args, "argv", [])]),
         )
     except (DataError, TrainingError, RunDirError, CheckpointError, ValueError, OSError) as err:
         return fail("train", err)

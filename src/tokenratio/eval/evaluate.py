@@ -29,6 +29,7 @@ from tokenratio.config import DataConfig
 from tokenratio.data import load_raw, tokenize_dataset
 from tokenratio.eval import metrics
 from tokenratio.formats import to_text
+from tokenratio.intervals import accuracy_interval
 from tokenratio.logprobs import IGNORE_INDEX, token_logps_and_kl
 from tokenratio.losses import preference_accuracy
 from tokenratio.modeling import load_pretrained
@@ -142,9 +143,7 @@ def preference_metrics(
     bar.close()
     return {
         "pref_accuracy": mean_se(accuracy),
-        "pref_accuracy_interval": metrics.accuracy_interval(
-            sum(accuracy) / len(accuracy), len(accuracy)
-        ),
+        "pref_accuracy_interval": accuracy_interval(sum(accuracy) / len(accuracy), len(accuracy)),
         "pairs": len(accuracy),
         "reward_margin": mean_se(margin),
         "kl_to_ref": mean_se(kl),

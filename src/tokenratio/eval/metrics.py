@@ -114,12 +114,3 @@ def length_controlled_win_rate(
         estimates.append(torch.sigmoid(torch.tensor(_fit_glm(y[rows], x[rows])[0])).item())
     spread = float(torch.tensor(estimates).std()) if bootstrap > 1 else float("nan")
     return 100 * torch.sigmoid(torch.tensor(theta)).item(), 100 * spread
-
-
-def accuracy_interval(accuracy: float, n: int) -> tuple[float, float]:
-    """Wilson's 95% interval of a proportion (scipy.stats.binomtest's), ties counted as half:
-    what `tokenratio train` and `tokenratio eval` both report for held-out accuracy."""
-    from scipy.stats import binomtest
-
-    result = binomtest(round(accuracy * n), n).proportion_ci(0.95, method="wilson")
-    return result.low, result.high
