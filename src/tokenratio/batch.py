@@ -53,6 +53,8 @@ class PreferenceBatch:
         real_tokens: the pairs' tokens as two rows each would hold them (prompt counted once per
             side, padding not): counted on the CPU when collated, so reading it never waits for
             the device.
+        pair_weights: (B,) float32 or None: each pair's loss weight (data.pair_weight_field), None
+            when the data carries none (every pair weighs 1).
     Response-aligned: column j of `labels` is response token j of every row (the loss contract).
     """
 
@@ -71,6 +73,7 @@ class PreferenceBatch:
     trunk_layers: int = 0
     token_index: torch.Tensor | None = None
     real_tokens: int = 0
+    pair_weights: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.token_index is None and self.labels.device.type == "cpu":
@@ -137,7 +140,10 @@ TOKEN_VALUES = {  # batch field: the (chosen, rejected) per-token fields of a pa
 
 def _collate_token_values(batch: PreferenceBatch, examples: list[dict]) -> None:
     """Per-token values the pairs carry -> (2B, T) float32 batch fields, chosen rows first, 0
-    beyond each response; fields the data does not carry stay None."""
+    beyond each response, and the pairs' loss weights -> (B,); fields the data does not carry
+    stay None."""
+    if "pair_weight" in examples[0]:
+        batch.pair_weights = torch.tensor([e["pair_weight"] for e in examples], dtype=torch.float32)
     for name, (chosen, rejected) in TOKEN_VALUES.items():
         if chosen not in examples[0]:
             continue

@@ -58,6 +58,9 @@ class DataConfig:
     chat_template: bool | None = None
     limit: int | None = None  # use only the first N records (smoke runs)
     swap_preferences: bool = False  # train on flipped labels (TIS-DPO's negative contrast model)
+    # A per-pair loss weight read from this field of each record where the data has it (absent:
+    # 1): weight 0 drops the pair, 2 counts it twice; a negative or non-finite one is invalid.
+    pair_weight_field: str = "weight"
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tokenratio.formats import TEMPLATED, WEIGHT_FIELDS, RecordError, detect_format, to_text
+from tokenratio.formats import (
+    TEMPLATED,
+    WEIGHT_FIELDS,
+    RecordError,
+    detect_format,
+    pair_weight,
+    to_text,
+)
 from tokenratio.jsonlines import is_json_array, read_records
 
 JSON_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz")
@@ -70,16 +77,18 @@ def load_raw(
     limit: int | None = None,
     on_invalid: str = "error",
     fmt: str = "auto",
+    keep: tuple[str, ...] = (),
 ) -> RawData:
     """Load preference records from a local file, a local directory or a hub dataset name.
     JSON-lines files are read line by line (jsonlines.py): a broken line stops the load with its
-    file, line and reason, or with on_invalid="skip" is skipped and counted in RawData.skipped."""
+    file, line and reason, or with on_invalid="skip" is skipped and counted in RawData.skipped.
+    `keep`: fields to keep beside those a format reads (data.pair_weight_field)."""
     import datasets
 
     local = Path(path)
     lines, skipped = None, []
     if local.is_file() and local.name.endswith(JSON_SUFFIXES) and not is_json_array(local):
-        records, lines, skipped = read_records(local, fmt, on_invalid, DataError, limit)
+        records, lines, skipped = read_records(local, fmt, on_invalid, DataError, limit, keep)
         dataset = _arrow(records, local)
     elif local.is_file() and local.name.endswith(JSON_SUFFIXES):
         lines = _scan_json_array(local)
@@ -123,8 +132,9 @@ def _arrow(records: list[dict], path: Path):
     import datasets
     import pyarrow
 
+    fields = {key: None for record in records for key in record}  # Arrow takes the first's keys
     try:
-        return datasets.Dataset.from_list(records)
+        return datasets.Dataset.from_list([{**fields, **record} for record in records])
     except (pyarrow.ArrowInvalid, pyarrow.ArrowTypeError, TypeError) as err:
         raise DataError(
             f"{path}: records give one field different types ({err}); e.g. text in some records "
@@ -167,11 +177,13 @@ def tokenize_record(
     max_prompt_length: int,
     with_weights: bool = False,
     swap: bool = False,
+    pair_weight_field: str | None = None,
 ):
     """Text -> token ids with the length policy. Raises RecordError for invalid records.
 
     with_weights: also carry the record's TIS-DPO weights, cut like the responses. swap: exchange
-    chosen and rejected (and their weights), to train on flipped preferences.
+    chosen and rejected (and their weights), to train on flipped preferences. pair_weight_field:
+    the record's field holding its loss weight, carried as "pair_weight" (`pair_weight`).
     """
     prompt, chosen, rejected = to_text(record, fmt, tokenizer)
     templated = fmt in TEMPLATED or isinstance(record.get("prompt"), list)
@@ -201,6 +213,8 @@ def tokenize_record(
             out[f"{name}_weight"] = _token_weights(record, f"{source}_weight", kept, full)
     if out["chosen_ids"] == out["rejected_ids"]:
         raise RecordError("rejected", "identical to chosen after tokenization and truncation")
+    if pair_weight_field is not None:
+        out["pair_weight"] = pair_weight(record.get(pair_weight_field), pair_weight_field)
     return out
 
 
@@ -248,6 +262,8 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
         record; counts: records, invalid, truncated, prompt_truncated).
     """
     fmt, chat, with_weights = _reading_plan(raw, tokenizer, cfg)
+    field = getattr(cfg, "pair_weight_field", None)
+    weighted = field if field and field in raw.dataset.column_names else None
 
     def convert(record, index):
         try:
@@ -259,6 +275,7 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
                 cfg.max_prompt_length,
                 with_weights=with_weights,
                 swap=cfg.swap_preferences,
+                pair_weight_field=weighted,
             )
             return {**out, "error": "", "reason": "", "record": index}
         except RecordError as err:
@@ -270,6 +287,8 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
             empty = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
             if with_weights:
                 empty.update(chosen_weight=[], rejected_weight=[])
+            if weighted:
+                empty["pair_weight"] = 0.0
             return {
                 **empty,
                 "truncated": False,
@@ -291,6 +310,7 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
     counts = {
         "format": fmt,
         "chat_template": chat or fmt in TEMPLATED,
+        "pair_weights": weighted,
         "records": len(tokenized) + len(raw.skipped),
         "invalid": len(invalid),
         "truncated": int(sum(tokenized["truncated"])),

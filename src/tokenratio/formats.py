@@ -14,6 +14,7 @@ tldr: OpenAI summarize-from-feedback comparisons.  {"info": {"subreddit": ..., "
     "post": ...}, "summaries": [{"text": " a"}, {"text": " b"}], "choice": 0}
 """
 
+import math
 import re
 from collections.abc import Callable
 
@@ -229,3 +230,14 @@ def to_text(record: dict, fmt: str, tokenizer=None) -> tuple[str, str, str]:
     if chosen == rejected:
         raise RecordError("rejected", "identical to chosen (no preference to learn)")
     return prompt, chosen, rejected
+
+
+def pair_weight(value, field: str) -> float:
+    """A record's loss weight: 1 where it has none; a finite number >= 0, else RecordError."""
+    if value is None:
+        return 1.0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RecordError(field, f"the pair weight must be a number, got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise RecordError(field, f"the pair weight must be finite and >= 0, got {value!r}")
+    return float(value)

@@ -13,7 +13,7 @@ import json
 import zlib
 from pathlib import Path
 
-from tokenratio.formats import KNOWN_FIELDS, RecordError, check_types, detect_format
+from tokenratio.formats import KNOWN_FIELDS, RecordError, check_types, detect_format, pair_weight
 
 BOM = b"\xef\xbb\xbf"
 # The longest line read: a record past it is a fault (skipped and counted, or the run stops),
@@ -27,13 +27,15 @@ class LineFaultError(ValueError):
         self.reason = reason
 
 
-def read_records(path: Path, fmt: str, on_invalid: str, error_type=ValueError, limit=None):
+def read_records(path: Path, fmt: str, on_invalid: str, error_type=ValueError, limit=None, keep=()):
     """(records, their line numbers, skipped faults as (reason, 'file, line N: detail')).
 
     `fmt`: the configured format, or "auto" (the first usable record's). Records keep only the
     fields some format reads, so unrelated columns of mixed types cannot upset Arrow. With
     `limit`, reading stops after that many records (a bad line after them is never read).
+    `keep`: more fields to keep, each a pair weight (data.pair_weight_field), checked here.
     """
+    fields = [*KNOWN_FIELDS, *keep]
     records, numbers, skipped = [], [], []
     for number, raw in _numbered_lines(path, error_type):
         if limit is not None and len(records) >= limit:
@@ -44,6 +46,8 @@ def read_records(path: Path, fmt: str, on_invalid: str, error_type=ValueError, l
                 continue
             fmt = detect_format(record) if fmt == "auto" else fmt  # the first usable record's
             check_types(record, fmt)
+            for field in keep:  # before Arrow, which cannot hold a number and a word in one column
+                pair_weight(record.get(field), field)
         except (LineFaultError, RecordError) as fault:
             where = f"{path}, line {number}: {fault}"
             if on_invalid == "error":
@@ -52,7 +56,7 @@ def read_records(path: Path, fmt: str, on_invalid: str, error_type=ValueError, l
                 ) from None
             skipped.append((fault.reason, where))
             continue
-        records.append({k: record[k] for k in KNOWN_FIELDS if k in record})
+        records.append({k: record[k] for k in fields if k in record})
         numbers.append(number)
     return records, numbers, skipped
 

@@ -105,12 +105,20 @@ def k3(log_ratio: Tensor) -> Tensor:
     return torch.expm1(log_ratio) - log_ratio
 
 
-def reduce(losses: Tensor, num_pairs: int | None = None) -> Tensor:
+def reduce(losses: Tensor, num_pairs: int | None = None, weights: Tensor | None = None) -> Tensor:
     """Mean of per-pair losses; with `num_pairs`, sum / num_pairs.
 
     Pass the number of pairs of the whole optimizer step (all micro-batches, all processes) so that
     gradient accumulation and data parallelism give the same gradient as one big batch.
+
+    `weights` (B,): each pair's loss weight (data.pair_weight_field), the mean then weighted,
+    sum(w * loss) / sum(w), so a pair of weight 0 is a pair dropped and one of weight 2 a pair
+    counted twice (a batch whose weights are all 0 gives 0: nothing to learn from it).
     """
+    if weights is not None:
+        weights = weights.to(losses.dtype)
+        total = weights.sum() if num_pairs is None else num_pairs
+        return (weights * losses).sum() / (total.clamp_min(1e-30) if num_pairs is None else total)
     if num_pairs is None:
         return losses.mean()
     return losses.sum() / num_pairs

@@ -190,7 +190,8 @@ def train_step(parts: StepParts, micro_batches: list) -> dict:
         last = i == len(micro_batches) - 1
         with contextlib.nullcontext() if last else accelerator.no_sync(policy):
             losses, metrics = step_losses(parts, batch)
-            _backward(accelerator, engine, reduce(losses) / len(micro_batches), last)
+            loss = reduce(losses, weights=batch.pair_weights) / len(micro_batches)
+            _backward(accelerator, engine, loss, last)
         _add_metrics(sums, losses, metrics)
     grad_norm = _clip_and_update(parts, engine)
     # A device flag, read with the metrics (`check_finite`), never here: reading it would make

@@ -132,8 +132,9 @@ def prepare_data(cfg, tokenizer, accelerator):
 
 
 def _reading(data_cfg) -> tuple:
-    """load_raw's split, limit, on_invalid and format from a DataConfig."""
-    return data_cfg.split, data_cfg.limit, data_cfg.on_invalid, data_cfg.format
+    """load_raw's split, limit, on_invalid, format and fields to keep from a DataConfig."""
+    keep = (data_cfg.pair_weight_field,) if data_cfg.pair_weight_field else ()
+    return data_cfg.split, data_cfg.limit, data_cfg.on_invalid, data_cfg.format, keep
 
 
 def _loader(dataset, batch_size, collate_batch, order=None, drop_last=True):

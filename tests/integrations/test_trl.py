@@ -212,3 +212,37 @@ def test_tisdpo_is_refused_before_any_setup(tiny_model_dir, tmp_path):
             processing_class=tokenizer,
             train_dataset=hh_dataset(4),
         )
+
+
+def test_pair_weights_ride_through_trl_and_weigh_each_pair(tiny_model_dir, tmp_path):
+    """A `weight` column reaches compute_loss (TRL would drop it): weights (1, 2, 1) give the
+    loss of the middle pair counted twice."""
+    from tokenratio.integrations.trl import TBPOTrainer
+
+    model, tokenizer = load(tiny_model_dir)
+    data = hh_dataset(24)
+    short = [i for i in range(len(data)) if len(tokenizer(data[i]["prompt"])["input_ids"]) < 200]
+    data = data.select(short[:3])  # TRL drops the pairs whose prompt fills max_length
+
+    def trainer(dataset, name):
+        return TBPOTrainer(
+            model=copy.deepcopy(model),
+            ref_model=copy.deepcopy(model),
+            args=config(tmp_path / name, tokenratio_loss="dpo", per_device_train_batch_size=4),
+            train_dataset=dataset,
+            processing_class=tokenizer,
+        )
+
+    def loss_of(ours):
+        rows = [ours.train_dataset[i] for i in range(len(ours.train_dataset))]
+        batch = ours.data_collator(rows)
+        return ours.compute_loss(ours.model, batch), batch
+
+    from datasets import concatenate_datasets
+
+    weighted = trainer(data.add_column("weight", [1.0, 2.0, 1.0]), "weighted")
+    twice = trainer(concatenate_datasets([data.select([0, 1, 1, 2])]), "twice")
+    loss, batch = loss_of(weighted)
+    assert batch["pair_weights"].tolist() == [1.0, 2.0, 1.0]
+    torch.testing.assert_close(loss, loss_of(twice)[0], rtol=1e-5, atol=1e-7)
+    assert "pair_weights" not in loss_of(trainer(data, "plain"))[1]

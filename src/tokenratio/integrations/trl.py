@@ -17,6 +17,7 @@ before Accelerate prepares it, so DDP, FSDP and ZeRO see it; it gets its own opt
 """
 
 import logging
+import os
 from dataclasses import dataclass, field
 
 try:
@@ -67,12 +68,37 @@ class TBPOConfig(DPOConfig):
         },
     )
 
+    pair_weight_field: str = field(
+        default="weight",
+        metadata={"help": "a dataset column of per-pair loss weights (>= 0; absent: 1)"},
+    )
+
     def __post_init__(self):
         # No accelerator: run on the CPU in float32 unless the user chose otherwise. TRL's default
         # bf16=True would stop a CPU user with "Your setup doesn't support bf16/gpu".
         if self.bf16 is None and not self.fp16 and not has_accelerator():
             self.bf16, self.use_cpu = False, True
+        if self.use_cpu or not has_accelerator():  # DeepSpeed, where installed, would warn
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         super().__post_init__()
+
+
+class PairWeightCollator:
+    """TRL's collator, with each example's loss weight (`field`, 1 where absent) taken out first
+    and returned as a (B,) "pair_weights" tensor; an invalid weight stops with its value named."""
+
+    def __init__(self, inner, field: str):
+        self.inner, self.field = inner, field
+
+    def __call__(self, examples: list[dict]) -> dict:
+        from tokenratio.data import pair_weight
+
+        found = [e.get(self.field) for e in examples]
+        output = self.inner([{k: v for k, v in e.items() if k != self.field} for e in examples])
+        if any(value is not None for value in found):
+            weights = [pair_weight(value, self.field) for value in found]
+            output["pair_weights"] = torch.tensor(weights, dtype=torch.float32)
+        return output
 
 
 def response_layout(input_ids, completion_mask):
@@ -122,6 +148,7 @@ class TBPOTrainer(DPOTrainer):
         config = self.args
         on_cpu = self.accelerator.device.type == "cpu"
         warn_if_slow_bf16(next(self.model.parameters()).dtype, on_cpu, logger.warning)
+        self.data_collator = PairWeightCollator(self.data_collator, config.pair_weight_field)
         self._loss = LOSSES[config.tokenratio_loss]
         self._loss_options = dict(config.tokenratio_loss_options or {})
         self._needs = self._loss.needs(self._loss_options)
@@ -129,6 +156,12 @@ class TBPOTrainer(DPOTrainer):
             hidden = unwrap_peft(self.model).config.hidden_size
             head = StateBaselineHead(hidden, config.baseline_head_width)
             setattr(self.model, HEAD_ATTRIBUTE, head.to(next(self.model.parameters()).device))
+
+    def _set_signature_columns_if_needed(self):
+        """TRL keeps only the columns its collator reads; the pair weights ride along."""
+        super()._set_signature_columns_if_needed()
+        if self.args.pair_weight_field not in self._signature_columns:
+            self._signature_columns.append(self.args.pair_weight_field)
 
     def _head(self, model):
         return getattr(self.accelerator.unwrap_model(model), HEAD_ATTRIBUTE, None)
@@ -229,7 +262,7 @@ class TBPOTrainer(DPOTrainer):
             chunk_elements=self.args.logprob_chunk_elements,
         )
         losses, metrics = self._loss(token_logps, beta=self.beta, **self._loss_options)
-        loss = reduce(losses)
+        loss = reduce(losses, weights=inputs.get("pair_weights"))
         self._record(metrics)
         return (loss, {"losses": losses}) if return_outputs else loss
 
