@@ -64,6 +64,10 @@ def test_study_runs_selects_lr_evaluates_on_test_and_reports(
     assert main(["study", str(config), "--no-progress"]) == 0
     printed = capsys.readouterr().out
     assert "| reference | 1 |" in printed and "recipe" in printed
+    # each run's own lines go to its log, so the study's terminal keeps one line per run
+    assert "launch:" not in printed and "precision:" not in printed
+    assert "launch: 1 process" in (out / "logs" / "dpo-b0.1-lr0.001-s0.log").read_text()
+    assert "precision:" in (out / "logs" / "test-dpo-b0.1-lr0.001-s0.log").read_text()
 
     report = json.loads((out / "report.json").read_text())
     assert [r["method"] for r in report["rows"]] == ["reference", "dpo", "tdpo1[generator=sba]"]

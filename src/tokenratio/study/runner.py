@@ -172,6 +172,7 @@ def _run_study(study, base, command: str, progress: bool, overwrite: bool) -> di
     from tokenratio.study.splits import make_splits
 
     _quiet_libraries()
+    base = _resolved_precision(base)
     out = Path(study.output_dir)
     sizes = {"train": study.train_pairs, "valid": study.valid_pairs, "test": study.test_pairs}
     paths = make_splits(base.data.path, sizes, study.split_seed, out / "data")
@@ -195,6 +196,15 @@ def _run_study(study, base, command: str, progress: bool, overwrite: bool) -> di
             )
     tested = evaluate_on_test(study, base, chosen, paths, out, bar, overwrite)
     return write_report(study, base, chosen, tested, out, command)
+
+
+def _resolved_precision(base):
+    """The base config with mixed_precision "auto" resolved for this hardware, as every run's
+    config.json and results.json record it (so a rerun compares like with like)."""
+    from tokenratio.modeling import has_accelerator
+    from tokenratio.precision import resolved_config
+
+    return resolved_config(base, base.train.cpu or not has_accelerator())[0]
 
 
 def _quiet_libraries() -> None:
