@@ -403,7 +403,14 @@ def _machine(device: str) -> str:
         return torch.cuda.get_device_name()
     import platform
 
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    from tokenratio.precision import cpu_has_native_bf16
+
+    capability = torch.backends.cpu.get_cpu_capability()  # AVX2-only CPUs time differently
+    bf16 = f"native bf16 ({cpu_has_native_bf16()})" if cpu_has_native_bf16() else "no native bf16"
+    return (
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {capability}, "
+        f"{bf16}, torch {torch.__version__}"
+    )
 
 
 def format_report(report: dict) -> str:
