@@ -597,3 +597,23 @@ def test_tdpo1_with_the_lr_generator_is_todays_tdpo1():
     ]
     z = 0.7 * u - 0.7 * (seq_kl[1] - seq_kl[0])
     assert_close(losses, -torch.nn.functional.logsigmoid(z))
+
+
+def test_tdpo1_is_unclamped_like_the_official_tdpo_loss_and_a_clamp_stays_an_option():
+    """At beta z = -97.3 the official loss -logsigmoid(z) is 97.3, with gradient -1 in z; the
+    authors' BPO bound (clamp=30) would give 30 and no gradient."""
+    batch = make_batch(**PAIR, **KL)  # z = 0.8 at beta 1
+    beta = -97.3 / 0.8
+    policy = batch.policy_chosen.clone().requires_grad_(True)
+    loss = LOSSES["tdpo1"](replace(batch, policy_chosen=policy), beta=beta)[0]
+    assert_close(loss.item(), 97.3)
+    loss.sum().backward()
+    assert policy.grad.abs().sum() > 0
+    clamped = LOSSES["tdpo1"](batch, beta=beta, clamp=30.0)[0].item()
+    assert_close(clamped, math.log1p(math.exp(30.0)))
+
+
+def test_a_tie_in_tisdpo_weighted_accuracy_counts_half():
+    batch = make_batch(**PAIR, chosen_weight=[0.0, 0.0], rejected_weight=[0.0, 0.0])
+    metrics = LOSSES["tisdpo"](batch, beta=1.0)[1]
+    assert metrics["weighted_accuracy"].tolist() == [0.5]

@@ -243,18 +243,23 @@ def tdpo1_loss(
     generator: str = "lr",
     lam: float | None = None,
     s: float | None = None,
-    clamp: float | None = 30.0,
+    clamp: float | None = None,
 ):
     """TDPO1 as Bregman ratio matching: l(R) with log R = -z, z = beta u - beta (SeqKL(y^l) -
     SeqKL(y^w)), SeqKL over the full vocabulary (docs/method.md §2 and §6).
 
-    `generator="lr"` (default) is TDPO1: l(R) = log(1 + R) = -log sigma(z). Every strictly convex
-    generator has the same population minimiser under sequence-level Bradley-Terry labels: the
-    token-level optimum pi*_tok (docs/method.md §6); `clamp` bounds log R as in `bpo`.
+    `generator="lr"` (default) is TDPO1: l(R) = log(1 + R) = -log sigma(z), unclamped as the
+    official TDPO loss is (softplus is stable at any z: z = -97.3 gives 97.3 and a gradient). Every
+    strictly convex generator has the same population minimiser under sequence-level
+    Bradley-Terry labels: the token-level optimum pi*_tok (docs/method.md §6). `clamp` bounds log R
+    as in `bpo`; unset, the other generators, whose l(R) grows like R = e^{-z} and overflows
+    float32 beyond log R = 88, take the authors' bound, 30.
     Hand value: u = 1, SeqKL(y^w) = 0.3, SeqKL(y^l) = 0.5, beta = 1: z = 0.8, lr: log(1 + e^-0.8).
     """
     chosen_kl, rejected_kl = _sequence_kl(batch, "tdpo1")
     z = _tdpo_logit(batch, beta, rejected_kl - chosen_kl)
+    if clamp is None and generator != "lr":
+        clamp = 30.0
     losses, at_clamp = _ratio_matching(z, generator, lam, s, clamp)
     metrics = _sequence_metrics(batch, beta)
     metrics["seq_kl_chosen"] = chosen_kl.detach()
@@ -310,7 +315,7 @@ def tisdpo_loss(batch: TokenLogps, *, beta: float, kl_coef: float = 0.0):
         logits = logits - kl_coef * beta * (chosen_kl - rejected_kl)
     metrics = _sequence_metrics(batch, beta)
     metrics["weighted_margin"] = logits.detach()
-    metrics["weighted_accuracy"] = (logits.detach() > 0).float()
+    metrics["weighted_accuracy"] = preference_accuracy(logits.detach(), torch.zeros_like(logits))
     metrics["mean_weight_chosen"] = masked_mean(chosen_w, batch.chosen_mask)
     return -F.logsigmoid(logits), metrics
 
