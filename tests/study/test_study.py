@@ -81,6 +81,8 @@ def test_study_runs_selects_lr_evaluates_on_test_and_reports(
     markdown = (out / "report.md").read_text()
     assert "| method | n | test acc." in markdown and "Learning-rate selection" in markdown
     assert "## Every run" in markdown
+    for said in (report["verdicts"], report["check"]):  # computed once: both print these strings
+        assert said in printed and said in markdown
     assert re.search(r"\| dpo-b0\.1-lr0\.0?01-s0 \| 0 \| 0\.0?01 \| 0\.\d+ \| 0\.\d+ ± ", markdown)
     for name in ("accuracy_vs_kl.png", "entropy_vs_self_bleu.png", "training_curves.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"

@@ -62,10 +62,10 @@ def run(args: argparse.Namespace) -> int:
         OSError,
     ) as err:  # fmt: skip  (DataError, RunLogError, TrunkError, StudyReuseError: ValueErrors)
         return fail("study", err)
-    from tokenratio.study.report import markdown_table, verdict
+    from tokenratio.study.report import markdown_table
 
     print(markdown_table(report["rows"]))
-    print(f"\n{verdict(report['rows'], study.check_method, report['results'])}")
+    print(f"\n{report['verdicts']}\n\n{report['check']}")  # the strings report.md leads with
     print(f"wrote {study.output_dir}/report.md, report.json and plots")
     return 0
 

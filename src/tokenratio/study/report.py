@@ -12,6 +12,8 @@ import statistics
 from dataclasses import asdict
 from pathlib import Path
 
+from tokenratio import atomic
+
 METRICS = [  # key, column header, digits
     ("pref_accuracy", "test acc.", 3),
     ("reward_margin", "margin", 3),
@@ -189,13 +191,16 @@ def write_report(study, base, chosen: dict, tested: dict, out: Path, command: st
         ],
         "rows": rows,
         "comparisons": compared,
+        # the verdicts in words, computed once: report.md and the terminal print these strings
+        "verdicts": verdicts(compared, study.check_method),
+        "check": verdict(rows, study.check_method, tested, compared),
         "results": tested,
     }
-    (out / "report.json").write_text(json.dumps(report, indent=1, default=list))
+    atomic.write_json(out / "report.json", report)
     plots.accuracy_vs_kl(rows, out / "accuracy_vs_kl.png")
     plots.entropy_vs_self_bleu(rows, out / "entropy_vs_self_bleu.png")
     plots.training_curves(chosen, out / "runs", out / "training_curves.png")
-    (out / "report.md").write_text(_markdown(report, study, chosen, rows))
+    atomic.write_text(out / "report.md", _markdown(report, study, chosen, rows))
     return report
 
 
@@ -220,9 +225,9 @@ Paired on the same {study.test_pairs} test pairs and seeds: accuracy differences
 interval from a bootstrap over seeds and pairs (`study/stats.py`; every per-pair outcome is in
 report.json under `comparisons`).
 
-{verdicts(report["comparisons"], study.check_method)}
+{report["verdicts"]}
 
-{verdict(rows, study.check_method, report["results"], report["comparisons"])}
+{report["check"]}
 
 ## Summary over seeds
 

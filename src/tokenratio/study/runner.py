@@ -12,7 +12,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tokenratio import runlog
+from tokenratio import atomic, runlog
 from tokenratio.config import with_overrides
 from tokenratio.methods import parse_method
 from tokenratio.rundir import release, take_lock
@@ -122,7 +122,7 @@ def train_and_validate(
         else:
             train(cfg, resume=True, progress=progress.enabled)
     record = {**asdict(run), "name": run.name, "valid_accuracy": final_heldout_accuracy(run_dir)}
-    record_path.write_text(json.dumps(record, indent=1))
+    atomic.write_json(record_path, record)
     progress.step(f"train {run.name}", time.perf_counter() - started)
     return record
 

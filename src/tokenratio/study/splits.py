@@ -10,14 +10,10 @@ import json
 import random
 from pathlib import Path
 
-from tokenratio.atomic import write_text
+from tokenratio.atomic import write_json, write_jsonl
 from tokenratio.provenance import fingerprint
 
 SPLITS = ("train", "valid", "test")
-
-
-def _write_jsonl(path: Path, records: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def make_splits(data_path: str, sizes: dict[str, int], seed: int, out: Path) -> dict[str, str]:
@@ -47,9 +43,9 @@ def make_splits(data_path: str, sizes: dict[str, int], seed: int, out: Path) -> 
     for name in SPLITS:
         rows[name] = order[start : start + sizes[name]]
         start += sizes[name]
-        _write_jsonl(Path(paths[name]), [records[i] for i in rows[name]])
+        write_jsonl(Path(paths[name]), [records[i] for i in rows[name]])
     hashes = {name: [fingerprint(records[i]) for i in rows[name]] for name in SPLITS}
-    manifest.write_text(json.dumps({"settings": settings, "rows": rows, "hashes": hashes}))
+    write_json(manifest, {"settings": settings, "rows": rows, "hashes": hashes}, indent=None)
     check_disjoint(manifest)
     return paths
 
