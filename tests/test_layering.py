@@ -23,7 +23,7 @@ LAYERS = {
         "sharding", "trunk",
     ),
     "step": ("step",),
-    "workflows": ("bench", "eval", "integrations", "perf", "study", "tisdpo", "trainer"),
+    "workflows": ("bench", "eval", "frontier", "integrations", "perf", "study", "tisdpo", "trainer"),
     "cli": ("cli",),
 }  # fmt: skip
 RANK = {name: rank for rank, names in enumerate(LAYERS.values()) for name in names}
