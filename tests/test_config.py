@@ -39,7 +39,19 @@ def test_overrides_parse_toml_values_and_bare_strings():
         ("train.batch_size=2.5", r"train.batch_size: expected int, got 2.5"),
         ("train.optimizer=sgd", r"choose one of \['rmsprop', 'adamw'\]"),
         ("train.lr", r"must look like section.key=value"),
-        ("train.head_tile_elements=0", r"train.head_tile_elements = 0: must be at least 1"),
+        ("train.head_tile_elements=0", r"train.head_tile_elements = 0: must be >= 1"),
+        ("loss.beta=-0.1", r"loss.beta = -0.1: must be > 0"),
+        ("loss.beta=0", r"loss.beta = 0.0: must be > 0"),
+        ("train.max_steps=-1", r"train.max_steps = -1: must be >= 1"),
+        ("train.keep_checkpoints=0", r"train.keep_checkpoints = 0: must be >= 1"),
+        ("train.batch_size=0", r"train.batch_size = 0: must be >= 1"),
+        ("train.grad_accumulation=0", r"train.grad_accumulation = 0: must be >= 1"),
+        ("train.log_every=0", r"train.log_every = 0: must be >= 1"),
+        ("data.max_prompt_length=0", r"data.max_prompt_length = 0: must be >= 1"),
+        ("train.warmup_ratio=nan", r"train.warmup_ratio = nan: must be a finite number"),
+        ("train.warmup_ratio=1.5", r"train.warmup_ratio = 1.5: must be >= 0 and <= 1"),
+        ("data.heldout_fraction=0", r"data.heldout_fraction = 0.0: must be > 0 and <= 1"),
+        ("train.lr=inf", r"train.lr = inf: must be a finite number"),
     ],
 )
 def test_bad_overrides_are_clear_errors(override, message):
@@ -145,3 +157,26 @@ def test_print_config_is_a_commented_config_that_loads_back_equal(tmp_path, caps
         "configs/smollm2_hh_cpu.toml", ["train.lr=1e-4", "loss.options.kl_estimator=k3"]
     )
     assert load_config(tmp_path / "printed.toml") == expected
+
+
+def test_a_huge_value_is_cut_in_the_error():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [*REQUIRED, f"train.optimizer={'x' * 10_000_000}"])
+    assert len(str(err.value)) < 300 and "..." in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"a" + b".b" * 30_000 + b" = 1\n", r"line 1: a key of over 64 parts"),
+        (b"x = " + b"[" * 40 + b"]" * 40 + b"\n", r"line 1: tables or arrays nested over 32 deep"),
+        (b'[model]\nname_or_path = "m\xff"\n', r"line 2: not UTF-8 \(byte 25\)"),
+        (b"# " + b"x" * (1 << 20) + b"\n", r"a config is at most 1 MB"),
+    ],
+)
+def test_hostile_configs_are_refused_before_parsing(content, message, tmp_path):
+    """Python's TOML parser is quadratic in a dotted key's parts (a 60 KB key: 28 s and 5 GB)."""
+    path = tmp_path / "hostile.toml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_config(path, REQUIRED)

@@ -12,6 +12,7 @@ Defaults cite docs/method.md §4 (the paper's training recipe) where the paper s
 """
 
 import difflib
+import math
 import tomllib
 import types
 import typing
@@ -160,7 +161,63 @@ CHOICES = {
     ("train", "mixed_precision"): ("auto", "no", "bf16", "fp16"),
 }
 
-POSITIVE = {("train", "k3_samples"), ("train", "head_tile_elements")}
+# What each number may be: (lowest, highest, whether the lowest itself is allowed); floats must
+# also be finite. A beta <= 0 trains backwards, a count of 0 trains nothing or divides by it.
+AT_LEAST_1 = (1, None, True)
+RANGES = {
+    ("loss", "beta"): (0, None, False),
+    ("train", "lr"): (0, None, False),
+    ("train", "head_lr"): (0, None, False),
+    ("train", "weight_decay"): (0, None, True),
+    ("train", "warmup_ratio"): (0, 1, True),
+    ("train", "max_grad_norm"): (0, None, True),  # 0: no clipping
+    ("train", "epochs"): AT_LEAST_1,
+    ("train", "max_steps"): AT_LEAST_1,
+    ("train", "batch_size"): AT_LEAST_1,
+    ("train", "grad_accumulation"): AT_LEAST_1,
+    ("train", "eval_batch_size"): AT_LEAST_1,
+    ("train", "eval_every"): (0, None, True),
+    ("train", "save_every"): (0, None, True),
+    ("train", "keep_checkpoints"): AT_LEAST_1,
+    ("train", "log_every"): AT_LEAST_1,
+    ("train", "k3_samples"): AT_LEAST_1,
+    ("train", "head_tile_elements"): AT_LEAST_1,
+    ("train", "logprob_chunk_elements"): AT_LEAST_1,
+    ("data", "max_length"): (2, None, True),
+    ("data", "max_prompt_length"): AT_LEAST_1,
+    ("data", "heldout_fraction"): (0, 1, False),
+    ("data", "limit"): AT_LEAST_1,
+    ("model", "lora_r"): (0, None, True),
+    ("model", "lora_alpha"): (0, None, False),
+    ("model", "lora_dropout"): (0, 1, True),
+    ("model", "lora_last_layers"): (0, None, True),
+    ("model", "head_width"): AT_LEAST_1,
+    ("tisdpo", "score_batch_size"): AT_LEAST_1,
+}
+# Limits checked before a config is parsed: Python's TOML parser is quadratic in a dotted key's
+# parts and recursive in nesting, so a hostile file could take minutes and gigabytes.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_KEY_PARTS = 64
+MAX_NESTING = 32
+
+
+def shown(value, limit: int = 80) -> str:
+    """A value as an error message shows it: its repr, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
+def _check_range(where: str, value) -> None:
+    lowest, highest, inclusive = RANGES[where.split(".")[0], where.split(".")[-1]]
+    if value is None:
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where} = {shown(value)}: must be a finite number")
+    low_ok = value >= lowest if inclusive else value > lowest
+    if not low_ok or (highest is not None and value > highest):
+        low = f">= {lowest}" if inclusive else f"> {lowest}"
+        allowed = f"{low} and <= {highest}" if highest is not None else low
+        raise ConfigError(f"{where} = {shown(value)}: must be {allowed}")
 
 
 # Names users bring from transformers/TRL, for suggestions (typos of them too: learnig_rate -> lr).
@@ -209,7 +266,7 @@ def _check_type(where: str, value, annotation):
         if isinstance(value, str):
             value = [value]
         if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {shown(value)}")
         return tuple(value)
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -218,7 +275,7 @@ def _check_type(where: str, value, annotation):
     if annotation in (str, int, float, bool) and type(value) is annotation:
         return value
     expected = "bool (true or false)" if annotation is bool else annotation.__name__
-    raise ConfigError(f"{where}: expected {expected}, got {value!r}")
+    raise ConfigError(f"{where}: expected {expected}, got {shown(value)}")
 
 
 def build_section(cls, table: dict, where: str):
@@ -237,9 +294,9 @@ def build_section(cls, table: dict, where: str):
             values[key] = _check_type(f"{where}{key}", value, hint)
             choices = CHOICES.get((where.rstrip("."), key))
             if choices and values[key] not in choices:
-                raise ConfigError(f"{where}{key} = {value!r}: choose one of {list(choices)}")
-            if (where.rstrip("."), key) in POSITIVE and values[key] < 1:
-                raise ConfigError(f"{where}{key} = {value!r}: must be at least 1")
+                raise ConfigError(f"{where}{key} = {shown(value)}: choose one of {list(choices)}")
+            if (where.rstrip("."), key) in RANGES:
+                _check_range(f"{where}{key}", values[key])
     return cls(**values)
 
 
@@ -281,7 +338,7 @@ def read_table(path: str | Path | None, overrides: list[str] = ()) -> dict:
     if path is not None:
         path = resolve_config_path(path)
         try:
-            table = tomllib.loads(path.read_text())
+            table = tomllib.loads(_checked_text(path))
         except FileNotFoundError:
             shipped = ", ".join(p.name for p in shipped_configs())
             raise ConfigError(
@@ -290,8 +347,39 @@ def read_table(path: str | Path | None, overrides: list[str] = ()) -> dict:
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(f"{path}: invalid TOML: {err}") from None
     for text in overrides:
+        if len(text) > MAX_CONFIG_BYTES or text.split("=", 1)[0].count(".") >= MAX_KEY_PARTS:
+            raise ConfigError(f"override {shown(text)}: too long, or a key of over 64 parts")
         set_dotted(table, *parse_override(text))
     return table
+
+
+def _checked_text(path: Path) -> str:
+    """The file's text, refused before parsing when it is over 1 MB, not UTF-8, has a key of
+    over 64 parts or nests tables or arrays over 32 deep (MAX_* above: why)."""
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {size:,} bytes; a config is at most 1 MB")
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(
+            f"{path}, line {line}: not UTF-8 (byte {err.start}); save it as UTF-8"
+        ) from None
+    depth = deepest = 0
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.lstrip().startswith("#"):
+            continue
+        key = line.split("=", 1)[0] if "=" in line else line
+        if key.count(".") >= MAX_KEY_PARTS:
+            raise ConfigError(f"{path}, line {number}: a key of over {MAX_KEY_PARTS} parts")
+        for char in line:  # brackets inside strings count too: a config never needs 32
+            depth += (char in "[{") - (char in "]}")
+            deepest = max(deepest, depth)
+        if deepest > MAX_NESTING:
+            raise ConfigError(f"{path}, line {number}: tables or arrays nested over 32 deep")
+    return text
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
