@@ -129,6 +129,21 @@ def test_study_runs_selects_lr_evaluates_on_test_and_reports(
     assert main(["study", str(config)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{log}, line 2: not a JSON record" in err[0]
+    log.write_text("\n".join(lines) + "\n")
+
+    # an empty study file (a kill mid-write by an older version, a full disk): one line naming it
+    for damaged in (
+        out / "runs" / "dpo-b0.1-lr0.001-s0" / "study_run.json",
+        out / "runs" / "dpo-b0.1-lr0.001-s0" / "config.json",
+        out / "data" / "splits.json",
+        out / "test" / "dpo-b0.1-lr0.001-s0" / "results.json",
+    ):
+        kept = damaged.read_bytes()
+        damaged.write_text("")
+        assert main(["study", str(config)]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{damaged} is damaged" in err[0], err
+        damaged.write_bytes(kept)
 
 
 def test_a_second_study_into_the_same_directory_is_refused(tiny_model_dir, hh_jsonl, tmp_path):

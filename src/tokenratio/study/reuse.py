@@ -12,6 +12,16 @@ class StudyReuseError(ValueError):
     """Results on disk made with other settings than the study's; the message names them."""
 
 
+def read_json(path: Path):
+    """A study file's JSON; a damaged one (empty, cut short, not JSON) is one line naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StudyReuseError(
+            f"{path} is damaged ({err}): remove it and run the study again, which remakes it"
+        ) from None
+
+
 def flatten(value, prefix: str = "") -> dict:
     """{"train": {"lr": 1}} -> {"train.lr": 1}; lists and tuples alike (JSON has no tuples)."""
     if isinstance(value, dict):
@@ -36,7 +46,7 @@ def check(directory: Path, stored_file: str, expected: dict, overwrite: bool, *,
     path = directory / stored_file
     if not path.exists():
         return
-    stored = json.loads(path.read_text())
+    stored = read_json(path)
     stored = key(stored) if key else stored
     changed = differences(stored, expected, ignore=("progress",))
     if not changed:

@@ -6,7 +6,6 @@ is skipped; an interrupted run resumes from its newest checkpoint.
 """
 
 import contextlib
-import json
 import re
 import time
 from dataclasses import asdict, dataclass
@@ -93,7 +92,7 @@ def eval_model(
     )
     reuse.check(out, "results.json", asdict(cfg), overwrite, key=lambda r: r["config"])
     if (out / "results.json").exists():
-        return json.loads((out / "results.json").read_text())["results"][0]
+        return reuse.read_json(out / "results.json")["results"][0]
     with run_log(out.parent.parent, f"test-{out.name}"):
         return run_eval(cfg, out)[0]
 
@@ -114,7 +113,7 @@ def train_and_validate(
     record_path = run_dir / "study_run.json"
     if record_path.exists():
         progress.step(f"train {run.name}", 0, skipped=True)
-        return json.loads(record_path.read_text())
+        return reuse.read_json(record_path)
     started = time.perf_counter()
     with run_log(out, run.name):
         if LOSSES[cfg.loss.name].weights:  # TIS-DPO: contrast models, scored weights, training

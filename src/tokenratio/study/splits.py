@@ -6,12 +6,12 @@ the source records, so `tokenratio train` and `tokenratio eval` read them like a
 `splits.json` lists each split's source rows and content hashes, and `check_disjoint` verifies them.
 """
 
-import json
 import random
 from pathlib import Path
 
 from tokenratio.atomic import write_json, write_jsonl
 from tokenratio.provenance import fingerprint
+from tokenratio.study.reuse import read_json
 
 SPLITS = ("train", "valid", "test")
 
@@ -24,7 +24,7 @@ def make_splits(data_path: str, sizes: dict[str, int], seed: int, out: Path) -> 
     settings = {"source": str(data_path), "sizes": sizes, "seed": seed}
     paths = {name: str(out / f"{name}.jsonl") for name in SPLITS}
     manifest = out / "splits.json"
-    if manifest.exists() and json.loads(manifest.read_text())["settings"] == settings:
+    if manifest.exists() and read_json(manifest)["settings"] == settings:
         return paths
     records = list(load_raw(data_path).dataset)
     unique = {}
@@ -52,7 +52,7 @@ def make_splits(data_path: str, sizes: dict[str, int], seed: int, out: Path) -> 
 
 def check_disjoint(manifest: Path) -> None:
     """Raise if any record (by source row or by content) is in two splits."""
-    written = json.loads(manifest.read_text())
+    written = read_json(manifest)
     for key in ("rows", "hashes"):
         seen: dict = {}
         for name in SPLITS:
