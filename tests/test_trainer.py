@@ -328,3 +328,27 @@ def test_held_out_curves_start_at_step_0_where_the_policy_is_the_reference(
     assert first["step"] == 0 and first["eval_reward_accuracy"] == 0.5
     assert first["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
+
+
+def test_a_checkpoint_resumes_only_under_the_launch_that_wrote_it(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys
+):
+    """Its data position counts micro-batches per process: a checkpoint written by 2 processes
+    (here: its record says so) is refused in one line by a 1-process resume, before any load."""
+    import shutil
+
+    out = tmp_path / "r"
+    run(tiny_model_dir, hh_jsonl, out, **{"loss.name": "dpo", "train.save_every": 2})
+    shutil.rmtree(out / "final")
+    state_path = out / "checkpoints" / "step-000004" / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    assert state["launch"] == {
+        "processes": 1, "engine": "no distributed engine", "global_batch": 4,
+    }  # fmt: skip
+    state["launch"].update(processes=2, engine="DDP over CPU processes (gloo)", global_batch=8)
+    state_path.write_text(json.dumps(state))
+    args = overrides(tiny_model_dir, hh_jsonl, out, **{"loss.name": "dpo", "train.save_every": 2})
+    assert main(["train", *args, "--resume", "--no-progress"]) == 1
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("tokenratio train:")]
+    assert len(err) == 1 and "was written by 2 processes under DDP" in err[0], err
+    assert "this run has 1 process under no distributed engine" in err[0]

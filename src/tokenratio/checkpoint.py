@@ -110,11 +110,37 @@ def read_state(directory: Path, total_steps: int | None = None) -> dict:
 _FIX = ": delete that checkpoint to resume from an older one, or start over with --overwrite"
 
 
-def load(accelerator, directory: Path, scheduler, total_steps: int | None = None) -> dict:
+def check_launch(saved: dict | None, now: dict | None, directory: Path) -> None:
+    """A checkpoint resumes only under the launch that wrote it: its data position counts
+    micro-batches per process and its shards are one engine's, so another process count, engine
+    or global batch would continue a different run (or fail inside the engine). Checkpoints from
+    before launches were recorded are not checked."""
+    if not saved or not now or saved == now:
+        return
+
+    def said(launch):
+        count = launch["processes"]
+        return (
+            f"{count} process{'es' if count > 1 else ''} under {launch['engine']}, global batch "
+            f"{launch['global_batch']}"
+        )
+
+    raise CheckpointError(
+        f"checkpoint {directory} was written by {said(saved)}; this run has {said(now)}: resume "
+        f"it with the launch that wrote it ({saved['processes']} process(es), the same launch "
+        "file and train.batch_size / grad_accumulation), or start over with --overwrite"
+    )
+
+
+def load(
+    accelerator, directory: Path, scheduler, total_steps: int | None = None, launch=None
+) -> dict:
     """Restore Accelerate's state and the scheduler's; return the trainer state (step, epoch,
-    batch position). The trainer state is checked first (`read_state`), before any weights load;
-    an RNG state that Accelerate could not restore (it says nothing) is warned about in one line."""
+    batch position). The trainer state is checked first (`read_state`), and against this run's
+    `launch` (`check_launch`), before any weights load; an RNG state that Accelerate could not
+    restore (it says nothing) is warned about in one line."""
     state = read_state(directory, total_steps)
+    check_launch(state.get("launch"), launch, directory)
     for pickled in directory.glob("custom_checkpoint_*.pkl"):  # older checkpoints' scheduler:
         pickled.rename(pickled.with_name(pickled.name + ".ignored"))  # never unpickled; replayed
     frozen = any(_frozen_names(model) for model in accelerator._models)

@@ -304,11 +304,23 @@ def _start_state(cfg, parts: StepParts, plan: rundir.Plan, total_steps: int) -> 
     if plan.action != "resume":
         return LoopState()
     accelerator = parts.accelerator
-    position = checkpoint.load(accelerator, plan.checkpoint, parts.scheduler, total_steps)
+    position = checkpoint.load(
+        accelerator, plan.checkpoint, parts.scheduler, total_steps, _launch(cfg, accelerator)
+    )
     _set_learning_rates(parts, cfg)
     changed = f"; applied {plan.changes}" if plan.changes else ""
     accelerator.print(f"resumed from {plan.checkpoint} (step {position['step']}){changed}")
     return LoopState.resumed(position)
+
+
+def _launch(cfg, accelerator) -> dict:
+    """What a checkpoint's data position means: processes, engine, global batch (pairs a step)."""
+    processes = accelerator.num_processes
+    return {
+        "processes": processes,
+        "engine": sharding.describe(accelerator).split(", ", 1)[1],
+        "global_batch": cfg.train.batch_size * processes * cfg.train.grad_accumulation,
+    }
 
 
 def _check_trackers(names) -> None:
@@ -453,7 +465,7 @@ def _save_checkpoint(cfg, parts: StepParts, state: LoopState, root: Path) -> Non
             parts.accelerator,
             root,
             n,
-            state.position(),
+            {**state.position(), "launch": _launch(cfg, parts.accelerator)},
             cfg.train.keep_checkpoints,
             parts.scheduler,
         )
