@@ -272,7 +272,14 @@ def _train(
     if accelerator.is_main_process:
         policy = accelerator.unwrap_model(parts.policy)
         card = _model_card(cfg, final_eval, len(heldout), command)
-        save_final(policy, tokenizer, out / "final", cfg.train.save_merged, gathered, card)
+        try:
+            save_final(policy, tokenizer, out / "final", cfg.train.save_merged, gathered, card)
+        except WRITE_ERRORS as err:  # final.tmp/ is never published half-written
+            raise TrainingError(
+                f"could not write {out / 'final'} ({_reason(err)}); the last good checkpoint is "
+                f"{checkpoint.latest(out / 'checkpoints') or 'none'}: free some space and run "
+                "again with --resume"
+            ) from None
     _draw_curves(accelerator, cfg)
     # Every process tears the group down together: a process that destroyed it while the main one
     # still wrote final/ aborted once at exit under gloo ("terminate called without an active
@@ -469,12 +476,29 @@ def _save_checkpoint(cfg, parts: StepParts, state: LoopState, root: Path) -> Non
             cfg.train.keep_checkpoints,
             parts.scheduler,
         )
-    except OSError as err:
+    except WRITE_ERRORS as err:
         raise TrainingError(
-            f"could not write the checkpoint of step {n} ({err.strerror or err}); the "
+            f"could not write the checkpoint of step {n} ({_reason(err)}); the "
             f"last good checkpoint is {checkpoint.latest(root) or 'none'}: free some space and "
             "run again with --resume"
         ) from None
+
+
+def _write_errors() -> tuple:
+    """What a failed write raises: OSError, safetensors' own error, and torch's serializer's
+    RuntimeError ("basic_ios::clear: iostream error" on a full disk)."""
+    from safetensors import SafetensorError
+
+    return OSError, SafetensorError, RuntimeError
+
+
+WRITE_ERRORS = _write_errors()
+
+
+def _reason(err: Exception) -> str:
+    """A write error in a few words: the OS's, else the first line of the library's."""
+    lines = str(err).strip().splitlines()
+    return getattr(err, "strerror", None) or (lines[0] if lines else type(err).__name__)
 
 
 def _stop_with_checkpoint(cfg, parts, state: LoopState, total_steps: int, signal_name) -> None:

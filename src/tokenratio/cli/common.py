@@ -1,6 +1,7 @@
 """What every subcommand shares: error printing, config arguments, reading a trained run's config."""
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -9,7 +10,13 @@ from tokenratio.intervals import accuracy_interval
 
 
 def fail(command: str, err, code: int = 1) -> int:
-    """Print `tokenratio COMMAND: message` to stderr and return the exit code."""
+    """Print `tokenratio COMMAND: message` to stderr and return the exit code. A full disk says
+    which file it was writing and what to do."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        where = f" while writing {err.filename}" if err.filename else ""
+        err = (
+            f"no space left on the device{where}: free some space, then run again (train: --resume)"
+        )
     print(f"tokenratio {command}: {err}", file=sys.stderr)
     return code
 
