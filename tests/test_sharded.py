@@ -179,11 +179,49 @@ def test_a_sharded_checkpoint_resumes_exactly(launch_file, tiny_model_dir, hh_js
     shutil.rmtree(cut / "final")
     shutil.rmtree(cut / "checkpoints" / "step-000004")
     args = settings(tiny_model_dir, hh_jsonl, cut, **extra)
+    _assert_a_planted_pickle_is_refused(cut, tmp_path, launch_file, extra, tiny_model_dir, hh_jsonl)
     stdout = train(args, tmp_path / "cache", launch_file, "--resume")
 
     assert "resumed from" in stdout and "(step 2)" in stdout
     assert_same_weights(straight / "final", cut / "final", tiny_model_dir)
     assert_same_head(straight / "final", cut / "final")
+
+
+class _Planted:
+    """Unpickling this creates `marker`: a stand-in for any code a crafted file would run."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def _assert_a_planted_pickle_is_refused(cut, tmp_path, launch_file, extra, model, data):
+    """Every file of the engine's sharded checkpoint that its loader unpickles (DCP's .metadata,
+    ZeRO's *_states.pt) replaced by a crafted pickle: the resume stops in one line naming one,
+    and no code runs."""
+    import pickle
+    import shutil
+
+    tampered, marker = tmp_path / "tampered", tmp_path / "code-ran"
+    shutil.copytree(cut, tampered)
+    shards = tampered / "checkpoints" / "step-000002" / SHARDED[launch_file]
+    planted = [p for p in shards.rglob("*") if p.name == ".metadata" or p.name.endswith(".pt")]
+    assert planted, sorted(shards.rglob("*"))
+    for path in planted:
+        path.write_bytes(pickle.dumps(_Planted(marker)))
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+        str(CONFIGS / launch_file), "--num_processes", "2", "--mixed_precision", "no",
+        "-m", "tokenratio.cli", "train", *settings(model, data, tampered, **extra), "--resume",
+        "--no-progress",
+    ]  # fmt: skip
+    env = {**os.environ, "TOKENRATIO_REF_CACHE_DIR": str(tmp_path / "cache")}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode != 0 and not marker.exists()
+    said = [x for x in result.stderr.splitlines() if x.startswith("tokenratio train:")]
+    assert said and "differs from the record of checkpoint" in said[0], result.stderr[-2000:]
 
 
 def test_zero3_accumulates_micro_batches_into_one_step(tiny_model_dir, hh_jsonl, tmp_path):

@@ -6,8 +6,15 @@ RNG; plus trainer_state.json with the data position and the learning-rate schedu
 plain JSON, so resuming unpickles nothing of ours), then
 published as `step-000123/` by `atomic.publish_dir`. A crash mid-write leaves only a `.tmp` directory, which
 is ignored and cleaned up; `latest()` never returns a half-written checkpoint.
+
+Some engines' files can only be read by unpickling (FSDP2's distributed-checkpoint `.metadata`,
+DeepSpeed's `*_states.pt`, torch's optimizer and RNG files): trainer_state.json records the sha256
+of every file the checkpoint holds when it is written, and a resume refuses, in one line naming
+it, any file whose content is not the recorded one (or that the record does not list) before
+any engine opens it.
 """
 
+import hashlib
 import json
 import pickle
 import re
@@ -47,7 +54,7 @@ def save(accelerator, root: Path, step: int, trainer_state: dict, keep: int, sch
         handle.remove()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        state = {**trainer_state, "scheduler": scheduler.state_dict()}
+        state = {**trainer_state, "scheduler": scheduler.state_dict(), "files": digests(tmp)}
         (tmp / STATE_NAME).write_text(json.dumps(state))
         atomic.publish_dir(tmp, final)
         _rotate(root, keep)
@@ -110,6 +117,37 @@ def read_state(directory: Path, total_steps: int | None = None) -> dict:
 _FIX = ": delete that checkpoint to resume from an older one, or start over with --overwrite"
 
 
+def digests(directory: Path) -> dict[str, str]:
+    """{path relative to `directory`: sha256} of every file under it but trainer_state.json."""
+    found = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file() and p.name != STATE_NAME):
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        found[str(path.relative_to(directory))] = digest.hexdigest()
+    return found
+
+
+def check_files(directory: Path, recorded: dict | None) -> None:
+    """Refuse a checkpoint holding a file whose content is not the one recorded when it was
+    written, or one the record does not list (module docstring). Checkpoints from before the
+    record was kept hold only files Accelerate reads with weights_only=True: not checked."""
+    if recorded is None:
+        return
+    found = digests(directory)
+    for name in sorted(set(recorded) - set(found)):
+        raise CheckpointError(f"{directory / name} is missing from checkpoint {directory}{_FIX}")
+    for name, digest in found.items():
+        if recorded.get(name) != digest:
+            what = "is not listed in" if name not in recorded else "differs from"
+            raise CheckpointError(
+                f"{directory / name} {what} the record of checkpoint {directory} "
+                f"(trainer_state.json): it was changed after the checkpoint was written, and "
+                f"nothing from it is loaded{_FIX}"
+            )
+
+
 def check_launch(saved: dict | None, now: dict | None, directory: Path) -> None:
     """A checkpoint resumes only under the launch that wrote it: its data position counts
     micro-batches per process and its shards are one engine's, so another process count, engine
@@ -141,6 +179,7 @@ def load(
     restore (it says nothing) is warned about in one line."""
     state = read_state(directory, total_steps)
     check_launch(state.get("launch"), launch, directory)
+    check_files(directory, state.get("files"))
     for pickled in directory.glob("custom_checkpoint_*.pkl"):  # older checkpoints' scheduler:
         pickled.rename(pickled.with_name(pickled.name + ".ignored"))  # never unpickled; replayed
     frozen = any(_frozen_names(model) for model in accelerator._models)
