@@ -124,7 +124,10 @@ def test_one_process_may_train_again_in_another_precision():
     from tokenratio.step import make_accelerator
 
     cfg = Config(model=ModelConfig(name_or_path="x"), data=DataConfig(path="x"))
+    cfg = replace(cfg, train=replace(cfg.train, mixed_precision="no"))
     assert make_accelerator(cfg).mixed_precision == "no"
     bf16 = replace(cfg, train=replace(cfg.train, mixed_precision="bf16"))
     assert make_accelerator(bf16).mixed_precision == "bf16"
     assert make_accelerator(cfg).mixed_precision == "no"
+    auto = replace(cfg, train=replace(cfg.train, mixed_precision="auto"))  # resolved, never passed
+    assert make_accelerator(auto).mixed_precision in ("no", "bf16")

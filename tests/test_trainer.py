@@ -282,13 +282,18 @@ def test_a_resume_after_the_final_evaluation_logs_it_once_and_warns_of_a_lost_rn
     tiny_model_dir, hh_jsonl, tmp_path, capsys
 ):
     """Killed between the final evaluation and publishing final/ (final/ removed here), with the
-    checkpoint's RNG state damaged: the resumed run publishes final/, logs no step twice, and
-    says in one line that the RNG state could not be restored."""
+    checkpoint's RNG state lost (a checkpoint written without it: the file and its record gone;
+    a file changed after writing is refused, tests/test_rundir.py): the resumed run publishes
+    final/, logs no step twice, and says in one line that the RNG state could not be restored."""
     out = tmp_path / "run"
     records = run(tiny_model_dir, hh_jsonl, out, **{"train.save_every": 4})
     shutil.rmtree(out / "final")
     rng = out / "checkpoints" / "step-000004" / "random_states_0.pkl"
-    rng.write_bytes(b"not a pickle")
+    rng.unlink()
+    state_path = rng.parent / "trainer_state.json"
+    state = json.loads(state_path.read_text())
+    del state["files"][rng.name]
+    state_path.write_text(json.dumps(state))
     capsys.readouterr()
     assert main(["train", *overrides(tiny_model_dir, hh_jsonl, out, **{"train.save_every": 4}),
                  "--resume", "--no-progress"]) == 0  # fmt: skip
@@ -311,7 +316,8 @@ def test_a_truncated_checkpoint_is_refused_in_one_line(tiny_model_dir, hh_jsonl,
     # tokenratio's own lines: the libraries' loading bars share stderr
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tokenratio")]
     assert code == 1 and len(err) == 1, err
-    assert "step-000002 could not be loaded" in err[0] and "delete it" in err[0]
+    assert f"{weights} differs from the record of checkpoint" in err[0]
+    assert "delete that checkpoint" in err[0]
 
 
 def test_held_out_curves_start_at_step_0_where_the_policy_is_the_reference(

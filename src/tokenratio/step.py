@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from tokenratio import reference, sharding
+from tokenratio import precision, reference, sharding
 from tokenratio.batch import collate, collate_shared
 from tokenratio.losses import LOSSES, Loss, Needs, reduce
 from tokenratio.modeling import build_policy, has_accelerator, load_causal_lm, unwrap_peft
@@ -282,8 +282,9 @@ def make_accelerator(cfg, out: Path | None = None):
 
     from accelerate import Accelerator
 
-    _forget_other_precision(cfg.train.mixed_precision)
     cpu = cfg.train.cpu or not has_accelerator()
+    mixed_precision = precision.resolve(cfg.train.mixed_precision, cpu).mode  # "auto" resolved
+    _forget_other_precision(mixed_precision)
     if cpu:  # before DeepSpeed (imported by Accelerate and transformers where installed) looks
         # for an accelerator: it would warn "Setting accelerator to CPU" on every run
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -295,7 +296,7 @@ def make_accelerator(cfg, out: Path | None = None):
         )
     accelerator = Accelerator(
         cpu=cpu,
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=mixed_precision,
         log_with=list(cfg.train.report_to) or None,
         project_dir=None if out is None else str(out),
     )
