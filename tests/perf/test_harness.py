@@ -141,3 +141,17 @@ def test_our_rows_time_the_trainers_own_step(monkeypatch):
     assert len(measured["times"]) == 2 and measured["tensor_peak_bytes"] > 0
     assert calls == [("tdpo1", 1)] * 4  # 1 warm-up + 2 timed + 1 profiled
     assert measured["real_tokens"] == measured["computed_tokens"]  # plain rows: no shared prompt
+
+
+def test_a_long_row_is_never_silent():
+    import time
+
+    from tokenratio.perf.harness import heartbeat
+
+    said = []
+    with heartbeat("repeat 1/1 dpo", said.append, every=0.05):
+        time.sleep(0.18)
+    assert len(said) >= 2 and said[0].startswith("  repeat 1/1 dpo: still running, ")
+    count = len(said)
+    time.sleep(0.1)
+    assert len(said) == count  # stopped with the row

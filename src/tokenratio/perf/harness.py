@@ -25,12 +25,14 @@ allocates (`peak_tensor_bytes`). perf.json is rewritten after every measured row
 interrupted run keeps its finished rows.
 """
 
+import contextlib
 import json
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -259,6 +261,25 @@ def _add_ratios(summary: list[dict]) -> None:
         r["memory_vs_trl"] = r["peak_mib"] / trl["peak_mib"] if trl else None
 
 
+@contextlib.contextmanager
+def heartbeat(what: str, say, every: float = 30.0):
+    """A line every `every` seconds while `what` runs (a row at a large shape takes minutes), so
+    `tokenratio perf` is never silent for longer."""
+    started, stop = time.perf_counter(), threading.Event()
+
+    def beat():
+        while not stop.wait(every):
+            say(f"  {what}: still running, {time.perf_counter() - started:.0f} s")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _default_rows(rows, ablation: bool, progress=print) -> list[str]:
     """The rows asked for (default: every loss, and TRL when installed), the ablation rows with
     `ablation`; a TRL row is dropped, with a note, where TRL is not installed."""
@@ -323,7 +344,8 @@ def run_perf(
     report = {"config": config, "rows": [], "raw": measured}
     for rep in range(repeats):
         for row in rows:
-            measured[row].append(_measure_row(common, row))
+            with heartbeat(f"repeat {rep + 1}/{repeats} {row}", progress):
+                measured[row].append(_measure_row(common, row))
             progress(
                 f"  repeat {rep + 1}/{repeats} {row}: {measured[row][-1]['step_s']:.3f} s/step"
             )
@@ -331,7 +353,8 @@ def run_perf(
             if out:
                 _write(out, report, final=False)
     for pair in ab:
-        report.setdefault("ab", []).append(_measure_ab(common, pair, 2 * repeats))
+        with heartbeat(f"one process, step by step, {pair}", progress):
+            report.setdefault("ab", []).append(_measure_ab(common, pair, 2 * repeats))
         progress(f"  one process, step by step, {pair}: {report['ab'][-1]['ratio']:.3f}x")
         if out:
             _write(out, report, final=False)
