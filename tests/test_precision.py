@@ -53,3 +53,12 @@ def test_bf16_weights_on_a_cpu_without_native_bf16_warn_once(monkeypatch):
     assert len(said) == 1 and "float32" in said[0]
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda flags=None: "amx_bf16")
     assert not precision.warn_if_slow_bf16(torch.bfloat16, True, said.append)
+
+
+def test_onednn_capped_below_bf16_is_no_native_bf16():
+    """ONEDNN_MAX_CPU_ISA=AVX2 (an AVX2-only CPU, emulated) keeps oneDNN off bf16 instructions."""
+    flags = {"avx2", "avx512_bf16"}
+    assert precision.cpu_has_native_bf16(flags, {"ONEDNN_MAX_CPU_ISA": "AVX2"}) is None
+    assert precision.cpu_has_native_bf16(flags, {"ONEDNN_MAX_CPU_ISA": "avx512_core"}) is None
+    assert precision.cpu_has_native_bf16(flags, {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16"})
+    assert precision.cpu_has_native_bf16(flags, {}) == "avx512_bf16"

@@ -8,6 +8,7 @@ backward (`scripts/bf16_cpu.py`, docs/training.md "Precision"). So "auto" is bf1
 native and fp32 ("no") elsewhere, and the run says which and why in one line.
 """
 
+import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -42,8 +43,15 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     return set()
 
 
-def cpu_has_native_bf16(flags: set[str] | None = None) -> str | None:
-    """The flag that says this CPU multiplies bf16 natively, or None."""
+# oneDNN ISAs without bf16 arithmetic: ONEDNN_MAX_CPU_ISA set to one of them keeps oneDNN off the
+# CPU's bf16 instructions (how an AVX2-only CPU is emulated), so bf16 is not native there.
+ISAS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI"}
+
+
+def cpu_has_native_bf16(flags: set[str] | None = None, environ=os.environ) -> str | None:
+    """The flag that says this CPU multiplies bf16 natively (and oneDNN may use it), or None."""
+    if environ.get("ONEDNN_MAX_CPU_ISA", "").upper() in ISAS_WITHOUT_BF16:
+        return None
     flags = cpu_flags() if flags is None else flags
     return next((flag for flag in NATIVE_BF16_FLAGS if flag in flags), None)
 
