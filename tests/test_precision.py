@@ -1,9 +1,16 @@
 """mixed_precision = "auto" (precision.py): bf16 only where the hardware multiplies it natively."""
 
+import pytest
 import torch
 
 from tokenratio import precision
 from tokenratio.config import TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def _onednn_uncapped(monkeypatch):
+    """These tests give the CPU's flags; an emulating ONEDNN_MAX_CPU_ISA must not override them."""
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
 
 
 def test_auto_is_the_default():

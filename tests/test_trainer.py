@@ -324,15 +324,17 @@ def test_held_out_curves_start_at_step_0_where_the_policy_is_the_reference(
     tiny_model_dir, hh_jsonl, tmp_path
 ):
     """With train.eval_every, the first held-out point is the reference itself: every implicit
-    reward is 0, so DPO's accuracy is 0.5 (ties count half) and its loss log 2."""
+    reward is 0 up to float rounding (the policy's pass and the cached reference's differ in
+    the last bits, by another amount on AVX2 kernels than on AVX512 ones), so DPO's loss is log 2
+    and its margin 0; the accuracy of rewards that small is rounding noise, not tested."""
     import math
 
     records = run(
         tiny_model_dir, hh_jsonl, tmp_path / "r", **{"loss.name": "dpo", "train.eval_every": 2}
     )
     first = records[0]
-    assert first["step"] == 0 and first["eval_reward_accuracy"] == 0.5
-    assert first["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["step"] == 0 and abs(first["eval_reward_margin"]) < 1e-5
+    assert first["eval_loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert [r["step"] for r in records if "eval_loss" in r] == [0, 2, 4]
 
 
