@@ -136,8 +136,11 @@ def check_files(directory: Path, recorded: dict | None) -> None:
     if recorded is None:
         return
     found = digests(directory)
-    for name in sorted(set(recorded) - set(found)):
-        raise CheckpointError(f"{directory / name} is missing from checkpoint {directory}{_FIX}")
+    missing = sorted(set(recorded) - set(found))
+    if missing:
+        raise CheckpointError(
+            f"{directory / missing[0]} is missing from checkpoint {directory}{_FIX}"
+        )
     for name, digest in found.items():
         if recorded.get(name) != digest:
             what = "is not listed in" if name not in recorded else "differs from"

@@ -207,8 +207,9 @@ def shown(value, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 
-def _check_range(where: str, value) -> None:
-    lowest, highest, inclusive = RANGES[where.split(".")[0], where.split(".")[-1]]
+def _check_range(where: str, value, allowed: tuple) -> None:
+    """`value` (of the key `where`) within `allowed`, a RANGES entry, or ConfigError."""
+    lowest, highest, inclusive = allowed
     if value is None:
         return
     if isinstance(value, float) and not math.isfinite(value):
@@ -292,11 +293,12 @@ def build_section(cls, table: dict, where: str):
             values[key] = build_section(hint, value, f"{where}{key}.")
         else:
             values[key] = _check_type(f"{where}{key}", value, hint)
-            choices = CHOICES.get((where.rstrip("."), key))
+            section = (where.rstrip("."), key)
+            choices = CHOICES.get(section)
             if choices and values[key] not in choices:
                 raise ConfigError(f"{where}{key} = {shown(value)}: choose one of {list(choices)}")
-            if (where.rstrip("."), key) in RANGES:
-                _check_range(f"{where}{key}", values[key])
+            if section in RANGES:
+                _check_range(f"{where}{key}", values[key], RANGES[section])
     return cls(**values)
 
 

@@ -262,7 +262,7 @@ def tokenize_dataset(raw: RawData, tokenizer, cfg) -> tuple[object, dict]:
         record; counts: records, invalid, truncated, prompt_truncated).
     """
     fmt, chat, with_weights = _reading_plan(raw, tokenizer, cfg)
-    field = getattr(cfg, "pair_weight_field", None)
+    field = cfg.pair_weight_field
     weighted = field if field and field in raw.dataset.column_names else None
 
     def convert(record, index):

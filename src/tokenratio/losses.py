@@ -117,8 +117,8 @@ def reduce(losses: Tensor, num_pairs: int | None = None, weights: Tensor | None 
     """
     if weights is not None:
         weights = weights.to(losses.dtype)
-        total = weights.sum() if num_pairs is None else num_pairs
-        return (weights * losses).sum() / (total.clamp_min(1e-30) if num_pairs is None else total)
+        total = weights.sum().clamp_min(1e-30) if num_pairs is None else num_pairs
+        return (weights * losses).sum() / total
     if num_pairs is None:
         return losses.mean()
     return losses.sum() / num_pairs

@@ -241,6 +241,11 @@ class PolicyWithHead(nn.Module):
         return logits, baseline
 
 
+def runs_on_cpu(train_cfg) -> bool:
+    """Whether a run with this TrainConfig runs on the CPU: asked (train.cpu), or nothing else."""
+    return train_cfg.cpu or not has_accelerator()
+
+
 def has_accelerator() -> bool:
     """Without one, Accelerate must be told `cpu=True`, or torchrun workers run as separate
     single-process jobs instead of one gloo process group."""

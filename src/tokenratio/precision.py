@@ -13,7 +13,6 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-CHOICES = ("auto", "no", "bf16", "fp16")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 (two kinds), Arm's FEAT_BF16
 # SmolLM2's head matmul, bf16 autocast against fp32, forward / forward and backward, with AVX2
 # kernels (scripts/bf16_cpu.py, docs/training.md "Precision").

@@ -57,17 +57,21 @@ IN_WORDS = {
 }
 
 
+def engine(accelerator) -> str:
+    """The engine this run is under, in words (a checkpoint records it too)."""
+    if is_fsdp2(accelerator):
+        return "FSDP2 (parameters sharded per decoder layer)"
+    if uses_deepspeed(accelerator):
+        stage = zero_stage(accelerator)
+        return f"DeepSpeed ZeRO-{stage}" + (" (parameters partitioned)" if stage == 3 else "")
+    given = str(accelerator.distributed_type).rsplit(".", 1)[-1]
+    return IN_WORDS.get(given, given)
+
+
 def describe(accelerator) -> str:
     """One line for the start of a run: how many processes, under which engine, in words."""
     count = accelerator.num_processes
-    given = str(accelerator.distributed_type).rsplit(".", 1)[-1]
-    engine = IN_WORDS.get(given, given)
-    if is_fsdp2(accelerator):
-        engine = "FSDP2 (parameters sharded per decoder layer)"
-    elif uses_deepspeed(accelerator):
-        stage = zero_stage(accelerator)
-        engine = f"DeepSpeed ZeRO-{stage}" + (" (parameters partitioned)" if stage == 3 else "")
-    return f"{count} process{'es' if count > 1 else ''}, {engine}"
+    return f"{count} process{'es' if count > 1 else ''}, {engine(accelerator)}"
 
 
 def asked_for_fsdp(env=os.environ) -> bool:

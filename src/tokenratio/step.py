@@ -20,7 +20,7 @@ import torch
 from tokenratio import precision, reference, sharding
 from tokenratio.batch import collate, collate_shared
 from tokenratio.losses import LOSSES, Loss, Needs, reduce
-from tokenratio.modeling import build_policy, has_accelerator, load_causal_lm, unwrap_peft
+from tokenratio.modeling import build_policy, load_causal_lm, runs_on_cpu, unwrap_peft
 from tokenratio.scoring import score_pairs
 
 
@@ -282,7 +282,7 @@ def make_accelerator(cfg, out: Path | None = None):
 
     from accelerate import Accelerator
 
-    cpu = cfg.train.cpu or not has_accelerator()
+    cpu = runs_on_cpu(cfg.train)
     mixed_precision = precision.resolve(cfg.train.mixed_precision, cpu).mode  # "auto" resolved
     _forget_other_precision(mixed_precision)
     if cpu:  # before DeepSpeed (imported by Accelerate and transformers where installed) looks

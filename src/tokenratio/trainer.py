@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch.utils.data import DataLoader
 
 from tokenratio import (
@@ -34,7 +35,7 @@ from tokenratio.data import data_line, load_raw, tokenize_dataset
 from tokenratio.interrupt import SignalStopError, StopRequest
 from tokenratio.intervals import accuracy_interval
 from tokenratio.losses import LOSSES, Needs
-from tokenratio.modeling import has_accelerator, load_tokenizer, save_final
+from tokenratio.modeling import load_tokenizer, runs_on_cpu, save_final
 from tokenratio.provenance import SPLITS_NAME, splits_record
 from tokenratio.step import (
     NonFiniteStepError,
@@ -192,7 +193,7 @@ def train(
     """
     needs = LOSSES[cfg.loss.name].needs(cfg.loss.options)  # bad name/options: fail before loading
     _check_trackers(cfg.train.report_to)
-    cfg, chosen = precision.resolved_config(cfg, cfg.train.cpu or not has_accelerator())
+    cfg, chosen = precision.resolved_config(cfg, runs_on_cpu(cfg.train))
     out = Path(cfg.train.output_dir)
     plan = rundir.inspect(out, cfg, resume=resume, overwrite=overwrite)  # before anything loads
     if plan.action == "finished":
@@ -325,7 +326,7 @@ def _launch(cfg, accelerator) -> dict:
     processes = accelerator.num_processes
     return {
         "processes": processes,
-        "engine": sharding.describe(accelerator).split(", ", 1)[1],
+        "engine": sharding.engine(accelerator),
         "global_batch": cfg.train.batch_size * processes * cfg.train.grad_accumulation,
     }
 
@@ -484,15 +485,9 @@ def _save_checkpoint(cfg, parts: StepParts, state: LoopState, root: Path) -> Non
         ) from None
 
 
-def _write_errors() -> tuple:
-    """What a failed write raises: OSError, safetensors' own error, and torch's serializer's
-    RuntimeError ("basic_ios::clear: iostream error" on a full disk)."""
-    from safetensors import SafetensorError
-
-    return OSError, SafetensorError, RuntimeError
-
-
-WRITE_ERRORS = _write_errors()
+# What a failed write raises: OSError, safetensors' own error, and torch's serializer's
+# RuntimeError ("basic_ios::clear: iostream error" on a full disk).
+WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
 
 
 def _reason(err: Exception) -> str:

@@ -275,7 +275,7 @@ def _directory(key: str, data_path: str) -> Path:
     for root in places[1:]:
         if (root / f"trunk-{key}").is_dir():
             return root / f"trunk-{key}"
-    return writable_dir(places) / f"trunk-{key}"
+    return writable_dir(places[0]) / f"trunk-{key}"
 
 
 def load_or_compute(inner, layers: int, key: str, data_path: str, rows, compute, progress):

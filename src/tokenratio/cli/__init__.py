@@ -7,7 +7,6 @@ matplotlib) happen inside the commands.
 
 import argparse
 import contextlib
-import os
 import sys
 
 from tokenratio.cli import bench, convert, eval, explain, perf, study, tisdpo, train
@@ -37,12 +36,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # the command as run, for records
+    from tokenratio.cli.common import is_main_process
     from tokenratio.interrupt import SignalStopError
 
     try:
         return args.run(args)
     except SignalStopError as err:  # training stopped at a step boundary with a checkpoint
-        if int(os.environ.get("RANK", "0")) == 0:
+        if is_main_process():
             print(f"tokenratio {args.command}: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # outside training's step loop

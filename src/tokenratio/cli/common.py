@@ -3,10 +3,16 @@
 import argparse
 import errno
 import json
+import os
 import sys
 from pathlib import Path
 
 from tokenratio.intervals import accuracy_interval
+
+
+def is_main_process() -> bool:
+    """Rank 0 under torchrun / accelerate launch, or the only process: who prints summaries."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def fail(command: str, err, code: int = 1) -> int:

@@ -1,10 +1,16 @@
 """`tokenratio train`: preference-optimize a Hugging Face causal LM with any loss of the registry."""
 
 import argparse
-import os
 import shlex
 
-from tokenratio.cli.common import add_config_arguments, examples, fail, load_config, train_summary
+from tokenratio.cli.common import (
+    add_config_arguments,
+    examples,
+    fail,
+    is_main_process,
+    load_config,
+    train_summary,
+)
 
 EXAMPLES = [
     "tokenratio train configs/smollm2_hh_cpu.toml --set train.max_steps=2 --set data.limit=40 "
@@ -68,15 +74,10 @@ def run(args: argparse.Namespace) -> int:
         )
     except (DataError, TrainingError, RunDirError, CheckpointError, ValueError, OSError) as err:
         return fail("train", err)
-    if _main_process() and not result.get("finished_before"):
+    if is_main_process() and not result.get("finished_before"):
         # once under torchrun / accelerate launch
         print(train_summary(result, cfg.train.output_dir))
     return 0
-
-
-def _main_process() -> bool:
-    """Rank 0 under torchrun / accelerate launch, or the only process."""
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def add_parser(sub) -> None:

@@ -387,12 +387,13 @@ def _value(result: dict, key: str, digits: int) -> str:
 def evaluated_records(cfg: EvalConfig):
     """The records of cfg.data this evaluation reads: the listed ones, else from the offset on."""
     raw = load_raw(cfg.data, cfg.split, on_invalid=cfg.on_invalid, fmt=cfg.data_format)
-    wanted = max(cfg.num_prompts, cfg.num_pairs if cfg.num_pairs is not None else 1 << 62)
+    total = len(raw.dataset)
+    wanted = total if cfg.num_pairs is None else max(cfg.num_prompts, cfg.num_pairs)
     if cfg.records is not None:
         return raw.select(cfg.records[:wanted])
-    if cfg.offset >= len(raw.dataset):
-        raise ValueError(f"--offset {cfg.offset}: {cfg.data} has {len(raw.dataset)} records")
-    return raw.select(range(cfg.offset, min(cfg.offset + wanted, len(raw.dataset))))
+    if cfg.offset >= total:
+        raise ValueError(f"--offset {cfg.offset}: {cfg.data} has {total} records")
+    return raw.select(range(cfg.offset, min(cfg.offset + wanted, total)))
 
 
 EVAL_ADVICE = "Evaluate the run without --data (its own held-out split) or choose other records."

@@ -91,7 +91,7 @@ class PairWeightCollator:
         self.inner, self.field = inner, field
 
     def __call__(self, examples: list[dict]) -> dict:
-        from tokenratio.data import pair_weight
+        from tokenratio.formats import pair_weight
 
         found = [e.get(self.field) for e in examples]
         output = self.inner([{k: v for k, v in e.items() if k != self.field} for e in examples])

@@ -429,7 +429,8 @@ def _machine(device: str) -> str:
     from tokenratio.precision import cpu_has_native_bf16
 
     capability = torch.backends.cpu.get_cpu_capability()  # AVX2-only CPUs time differently
-    bf16 = f"native bf16 ({cpu_has_native_bf16()})" if cpu_has_native_bf16() else "no native bf16"
+    native = cpu_has_native_bf16()
+    bf16 = f"native bf16 ({native})" if native else "no native bf16"
     return (
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {capability}, "
         f"{bf16}, torch {torch.__version__}"

@@ -5,9 +5,8 @@ Where: $TOKENRATIO_REF_CACHE_DIR when set (and only there), else the user cache 
 ref-logps/ (`paths.user_cache_dir`: $TOKENRATIO_CACHE_DIR, $XDG_CACHE_HOME/tokenratio or
 ~/.cache/tokenratio), written there and never beside the data; a cache an earlier version wrote
 beside a local data file (`<data>.ref-logps/`) is still read. Inside, one directory per cache key
-(`key.cache_key`) holding shard files (`store.py`). Inside, each
-pair is found by a hash of its token ids, so a pair is never given another pair's values,
-whatever the order or the split.
+(`key.cache_key`) holding shard files (`store.py`), in which each pair is found by a hash of its
+token ids, so a pair is never given another pair's values, whatever the order or the split.
 """
 
 import contextlib
@@ -55,10 +54,9 @@ def _writable(directory: Path) -> bool:
         return False
 
 
-def writable_dir(directories: list[Path]) -> Path:
-    """The first of `directories` (where caches are written), checked: CacheLocationError before
-    any scoring when it cannot be written."""
-    directory = directories[0]
+def writable_dir(directory: Path) -> Path:
+    """`directory` (where caches are written: the first of `roots`), checked: CacheLocationError
+    before any scoring when it cannot be written."""
     if _writable(directory):
         return directory
     where = str(directory)
@@ -148,7 +146,7 @@ def load_or_score(
     if not todo:
         say(f"reference log-probs: read {len(values)} pairs from {_found_in(directories)}")
         return values
-    target = writable_dir(directories)  # before scoring, never after
+    target = writable_dir(directories[0])  # before scoring, never after
     accelerator.wait_for_everyone()  # every process has read before any writes
     count, main = accelerator.num_processes, accelerator.is_main_process
     share = scoring.shard(todo, accelerator.process_index, count)

@@ -200,10 +200,10 @@ def _run_study(study, base, command: str, progress: bool, overwrite: bool) -> di
 def _resolved_precision(base):
     """The base config with mixed_precision "auto" resolved for this hardware, as every run's
     config.json and results.json record it (so a rerun compares like with like)."""
-    from tokenratio.modeling import has_accelerator
+    from tokenratio.modeling import runs_on_cpu
     from tokenratio.precision import resolved_config
 
-    return resolved_config(base, base.train.cpu or not has_accelerator())[0]
+    return resolved_config(base, runs_on_cpu(base.train))[0]
 
 
 def _quiet_libraries() -> None:
