@@ -160,6 +160,11 @@ DDP_SCRIPT = textwrap.dedent(
     if trainer.accelerator.is_main_process:
         print(json.dumps({"world": trainer.accelerator.num_processes,
                           "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h]}))
+    # both processes tear the gloo group down together, as tokenratio's trainer does: one that
+    # exits while the other still prints aborted once ("terminate called without an active
+    # exception", a clean-clone CI run)
+    trainer.accelerator.wait_for_everyone()
+    trainer.accelerator.end_training()
     """
 )
 
