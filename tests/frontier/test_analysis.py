@@ -56,3 +56,11 @@ def test_the_same_method_shows_no_difference_and_disjoint_ranges_are_not_compara
     far = _points(0.0, kls=(10.0, 20.0), seed=3)
     entry = bootstrap_comparison(far, base, resamples=50)[0]
     assert entry["verdict"].startswith("not comparable") and entry["kl_range"] is None
+
+
+def test_a_diversitys_curve_joins_the_points_instead_of_taking_the_best():
+    from tokenratio.frontier.analysis import interpolated
+
+    kl, value = np.array([2.0, 0.0, 1.0]), np.array([0.2, 1.0, 0.6])
+    assert np.allclose(interpolated(kl, value, np.array([0.5, 1.5])), [0.8, 0.4])
+    assert np.allclose(envelope(kl, value, np.array([0.5, 1.5])), [1.0, 1.0])

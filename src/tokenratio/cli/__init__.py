@@ -1,4 +1,4 @@
-"""The `tokenratio` command: bench | train | tisdpo | study | eval | explain | perf | convert-gguf.
+"""The `tokenratio` command: bench | train | tisdpo | study | frontier | eval | explain | perf | convert-gguf.
 
 One small module per command: it parses, calls the library (which writes every file) and prints.
 `main(argv)` returns an exit code, so tests call it. Heavy imports (transformers, datasets,
@@ -9,9 +9,9 @@ import argparse
 import contextlib
 import sys
 
-from tokenratio.cli import bench, convert, eval, explain, perf, study, tisdpo, train
+from tokenratio.cli import bench, convert, eval, explain, frontier, perf, study, tisdpo, train
 
-COMMANDS = (bench, train, tisdpo, study, eval, explain, perf, convert)
+COMMANDS = (bench, train, tisdpo, study, frontier, eval, explain, perf, convert)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(
         dest="command",
         required=True,
-        metavar="{bench,train,tisdpo,study,eval,explain,perf,convert-gguf}",
+        metavar="{bench,train,tisdpo,study,frontier,eval,explain,perf,convert-gguf}",
     )
     for command in COMMANDS:
         command.add_parser(sub)

@@ -9,6 +9,8 @@ EXAMPLES = [
     "tokenratio perf --model tiny --rows dpo tbpo-a --steps 2 --warmup 1 --repeats 1 --out perf_out",
     "tokenratio perf --model tiny --rows dpo dpo+prefix_sharing=false --data fixed --steps 2 "
     "--warmup 1 --repeats 1 --out perf_out",
+    "tokenratio perf --model tiny --rows dpo --ab generate:sample --steps 2 --warmup 1 "
+    "--repeats 1 --out perf_out",
 ]
 HELP = f"""\
 Each row runs in its own process on the same model config and the same batches of pairs whose
@@ -26,6 +28,8 @@ Presets, one command each:
   --preset cpu    the 16M model, every loss, TRL, the ablation rows and the one-process step ratios
   --preset study  the CPU study's SmolLM2 shape, lengths and LoRA: steps and the test evaluation
                   with and without the frozen trunk cache
+  --preset sampling  the frontier's K samples a prompt (prompt forward shared, KV cache) against
+                  model.generate(num_return_sequences=K): generated tokens/s on SmolLM2's shape
   --preset head   Llama-3's 128,256 vocabulary (untied head, a small body), 8 pairs x (512 + 512)
                   tokens: the fused head's memory against TRL's
   --preset gpu    random-weight SmolLM2-135M and Llama-3.2-1B shapes, bf16, one GPU, under 10
@@ -81,7 +85,9 @@ def add_parser(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     perf.add_argument(
-        "--preset", choices=["cpu", "study", "head", "gpu"], help="one prepared measurement"
+        "--preset",
+        choices=["cpu", "study", "sampling", "head", "gpu"],
+        help="one prepared measurement",
     )
     perf.add_argument(
         "--model",
@@ -104,7 +110,8 @@ def add_parser(sub) -> None:
         default=[],
         metavar="A:B",
         help="pairs of our rows timed step by step, alternating, in one process (B's step over "
-        "A's), e.g. dpo:tbpo-q 'dpo+ref_cache=false:tbpo-a'",
+        "A's), e.g. dpo:tbpo-q 'dpo+ref_cache=false:tbpo-a', or generate:sample (K samples a "
+        "prompt: model.generate against the frontier's sampler)",
     )
     perf.add_argument(
         "--data", default=DEFAULT_DATA, help="preference data whose lengths to use, or fixed"

@@ -50,22 +50,36 @@ def envelope(kl: np.ndarray, reward: np.ndarray, at: np.ndarray) -> np.ndarray:
     return np.interp(at, kl[corners], best[corners])
 
 
+def interpolated(kl: np.ndarray, value: np.ndarray, at: np.ndarray) -> np.ndarray:
+    """The points joined in KL order, evaluated `at` KL values (a diversity's curve: it has no
+    "most reached", so no envelope)."""
+    order = np.argsort(kl, kind="stable")
+    return np.interp(at, kl[order], value[order])
+
+
+CURVES = {"envelope": envelope, "interpolated": interpolated}
+
+
 def matched_range(a: np.ndarray, b: np.ndarray) -> tuple[float, float] | None:
     """The KL range both sets of point KLs span, or None."""
     low, high = max(a.min(), b.min()), min(a.max(), b.max())
     return (float(low), float(high)) if high > low else None
 
 
-def compare_at_matched_kl(method: Points, baseline: Points, prompts=None) -> dict:
+def compare_at_matched_kl(
+    method: Points, baseline: Points, prompts=None, curve: str = "envelope"
+) -> dict:
     """reward_at_matched_kl and area_between (module docstring) on these prompts, with the
-    matched KL range; nan where the ranges do not overlap."""
+    matched KL range; nan where the ranges do not overlap. `curve`: how a method's points make
+    its curve (CURVES: the reward's envelope, a diversity's interpolation)."""
     kl_m, reward_m = method.means(prompts)
     kl_b, reward_b = baseline.means(prompts)
     span = matched_range(kl_m, kl_b)
     if span is None:
         return {"reward_at_matched_kl": np.nan, "area_between": np.nan, "kl_range": None}
     grid = np.linspace(*span, GRID)
-    gap = envelope(kl_m, reward_m, grid) - envelope(kl_b, reward_b, grid)
+    line = CURVES[curve]
+    gap = line(kl_m, reward_m, grid) - line(kl_b, reward_b, grid)
     area = float(((gap[1:] + gap[:-1]) / 2 * np.diff(grid)).sum())  # the trapezoid rule
     return {
         "reward_at_matched_kl": area / (span[1] - span[0]),
@@ -75,7 +89,12 @@ def compare_at_matched_kl(method: Points, baseline: Points, prompts=None) -> dic
 
 
 def bootstrap_comparison(
-    method: Points, baseline: Points, resamples: int = 2000, seed: int = 0
+    method: Points,
+    baseline: Points,
+    resamples: int = 2000,
+    seed: int = 0,
+    curve: str = "envelope",
+    metrics: tuple[str, ...] = ("reward_at_matched_kl", "area_between"),
 ) -> list[dict]:
     """One comparison per metric: the difference on all prompts, its 95% percentile interval over
     prompts resampled with replacement (paired across every point), a verdict in words and the
@@ -85,12 +104,12 @@ def bootstrap_comparison(
     n = method.kl.shape[1]
     if baseline.kl.shape[1] != n:
         raise ValueError("both methods must be evaluated on the same prompts")
-    whole = compare_at_matched_kl(method, baseline)
+    whole = compare_at_matched_kl(method, baseline, curve=curve)
     found = []
-    for metric in ("reward_at_matched_kl", "area_between"):
+    for metric in metrics:
 
         def statistic(indices, metric=metric):
-            return compare_at_matched_kl(method, baseline, indices.astype(int))[metric]
+            return compare_at_matched_kl(method, baseline, indices.astype(int), curve)[metric]
 
         if whole["kl_range"] is None:
             low = high = se = np.nan

@@ -139,7 +139,7 @@ def _sample_missing_parts(model_dir, prompts, gold, settings, parts: Path, progr
                desc="sampling pairs", unit="prompt", disable=not progress)  # fmt: skip
     for start in missing:
         chunk = prompts[start : start + PART_PROMPTS]
-        ids = [_prompt_ids(tokenizer, p.text) for p in chunk]
+        ids = [prompt_ids(tokenizer, p.text) for p in chunk]
         seed = settings.seed * 1_000_003 + start  # a part's samples do not depend on the others
         drawn = sample(
             model, ids, settings.samples, settings.max_new_tokens, tokenizer.eos_token_id,
@@ -161,7 +161,7 @@ def _load(model_dir: str):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
-def _prompt_ids(tokenizer, text: str) -> list[int]:
+def prompt_ids(tokenizer, text: str) -> list[int]:
     """The user turn through the chat template with the assistant's cue, as training renders it."""
     messages = [{"role": "user", "content": text}]
     if getattr(tokenizer, "chat_template", None):

@@ -95,6 +95,19 @@ PRESETS = {  # one command each; the GPU one is sized to finish within 10 minute
         "device": "cpu",
         "dtype": "fp32",
     },
+    "sampling": {  # the frontier preset's sampling: K = 4 samples of 24 tokens, 16 HH prompts
+        "models": ["smollm2-135m"],
+        "rows": [],
+        "batch": 16,
+        "max_length": 112,
+        "max_prompt_length": 64,
+        "steps": 4,
+        "warmup": 1,
+        "repeats": 1,
+        "ab": ["generate:sample"],
+        "device": "cpu",
+        "dtype": "fp32",
+    },
     "head": {  # issue 24's shape: where the (tokens x vocabulary) logits dominate a step
         "models": ["llama3-vocab"],
         "rows": ["dpo", "tbpo-q", "tbpo-a", "tbpo-a[kl_estimator=k3]", "tdpo1", "trl"],
@@ -214,6 +227,20 @@ def _measure_ab(common: dict, pair: str, repeats: int) -> dict:
         "total_ratio": sum(b) / sum(a),
         "ratios": ratios,
         "step_s": [statistics.median(a), statistics.median(b)],
+        **_tokens_per_s(measured, rows),
+    }
+
+
+def _tokens_per_s(measured: dict, rows: list[str]) -> dict:
+    """Sampling rows' tokens per second (each call's generated tokens over its median time)."""
+    tokens = measured.get("tokens", {})
+    if not all(tokens.get(row) and tokens[row][0] for row in rows):
+        return {}
+    return {
+        "tokens_per_s": [
+            statistics.median(tokens[row]) / statistics.median(measured["seconds"][row])
+            for row in rows
+        ]
     }
 
 
@@ -286,7 +313,7 @@ def _default_rows(rows, ablation: bool, progress=print) -> list[str]:
     import importlib.util
 
     has_trl = importlib.util.find_spec("trl") is not None
-    chosen = list(rows or [*OUR_ROWS, "trl"])
+    chosen = list([*OUR_ROWS, "trl"] if rows is None else rows)  # a preset may time pairs only
     if ablation:
         chosen += [r for r in ABLATION if r not in chosen]
     if "trl" in chosen and not has_trl:
@@ -474,6 +501,11 @@ def format_report(report: dict) -> str:
             f"{pair['total_ratio']:.3f}x; median steps {pair['step_s'][1]:.3f} / "
             f"{pair['step_s'][0]:.3f} s)"
         )
+        if "tokens_per_s" in pair:
+            lines.append(
+                f"  generated tokens/s: {a} {pair['tokens_per_s'][0]:.0f}, {b} "
+                f"{pair['tokens_per_s'][1]:.0f} ({pair['tokens_per_s'][1] / pair['tokens_per_s'][0]:.2f}x)"
+            )
     lines.append(
         "tok/s: real tokens (prompt once per side, as TRL counts them; no padding), the same for every "
         "row; MFU: the FLOPs those tokens need; pad: padding share of the tokens our layout computes; "

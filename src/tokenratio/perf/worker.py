@@ -6,6 +6,7 @@ by `step.prepare_step_parts` from a Config (with the row's train switches); the 
 harness's `plan`), so the real tokens per timed step are the same for every row.
 """
 
+import functools
 import json
 import sys
 import time
@@ -174,7 +175,8 @@ def run_ab(args) -> dict:
             order = rows if (round_ + i) % 2 == 0 else rows[::-1]
             for row in order:
                 times[row] += _time_calls(prepared[row][i : i + 1], args["device"])
-    return {"rows": rows, "seconds": times}
+    tokens = {row: [getattr(c, "tokens", None) for c in calls] for row, calls in prepared.items()}
+    return {"rows": rows, "seconds": times, "tokens": tokens}
 
 
 def _time_calls(calls, device: str) -> list[float]:
@@ -194,6 +196,8 @@ def _timed_calls(row: str, args) -> list:
 
     if row.split("+")[0] == "eval":
         return _eval_calls(row, args)
+    if row in SAMPLING_ROWS:
+        return _sampling_calls(row, args)
     step, batches = prepare_row(row, args)
     return [lambda b=b: train_step(step, [b]) for b in batches]
 
@@ -234,6 +238,57 @@ def _eval_calls(row: str, args) -> list:
         lambda d=d: preference_metrics(model, reference, d, 0, 0.1, len(d), trunk=cache)
         for d in sets
     ]
+
+
+SAMPLING_ROWS = ("generate", "sample")
+SAMPLES, NEW_TOKENS = 4, 24  # the frontier preset's K and max_new_tokens
+
+
+class _Call:
+    """A timed call that knows how many tokens it generates (tokens/s for sampling rows)."""
+
+    def __init__(self, function, tokens: int):
+        self.function, self.tokens = function, tokens
+
+    def __call__(self):
+        return self.function()
+
+
+def _sampling_calls(row: str, args) -> list:
+    """K samples of NEW_TOKENS tokens for each prompt of a plan batch, at temperature 1 with no
+    top-k/top-p: "sample" is the frontier's sampler (frontier/sampling.py: each prompt's forward
+    once, its cache expanded to K rows), "generate" is `model.generate(...,
+    num_return_sequences=K)` on the same left-padded prompts. No end-of-sequence stop in either
+    (generate's min_new_tokens), so both draw exactly the same number of tokens."""
+    from tokenratio.frontier.sampling import sample
+
+    model = build_model(args["model"]).eval()
+    tokenizer = word_tokenizer(model.config.vocab_size)
+    rows = token_rows(tokenizer, pairs_of_lengths(args["lengths"], model.config.vocab_size), False)
+    calls = []
+    for batch in args["plans"]["plain"]:
+        prompts = [rows[i]["prompt_ids"] for i in batch]
+        tokens = len(prompts) * SAMPLES * NEW_TOKENS
+        if row == "sample":
+            function = functools.partial(
+                sample, model, prompts, SAMPLES, NEW_TOKENS, None, 0, len(prompts) * SAMPLES
+            )
+        else:
+            function = functools.partial(_generate, model, prompts)
+        calls.append(_Call(function, tokens))
+    return calls
+
+
+@torch.no_grad()
+def _generate(model, prompts: list[list[int]]):
+    from tokenratio.frontier.sampling import left_padded
+
+    ids, mask = left_padded(prompts, next(model.parameters()).device)
+    return model.generate(
+        input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+        num_return_sequences=SAMPLES, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS,
+        pad_token_id=0,
+    )  # fmt: skip
 
 
 def run_trl(args) -> dict:

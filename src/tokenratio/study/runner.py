@@ -170,8 +170,8 @@ def _run_study(study, base, command: str, progress: bool, overwrite: bool) -> di
     from tokenratio.study.report import write_report
     from tokenratio.study.splits import make_splits
 
-    _quiet_libraries()
-    base = _resolved_precision(base)
+    quiet_libraries()
+    base = resolved_precision(base)
     out = Path(study.output_dir)
     sizes = {"train": study.train_pairs, "valid": study.valid_pairs, "test": study.test_pairs}
     paths = make_splits(base.data.path, sizes, study.split_seed, out / "data")
@@ -197,7 +197,7 @@ def _run_study(study, base, command: str, progress: bool, overwrite: bool) -> di
     return write_report(study, base, chosen, tested, out, command)
 
 
-def _resolved_precision(base):
+def resolved_precision(base):
     """The base config with mixed_precision "auto" resolved for this hardware, as every run's
     config.json and results.json record it (so a rerun compares like with like)."""
     from tokenratio.modeling import runs_on_cpu
@@ -206,7 +206,7 @@ def _resolved_precision(base):
     return resolved_config(base, runs_on_cpu(base.train))[0]
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Many short loads and tokenizations: the libraries' own progress bars would bury the study's
     one line per step."""
     import datasets
