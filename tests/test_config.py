@@ -80,6 +80,16 @@ def test_config_is_frozen():
 CONFIGS = sorted(Path(__file__).parents[1].glob("configs/*.toml"))
 
 
+def _tables(path: Path) -> set[str]:
+    import tomllib
+
+    return set(tomllib.loads(path.read_text()))
+
+
+STUDIES = [p for p in CONFIGS if "study" in _tables(p)]
+FRONTIERS = [p for p in CONFIGS if "frontier" in _tables(p)]
+
+
 @pytest.mark.parametrize("path", [p for p in CONFIGS if not p.name.startswith("study")])
 def test_shipped_configs_load(path):
     cfg = load_config(path)
@@ -104,7 +114,7 @@ def test_tisdpo_weight_defaults_match_the_weight_function():
         assert defaults[name].default == getattr(TisdpoConfig(), name)
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name.startswith("study")])
+@pytest.mark.parametrize("path", STUDIES)
 def test_shipped_study_configs_load_and_name_real_methods(path):
     from tokenratio.methods import parse_method
     from tokenratio.study.config import load_study
@@ -116,6 +126,20 @@ def test_shipped_study_configs_load_and_name_real_methods(path):
     if "gpu" in path.name:  # every loss of the registry, and TDPO1 with the Bregman generator
         assert "tdpo1[generator=sba]" in study.methods
     assert len(study.seeds) >= 2 and base.data.path.endswith("harmless-base-test.jsonl.gz")
+
+
+@pytest.mark.parametrize("path", FRONTIERS)
+def test_shipped_frontier_configs_load_and_span_betas(path):
+    from tokenratio.frontier.config import load_frontier
+    from tokenratio.methods import parse_method
+
+    frontier, base = load_frontier(path)
+    assert {"dpo", "tdpo1", "tbpo-q", "tbpo-a"} <= {parse_method(m)[0] for m in frontier.methods}
+    assert len(frontier.betas) >= 4 and frontier.checkpoints >= 3
+    if "gpu" in path.name:  # a gold reward model the user names, and the study's other losses
+        assert frontier.gold.startswith("reward-model:") and "ipo" in frontier.methods
+    else:
+        assert frontier.gold == "vader" and base.train.trunk_cache
 
 
 def test_shipped_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):

@@ -176,3 +176,30 @@ def test_splits_refuse_more_pairs_than_the_data_has(hh_jsonl, tmp_path):
 
     with pytest.raises(DataError, match="distinct records"):
         make_splits(str(hh_jsonl), {"train": 90, "valid": 10, "test": 10}, 0, tmp_path)
+
+
+def test_results_made_from_other_inputs_are_refused_never_reused(
+    tiny_model_dir, hh_jsonl, tmp_path, capsys
+):
+    """Issue 39.2: a changed split seed (same paths, other pairs), and an adapter swapped between
+    two runs, are refused in one line naming what changed; --overwrite redoes them."""
+    import shutil
+
+    out = tmp_path / "study"
+    config = write_config(tmp_path / "s.toml", tiny_model_dir, hh_jsonl, out)
+    one = ["--set", "study.lrs=[1e-3]", "--set", "study.eval.num_prompts=1", "--no-progress"]
+    assert main(["study", str(config), *one]) == 0
+    capsys.readouterr()
+    assert main(["study", str(config), *one, "--set", "study.split_seed=1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "changed by content: train, valid" in err[0], err
+    runs = sorted(p for p in (out / "runs").iterdir())
+    a, b = runs[0] / "final", runs[1] / "final"
+    shutil.move(a, tmp_path / "swap")
+    shutil.move(b, a)
+    shutil.move(tmp_path / "swap", b)
+    assert main(["study", str(config), *one]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other inputs than this study's" in err[0], err
+    assert f"test/{runs[0].name}" in err[0] or f"test/{runs[1].name}" in err[0]
+    assert main(["study", str(config), *one, "--overwrite"]) == 0

@@ -25,7 +25,8 @@ Writes, in frontier.output_dir: prompts.json, data/ (the pairs), runs/, points/,
 The config is a `tokenratio train` config (data.path: where the prompts come from) with a
 [frontier] table: methods, betas, lr or lrs (one per method), seeds, gold, train_prompts,
 heldout_prompts, samples, eval_samples, max_new_tokens, tie_margin, checkpoints, baseline,
-output_dir. configs/study_smollm2_sentiment_cpu.toml (2-core CPU), ..._gpu.toml (one GPU).
+output_dir. configs/study_smollm2_sentiment_cpu.toml (2-core CPU) and configs/study_frontier_gpu.toml
+(one GPU, with a gold reward model you name).
 
 {examples(EXAMPLES)}
 """

@@ -1,11 +1,18 @@
 """A study never reports what it did not compute: a finished or interrupted run, or a test
 evaluation, is reused only when the settings it was made with are the ones the study now asks
-for. Otherwise the study stops with one line naming the keys that differ (`--overwrite` redoes
-them; a new study.output_dir keeps both)."""
+for, and when the inputs it read are the same by content (`inputs.json`: the data splits, the
+base model's files, the evaluated model's files: a changed split seed, weights changed in place
+or an adapter swapped between runs all count). Otherwise the study stops with one line naming
+what differs (`--overwrite` redoes them; a new study.output_dir keeps both)."""
 
+import functools
 import json
 import shutil
 from pathlib import Path
+
+from tokenratio import atomic
+
+INPUTS = "inputs.json"
 
 
 class StudyReuseError(ValueError):
@@ -59,3 +66,39 @@ def check(directory: Path, stored_file: str, expected: dict, overwrite: bool, *,
         f"{directory} was made with other settings than this study asks for ({shown}): rerun "
         "with --overwrite to redo it, or set a new study.output_dir"
     )
+
+
+def digest(path: str | Path) -> str:
+    """A file's or directory's content hash (a hub name: the name itself), computed once per
+    content stamp (every file's size and modification time)."""
+    path = Path(path)
+    if not path.exists():
+        return f"name:{path}"
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _digest(str(path), stamp)
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, stamp: tuple) -> str:
+    from tokenratio.reference.key import file_digest, tree_digest
+
+    return tree_digest(Path(path)) if Path(path).is_dir() else file_digest(Path(path))
+
+
+def check_inputs(directory: Path, inputs: dict, overwrite: bool) -> None:
+    """Refuse (or with `overwrite` remove) `directory` when its recorded inputs differ from
+    `inputs` by content; then record them, so an interrupted run is checked on its resume."""
+    path = directory / INPUTS
+    if path.exists():
+        changed = [k for k in sorted(inputs) if read_json(path).get(k) != inputs[k]]
+        if changed and not overwrite:
+            raise StudyReuseError(
+                f"{directory} was made from other inputs than this study's (changed by content: "
+                f"{', '.join(changed)}): rerun with --overwrite to redo it, or set a new "
+                "study.output_dir"
+            )
+        if changed:
+            shutil.rmtree(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic.write_json(path, inputs)

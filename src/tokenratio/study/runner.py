@@ -91,6 +91,8 @@ def eval_model(
         mixed_precision=base.train.mixed_precision,
     )
     reuse.check(out, "results.json", asdict(cfg), overwrite, key=lambda r: r["config"])
+    inputs = {"data": reuse.digest(data), "reference": reuse.digest(reference)}
+    reuse.check_inputs(out, {**inputs, **{name: reuse.digest(p) for name, p in models}}, overwrite)
     if (out / "results.json").exists():
         return reuse.read_json(out / "results.json")["results"][0]
     with run_log(out.parent.parent, f"test-{out.name}"):
@@ -110,6 +112,10 @@ def train_and_validate(
     run_dir = out / "runs" / run.name
     cfg = run_config(base, run, paths, out)
     reuse.check(run_dir, "config.json", asdict(cfg), overwrite)
+    inputs = {name: reuse.digest(paths[name]) for name in ("train", "valid")}
+    reuse.check_inputs(
+        run_dir, {**inputs, "model": reuse.digest(cfg.model.name_or_path)}, overwrite
+    )
     record_path = run_dir / "study_run.json"
     if record_path.exists():
         progress.step(f"train {run.name}", 0, skipped=True)
