@@ -66,3 +66,50 @@ def test_record_errors_name_the_field(record, field, message):
     with pytest.raises(RecordError, match=message) as err:
         to_text(record, fmt)
     assert err.value.field == field
+
+
+RUNAWAY = "{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    ("template", "said"),
+    [
+        ("{{ raise_exception('roles must alternate') }}", "chat template failed: roles must"),
+        ("{% for m in messages %}{{ m.content | nofilter }}{% endfor %}", "chat template failed"),
+        (RUNAWAY, "chat template ran past 0.3 s"),
+    ],
+)
+def test_a_failing_or_runaway_chat_template_makes_the_record_invalid(
+    tiny_model_dir, monkeypatch, template, said
+):
+    """Issue 39.5: one line for the record (counted with on_invalid = "skip"), not a traceback
+    or a tokenizer still rendering minutes later."""
+    import time
+
+    from transformers import AutoTokenizer
+
+    from tokenratio import formats
+
+    monkeypatch.setattr(formats, "TEMPLATE_SECONDS", 0.3)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.chat_template = template
+    record = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant",
+              "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}  # fmt: skip
+    started = time.perf_counter()
+    with pytest.raises(RecordError, match=said):
+        to_text(record, "trl", tokenizer)
+    assert time.perf_counter() - started < 5
+
+
+def test_a_tokenizer_without_eos_or_pad_is_one_line(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from tokenratio.config import ModelConfig
+    from tokenratio.modeling import ModelFileError, load_tokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.eos_token = None
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(ModelFileError, match="neither an end-of-sequence nor a padding token"):
+        load_tokenizer(ModelConfig(name_or_path=str(tmp_path)))

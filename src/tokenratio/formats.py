@@ -156,13 +156,68 @@ def _render(tokenizer, prompt_messages: list, response_messages: list, field: st
             raise RecordError(field, "the response must be an assistant message")
         if not isinstance(message.get("content"), str) or not message["content"].strip():
             raise RecordError(field, "empty response (no assistant content)")
-    prompt = tokenizer.apply_chat_template(
-        prompt_messages, tokenize=False, add_generation_prompt=True
-    )
-    full = tokenizer.apply_chat_template(prompt_messages + response_messages, tokenize=False)
+    prompt = render_template(tokenizer, prompt_messages, add_generation_prompt=True)
+    full = render_template(tokenizer, prompt_messages + response_messages)
     if not full.startswith(prompt):
         raise RecordError("prompt", "chat template does not render the prompt as a prefix")
     return prompt, full[len(prompt) :]
+
+
+TEMPLATE_SECONDS = 10.0  # a record whose chat template renders longer is invalid (a runaway loop)
+
+
+def render_template(tokenizer, messages: list, add_generation_prompt: bool = False) -> str:
+    """The chat template's text for `messages`. A template that raises (its own
+    raise_exception, a Jinja error) or runs past TEMPLATE_SECONDS makes the record invalid
+    (RecordError: counted, or named with on_invalid = "error"), never a traceback or a hang.
+    The time limit needs the main thread and a free SIGALRM timer; elsewhere (or while another
+    timer is set, which it would cancel) the template runs unlimited."""
+    import signal
+    import threading
+
+    def render():
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or not hasattr(signal, "SIGALRM")
+        or signal.getitimer(signal.ITIMER_REAL)[0] > 0
+    ):
+        return _template_errors(render)
+
+    def too_long(signum, frame):
+        raise _TemplateTimeoutError
+
+    previous = signal.signal(signal.SIGALRM, too_long)
+    signal.setitimer(signal.ITIMER_REAL, TEMPLATE_SECONDS)
+    try:
+        return _template_errors(render)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+class _TemplateTimeoutError(Exception):
+    pass
+
+
+def _template_errors(render) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return render()
+    except _TemplateTimeoutError:
+        raise RecordError(
+            "prompt",
+            f"the chat template ran past {TEMPLATE_SECONDS:g} s on this record (a runaway loop?)",
+            reason="chat template too slow",
+        ) from None
+    except TemplateError as err:
+        raise RecordError(
+            "prompt", f"the chat template failed: {str(err)[:160]}", reason="chat template failed"
+        ) from None
 
 
 def trl(record: dict, tokenizer=None) -> tuple[str, str, str]:

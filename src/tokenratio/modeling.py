@@ -296,6 +296,12 @@ def load_tokenizer(cfg):
     if cfg.gguf_file:
         kwargs["gguf_file"] = cfg.gguf_file
     tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, **kwargs)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is None:
+        raise ModelFileError(
+            f"{cfg.name_or_path}: the tokenizer has neither an end-of-sequence nor a padding "
+            "token, which every response ends with and every batch pads with: set eos_token "
+            "in its tokenizer_config.json (or tokenizer.add_special_tokens) and save it again"
+        )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -165,9 +165,9 @@ def prompt_ids(tokenizer, text: str) -> list[int]:
     """The user turn through the chat template with the assistant's cue, as training renders it."""
     messages = [{"role": "user", "content": text}]
     if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
-        )
+        from tokenratio.formats import render_template
+
+        rendered = render_template(tokenizer, messages, add_generation_prompt=True)
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
     return tokenizer(text)["input_ids"]
 

@@ -46,7 +46,11 @@ def split_prompts(
         if text is None or text in seen:
             continue
         seen.add(text)
-        if len(prompt_ids(tokenizer, text)) <= max_prompt_length:
+        try:
+            ids = prompt_ids(tokenizer, text)
+        except RecordError:  # the chat template failed on it, or ran too long
+            continue
+        if len(ids) <= max_prompt_length:
             usable.append(Prompt(f"{Path(path).name}:{index}", text))
     random.Random(seed).shuffle(usable)
     needed = sum(sizes)
