@@ -32,9 +32,10 @@ class NonFiniteStepError(TrainingError):
     """A non-finite loss or gradient, caught before the update."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class StepParts:
-    """Everything one optimizer step touches (built once by `prepare_step_parts`)."""
+    """Everything one optimizer step touches (built by `prepare_step_parts`; the run's caches
+    are added with `dataclasses.replace`, never by mutation)."""
 
     accelerator: object
     policy: object  # the Accelerate-prepared PolicyWithHead
@@ -173,16 +174,22 @@ def step_losses(parts: StepParts, batch):
     return parts.loss(token_logps, beta=parts.beta, **parts.options)
 
 
-def train_step(parts: StepParts, micro_batches: list) -> dict:
-    """One optimizer step over `micro_batches` (gradient accumulation): forward, loss, backward,
-    clip, update, without waiting for the device: nothing here reads a tensor's value.
+@dataclass(frozen=True)
+class StepResult:
+    """What one optimizer step reports. `sums`: the per-pair metric sums (device tensors);
+    `pairs` and `real_tokens`: counted on the CPU when collated; `finite`: a device bool, were
+    the loss and the gradient finite. The caller reads `finite` (`check_finite`) before it logs,
+    evaluates or saves, so no checkpoint ever holds the weights of a non-finite step."""
 
-    Returns:
-        the per-pair metric sums (device tensors), "pairs" and "real_tokens" (ints counted on
-        the CPU when collated) and "finite" (a device bool: were the loss and the gradient
-        finite). The caller reads "finite" (`check_finite`) before it logs, evaluates or saves,
-        so no checkpoint ever holds the weights of a non-finite step.
-    """
+    sums: dict
+    pairs: int
+    real_tokens: int
+    finite: torch.Tensor
+
+
+def train_step(parts: StepParts, micro_batches: list) -> StepResult:
+    """One optimizer step over `micro_batches` (gradient accumulation): forward, loss, backward,
+    clip, update, without waiting for the device: nothing here reads a tensor's value."""
     accelerator, policy = parts.accelerator, parts.policy
     engine = policy if sharding.uses_deepspeed(accelerator) else None
     sums = {}
@@ -198,10 +205,12 @@ def train_step(parts: StepParts, micro_batches: list) -> dict:
     # every step wait for the device.
     finite = torch.isfinite(grad_norm) & torch.isfinite(sums["loss"])
     parts.scheduler.step()
-    sums["pairs"] = sum(b.num_pairs for b in micro_batches)
-    sums["real_tokens"] = sum(b.real_tokens for b in micro_batches)
-    sums["finite"] = finite
-    return sums
+    return StepResult(
+        sums,
+        pairs=sum(b.num_pairs for b in micro_batches),
+        real_tokens=sum(b.real_tokens for b in micro_batches),
+        finite=finite,
+    )
 
 
 def _backward(accelerator, engine, loss, last: bool) -> None:

@@ -11,7 +11,7 @@ n-th micro-batch, so N processes with batch b see the same global batches as one
 
 import shlex
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -40,6 +40,7 @@ from tokenratio.provenance import SPLITS_NAME, splits_record
 from tokenratio.step import (
     NonFiniteStepError,
     StepParts,
+    StepResult,
     TrainingError,
     batch_collator,
     check_finite,
@@ -67,6 +68,8 @@ class LoopState:
     epoch: int = 0
     micro_batches: int = 0
     sums: dict = field(default_factory=dict)
+    pairs: int = 0  # in the window
+    real_tokens: int = 0  # in the window
     flags: list = field(default_factory=list)  # (optimizer step, device bool)
     window_started: float = field(default_factory=time.perf_counter)
 
@@ -82,12 +85,14 @@ class LoopState:
             "micro_batch": self.micro_batches,
         }
 
-    def add(self, sums: dict, micro_batches: int) -> None:
-        """One optimizer step's `train_step` sums, kept on the device."""
+    def add(self, result: StepResult, micro_batches: int) -> None:
+        """One optimizer step's `train_step` result, its sums kept on the device."""
         self.micro_batches += micro_batches
         self.optimizer_steps += 1
-        self.flags.append((self.optimizer_steps, sums.pop("finite")))
-        for key, value in sums.items():
+        self.flags.append((self.optimizer_steps, result.finite))
+        self.pairs += result.pairs
+        self.real_tokens += result.real_tokens
+        for key, value in result.sums.items():
             self.sums[key] = self.sums.get(key, 0) + value
 
     def next_epoch(self) -> None:
@@ -107,11 +112,13 @@ class LoopState:
                 "train.lr, or check the data"
             ) from None
 
-    def take_window(self) -> tuple[dict, float]:
-        """The window's sums and its seconds; a new window starts."""
-        sums, seconds = self.sums, time.perf_counter() - self.window_started
-        self.sums, self.window_started = {}, time.perf_counter()
-        return sums, seconds
+    def take_window(self) -> tuple[dict, int, int, float]:
+        """The window's sums, pairs, real tokens and seconds; a new window starts."""
+        taken = (self.sums, self.pairs, self.real_tokens)
+        seconds = time.perf_counter() - self.window_started
+        self.sums, self.pairs, self.real_tokens = {}, 0, 0
+        self.window_started = time.perf_counter()
+        return (*taken, seconds)
 
 
 def prepare_data(cfg, tokenizer, accelerator):
@@ -235,11 +242,13 @@ def _train(
     total_steps = _total_steps(cfg, len(data), accelerator.num_processes)
     parts = prepare_step_parts(cfg, accelerator, total_steps, plan=ref_plan)
     if cfg.train.trunk_cache:  # before the reference's scoring pass, which reads it too
-        parts.trunk = trunk.for_run(cfg, parts, tokenizer, (data, heldout), progress)
+        cache = trunk.for_run(cfg, parts, tokenizer, (data, heldout), progress)
+        parts = replace(parts, trunk=cache)
     if ref_plan.cached:
-        parts.cached_values = reference.load_or_score(
+        values = reference.load_or_score(
             cfg, ref_plan, accelerator, tokenizer, (data, heldout), progress, parts.trunk
         )
+        parts = replace(parts, cached_values=values)
     state = _start_state(cfg, parts, plan, total_steps)
     _write_run_files(accelerator, out, cfg, report, splits)
     accelerator.init_trackers("tokenratio", config={"loss": cfg.loss.name, "beta": cfg.loss.beta})
@@ -444,8 +453,7 @@ def _on_cadence(cfg, parts: StepParts, heldout_loader, state, total_steps, bar) 
 def _log_window(parts: StepParts, state: LoopState, bar, out: Path) -> dict:
     """The window's mean metrics and throughput, logged (syncs: the sums are read here)."""
     accelerator = parts.accelerator
-    sums, elapsed = state.take_window()
-    pairs, tokens = sums.pop("pairs"), sums.pop("real_tokens")
+    sums, pairs, tokens, elapsed = state.take_window()
     record = {
         "step": state.optimizer_steps,
         "epoch": state.epoch,

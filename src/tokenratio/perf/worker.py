@@ -62,10 +62,10 @@ def perf_config(method: str, args: dict, switches: dict | None = None):
     )
 
 
-def _batches(cfg, step, model, args) -> list:
-    """The plan's batches as this row's layout collates them, with the row's frozen trunk
-    (train.trunk_cache) and cached reference values (train.ref_cache): one pass each, untimed,
-    as TRL's precompute, in memory; on the row's device."""
+def _batches(cfg, step, model, args) -> tuple:
+    """(the step with the row's frozen trunk (train.trunk_cache) and cached reference values
+    (train.ref_cache), the plan's batches as this row's layout collates them): one pass each,
+    untimed, as TRL's precompute, in memory; on the row's device."""
     from tokenratio.reference import score_rows
     from tokenratio.step import batch_collator
 
@@ -74,15 +74,16 @@ def _batches(cfg, step, model, args) -> list:
         tokenizer, pairs_of_lengths(args["lengths"], model.config.vocab_size), step.needs.weights
     )
     if cfg.train.trunk_cache:
-        step.trunk = _trunk_in_memory(cfg, step, rows)
+        step = replace(step, trunk=_trunk_in_memory(cfg, step, rows))
     if step.reference_plan.cached:
         samples = step.reference_plan.samples
-        step.cached_values = score_rows(model.eval(), rows, 0, 8, samples, step.trunk)
+        values = score_rows(model.eval(), rows, 0, 8, samples, step.trunk)
+        step = replace(step, cached_values=values)
         model.train()
     collate = batch_collator(cfg, step, 0)
     layout = "shared" if cfg.train.prefix_sharing else "plain"
     plan = args["plans"][layout if cfg.train.group_by_length else "ungrouped"]
-    return [collate([rows[i] for i in batch]).to(step.accelerator.device) for batch in plan]
+    return step, [collate([rows[i] for i in batch]).to(step.accelerator.device) for batch in plan]
 
 
 def _trunk_in_memory(cfg, step, rows):
@@ -115,7 +116,7 @@ def prepare_row(row: str, args) -> tuple:
     plan = reference.plan(cfg, needs, accelerator, identity=f"random:{args['model']}")
     steps = len(args["plans"]["shared"]) + 2
     step = prepare_step_parts(cfg, accelerator, steps, model=model, plan=plan)
-    return step, _batches(cfg, step, model, args)
+    return _batches(cfg, step, model, args)
 
 
 def _timed_steps(step, batches, device: str) -> list[float]:
