@@ -18,7 +18,7 @@ import torch
 
 from tokenratio.paths import CACHE_ENV, user_cache_dir
 from tokenratio.reference import key as keys
-from tokenratio.reference import score as scoring
+from tokenratio.reference import score as reference_score
 from tokenratio.reference import store
 from tokenratio.reference.store import CachedValues, DamagedShardError, ShardWriter
 from tokenratio.sharding import shard_frozen, shards_models
@@ -107,12 +107,12 @@ def fill_missing(
     if todo or lockstep:
         model = model_loader()
         with autocast():
-            scored = scoring.score(model, todo, pad_id, batch_size, writer.samples, progress, trunk)
+            scored = reference_score.score(model, todo, pad_id, batch_size, writer.samples, progress, trunk)
             for entries in scored:
                 writer.add(entries)
             if lockstep:
                 passes, filler = lockstep
-                scoring.idle_passes(model, filler, pad_id, passes - ceil(len(todo) / batch_size))
+                reference_score.idle_passes(model, filler, pad_id, passes - ceil(len(todo) / batch_size))
         del model
     writer.flush()
 
@@ -139,24 +139,24 @@ def load_or_score(
     directories = [root / cache_key for root in roots(cfg.data.path)]
     say = accelerator.print
     values = read(directories, cache_key, plan.samples, len(tokenizer), say)
-    rows = scoring.keyed_rows(datasets)
+    rows = reference_score.keyed_rows(datasets)
     for path in values.drop_mismatched(rows):
         _drop(path, "entries whose lengths differ from their pairs'", say)
-    todo = scoring.missing(rows, values)
+    todo = reference_score.missing(rows, values)
     if not todo:
         say(f"reference log-probs: read {len(values)} pairs from {_found_in(directories)}")
         return values
     target = writable_dir(directories[0])  # before scoring, never after
     accelerator.wait_for_everyone()  # every process has read before any writes
     count, main = accelerator.num_processes, accelerator.is_main_process
-    share = scoring.shard(todo, accelerator.process_index, count)
+    share = reference_score.shard(todo, accelerator.process_index, count)
     writer = ShardWriter(target if main else None, cache_key, plan.samples)
     batch_size = cfg.train.eval_batch_size
     lockstep = None
     if shards_models(accelerator):  # as many passes as the largest share needs
         lockstep = (ceil(ceil(len(todo) / count) / batch_size), next(iter(todo.values())))
-    bar = progress and main  # one bar, as the training loop's
-    run = (tokenizer.pad_token_id, batch_size, bar, accelerator.autocast)
+    show_bar = progress and main  # one bar, as the training loop's
+    run = (tokenizer.pad_token_id, batch_size, show_bar, accelerator.autocast)
     fill_missing(_reference_loader(cfg, accelerator), share, writer, run, trunk, lockstep)
     for index, shards in enumerate(gather(accelerator, writer.written)):
         for tensors in shards:
@@ -195,7 +195,7 @@ def score_rows(
     as TRL's precompute), above the frozen trunk when `trunk` holds the rows."""
     values = CachedValues(samples)
     writer = ShardWriter(None, "", samples)
-    todo = scoring.missing(((store.pair_key(row), row) for row in rows), values)
+    todo = reference_score.missing(((store.pair_key(row), row) for row in rows), values)
     run = (pad_id, batch_size, False, contextlib.nullcontext)
     fill_missing(lambda: model, todo, writer, run, trunk)
     for tensors in writer.written:

@@ -60,7 +60,7 @@ def run_config(base, run: Run, paths: dict, out: Path):
     )
 
 
-def eval_model(
+def evaluate_on_split(
     models, data: str, reference: str, beta: float, num_pairs: int, study, base, out: Path,
     overwrite: bool = False, progress: bool = False,
 ) -> dict:  # fmt: skip
@@ -100,7 +100,7 @@ def eval_model(
 
 
 def train_and_validate(
-    base, study, run: Run, paths: dict, out: Path, progress: Progress, overwrite: bool = False
+    base, study, run: Run, paths: dict, out: Path, lines: Progress, overwrite: bool = False
 ) -> dict:
     """Train one run (resuming it if interrupted); its validation score is the trainer's final
     held-out evaluation on the validation split: DPO's implicit-reward accuracy, which every loss
@@ -118,17 +118,17 @@ def train_and_validate(
     )
     record_path = run_dir / "study_run.json"
     if record_path.exists():
-        progress.step(f"train {run.name}", 0, skipped=True)
+        lines.step(f"train {run.name}", 0, skipped=True)
         return reuse.read_json(record_path)
     started = time.perf_counter()
     with run_log(out, run.name):
         if LOSSES[cfg.loss.name].weights:  # TIS-DPO: contrast models, scored weights, training
-            run_tisdpo(cfg, progress=progress.enabled)
+            run_tisdpo(cfg, progress=lines.enabled)
         else:
-            train(cfg, resume=True, progress=progress.enabled)
+            train(cfg, resume=True, progress=lines.enabled)
     record = {**asdict(run), "name": run.name, "valid_accuracy": final_heldout_accuracy(run_dir)}
     atomic.write_json(record_path, record)
-    progress.step(f"train {run.name}", time.perf_counter() - started)
+    lines.step(f"train {run.name}", time.perf_counter() - started)
     return record
 
 
@@ -261,7 +261,7 @@ def _evaluate_on_test(
     started = time.perf_counter()
     target = out / "test" / name
     skipped = (target / "results.json").exists()
-    result = eval_model(
+    result = evaluate_on_split(
         [(name, path)],
         paths["test"],
         reference,
