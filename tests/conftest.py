@@ -10,6 +10,8 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # train.ref_cache writes beside the data by default: never into ../shared from a test
 os.environ.setdefault("TOKENRATIO_REF_CACHE_DIR", tempfile.mkdtemp(prefix="tokenratio-ref-cache-"))
+# and the frozen trunk (trunk/ in the user cache directory): never into the user's ~/.cache
+os.environ.setdefault("TOKENRATIO_CACHE_DIR", tempfile.mkdtemp(prefix="tokenratio-cache-"))
 sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers (naive_losses, tiny models)
 
 import pytest

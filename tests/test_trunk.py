@@ -4,6 +4,7 @@ the cache is keyed by the trunk's weights and drops damaged shards."""
 
 import contextlib
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -167,3 +168,39 @@ def test_a_truncated_shard_is_named_and_dropped(tmp_path):
     fresh, said = trunk.TrunkCache(2, "key", tmp_path), []
     fresh.read(say=said.append)
     assert not fresh.states and str(shard) in said[0] and "not a readable" in said[0]
+
+
+def test_the_pass_is_written_as_it_goes_and_leftovers_are_removed(tmp_path, monkeypatch):
+    """Issue 39.6: a shard about every SHARD_SECONDS (here: every batch), so a kill loses at most
+    that; a killed writer's temporary is removed by the next reader."""
+    from tokenratio import atomic, shards
+
+    monkeypatch.setattr(shards, "SHARD_SECONDS", 0.0)
+    policy = policy_for("dpo")
+    inner = unwrap_peft(policy.model)
+    cache = trunk.TrunkCache(2, "key", tmp_path)
+    assert cache.compute_missing(inner, ROWS, 0, 1, contextlib.nullcontext) == 3
+    assert len(list(tmp_path.glob("shard-*.safetensors"))) == 3
+    dead = tmp_path / atomic.temporary_name(tmp_path / "shard-x.safetensors").name
+    dead = dead.with_name(dead.name.replace(f"~{os.getpid()}.", "~999999999."))
+    dead.write_bytes(b"half a shard")
+    again = trunk.TrunkCache(2, "key", tmp_path)
+    again.read()
+    assert len(again) == 3 and not dead.exists()
+
+
+def test_a_complete_cache_is_read_where_nothing_can_be_written(monkeypatch):
+    """Issue 39.6: read-only and complete: read; read-only and incomplete: one line, before the
+    pass, with advice that works."""
+    from tokenratio import shards
+
+    policy = policy_for("dpo")
+    inner = unwrap_peft(policy.model)
+    compute = (0, 2, contextlib.nullcontext)
+    written = trunk.load_or_compute(inner, 2, "ro-key", ROWS, compute, False)
+    monkeypatch.setattr(shards, "is_writable", lambda directory: False)
+    assert len(trunk.load_or_compute(inner, 2, "ro-key", ROWS, compute, False)) == len(written)
+    with pytest.raises(
+        trunk.TrunkError, match=r"cannot write to .*TOKENRATIO_CACHE_DIR.*trunk_cache"
+    ):
+        trunk.load_or_compute(inner, 2, "ro-key-2", ROWS, compute, False)

@@ -12,25 +12,27 @@ chosen, rejected: one row serves both layouts), keeps them in memory and in shar
 The cache is named by the trunk's weights by content (`identity`: a hash of the embeddings' and
 the trunk layers' tensors, so a merged checkpoint whose lower layers are the base model's finds
 the training's states), the layer count, the dtype and autocast, the attention implementation and
-the device type; inside, each pair is found by its token ids (`reference.store.pair_key`). A shard
-that is damaged, foreign or holds non-finite or misshapen states is dropped with one line and its
-pairs are computed again.
+the device type; it lives in the user cache directory's trunk/<key>/ (`directory`), in the shard
+store the reference cache uses (shards.py: each pair found by its token ids, shards written about
+once a minute as the pass runs, so a kill loses at most a minute; temporaries of killed writers
+removed). A shard that is damaged, foreign or holds non-finite or misshapen states is dropped with
+one line and its pairs are computed again. A complete cache is read from a read-only location;
+one that must be written to an unwritable one stops in one line before the pass.
 """
 
 import hashlib
 import json
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from tokenratio import atomic
+from tokenratio import shards
 from tokenratio.batch import PreferenceBatch, collate_shared
 from tokenratio.modeling import decoder_layers, trunk_states, unwrap_peft
-from tokenratio.reference.score import IDS, keyed_rows
-from tokenratio.reference.store import pair_key
+from tokenratio.paths import CACHE_ENV, user_cache_dir
+from tokenratio.shards import IDS, DamagedShardError, keyed_rows, pair_key
 
 FORMAT = "tokenratio-trunk/1"
 _IGNORED_CONFIG = ("_name_or_path", "architectures", "transformers_version", "use_cache", "dtype")
@@ -40,8 +42,7 @@ class TrunkError(ValueError):
     """The trunk cannot be cached for this run; the message says why and what to set."""
 
 
-class DamagedTrunkShardError(ValueError):
-    """A shard that cannot be used; the message says why."""
+DamagedTrunkShardError = DamagedShardError  # the store's: one error for every shard
 
 
 def trunk_layers(model_cfg, model) -> int:
@@ -130,14 +131,15 @@ class TrunkCache:
 
     def read(self, say=print) -> None:
         """Every good shard in the directory (a bad one is named, removed and recomputed)."""
-        if self.directory is None or not self.directory.is_dir():
+        if self.directory is None:
             return
-        for path in sorted(self.directory.glob("shard-*.safetensors")):
-            try:
-                self._add(read_shard(path, self.key))
-            except DamagedTrunkShardError as err:
-                say(f"trunk cache: {path}: {err}; its pairs are computed again")
-                path.unlink(missing_ok=True)
+        found = shards.read_directory(
+            self.directory,
+            lambda path: read_shard(path, self.key),
+            lambda line: say(f"trunk cache: {line}"),
+        )
+        for _, tensors in found:
+            self._add(tensors)
 
     def _add(self, tensors: dict) -> None:
         lengths = tensors["lengths"].sum(1).tolist()
@@ -147,31 +149,29 @@ class TrunkCache:
 
     @torch.no_grad()
     def compute_missing(self, inner, rows, pad_id: int, batch_size: int, autocast, bar=None):
-        """The trunk over the pairs this cache lacks, longest first, one shard per call."""
-        todo = {}
-        for row in rows:
-            key = pair_key(row)
-            if key not in self.states and key not in todo:
-                todo[key] = {name: list(row[name]) for name in IDS}
-        ordered = sorted(todo.items(), key=lambda kv: -sum(len(v) for v in kv[1].values()))
+        """The trunk over the pairs this cache lacks, longest first, written as it goes (a shard
+        about every minute, `shards.ShardWriter`); returns how many pairs it computed."""
+        todo = shards.missing_longest_first(((pair_key(r), r) for r in rows), self.states)
+        metadata = {"format": FORMAT, "key": self.key}
+        writer = shards.ShardWriter(self.directory, _pack, metadata)
         device = next(inner.parameters()).device
-        entries = []
+        ordered = list(todo.items())
         for start in range(0, len(ordered), batch_size):
             chunk = ordered[start : start + batch_size]
             batch = collate_shared([row for _, row in chunk], pad_id).to(device)
             with autocast():
                 hidden = trunk_states(inner, batch, self.layers).cpu()
+            entries = []
             for i, (key, row) in enumerate(chunk):
                 length = sum(len(row[name]) for name in IDS)
                 entries.append((key, row, hidden[i, :length].clone()))
+            writer.add(entries)
             if bar is not None:
                 bar.update(len(chunk))
-        if entries:
-            tensors = _pack(entries)
-            if self.directory is not None:
-                write_shard(self.directory, tensors, self.key)
+        writer.flush()
+        for tensors in writer.written:
             self._add(tensors)
-        return len(entries)
+        return len(ordered)
 
     def fill(self, batch: PreferenceBatch, rows: list[dict]) -> PreferenceBatch:
         """`batch` (collated from `rows`, either layout) with `trunk_hidden`: each input row's
@@ -202,46 +202,21 @@ def _pack(entries: list) -> dict:
     }
 
 
-def _checksum(tensors: dict) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
 def write_shard(directory: Path, tensors: dict, key: str) -> Path:
-    from safetensors.torch import save
-
-    metadata = {"format": FORMAT, "key": key, "sha256": _checksum(tensors)}
-    directory.mkdir(parents=True, exist_ok=True)
-    name = f"shard-{uuid.uuid4().hex[:16]}.safetensors"
-    return atomic.write_bytes(directory / name, save(tensors, metadata=metadata))
+    return shards.write_shard(directory, tensors, {"format": FORMAT, "key": key})
 
 
 def read_shard(path: Path, key: str) -> dict:
-    """A shard's tensors, checked (DamagedTrunkShardError says what is wrong)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except Exception as err:  # truncated, empty, not safetensors
-        raise DamagedTrunkShardError(
-            f"not a readable safetensors file ({type(err).__name__})"
-        ) from None
-    if metadata.get("format") != FORMAT or metadata.get("key") != key:
-        raise DamagedTrunkShardError("written for another trunk, format or setting")
-    if metadata.get("sha256") != _checksum(tensors):
-        raise DamagedTrunkShardError("its checksum does not match its contents")
+    """A shard's tensors, checked (DamagedShardError says what is wrong)."""
+    expected = {"format": FORMAT, "key": key}
+    tensors = shards.read_shard(path, expected, "trunk, format or setting")
     keys, lengths, hidden = (tensors.get(k) for k in ("keys", "lengths", "hidden"))
     if keys is None or lengths is None or hidden is None or hidden.ndim != 2:
-        raise DamagedTrunkShardError("keys, lengths or hidden states missing or misshapen")
+        raise DamagedShardError("keys, lengths or hidden states missing or misshapen")
     if lengths.shape != (keys.shape[0], 3) or int(lengths.sum()) != hidden.shape[0]:
-        raise DamagedTrunkShardError("its lengths do not match its hidden states")
+        raise DamagedShardError("its lengths do not match its hidden states")
     if not bool(torch.isfinite(hidden).all()):
-        raise DamagedTrunkShardError("non-finite hidden states")
+        raise DamagedShardError("non-finite hidden states")
     return tensors
 
 
@@ -263,46 +238,39 @@ def for_run(cfg, parts, tokenizer, datasets, progress: bool) -> TrunkCache:
     key = identity(inner, layers, precision, accelerator.device.type)
     rows = [row for _, row in keyed_rows(datasets)]
     compute = (tokenizer.pad_token_id, cfg.train.eval_batch_size, accelerator.autocast)
-    return load_or_compute(inner, layers, key, cfg.data.path, rows, compute, progress)
+    return load_or_compute(inner, layers, key, rows, compute, progress)
 
 
-def _directory(key: str, data_path: str) -> Path:
-    """trunk-<key>/ in the user cache directory (the reference cache's root, written there), or
-    one an earlier version wrote beside the data, where it exists (read)."""
-    from tokenratio.reference.cache import roots, writable_dir
-
-    places = roots(data_path)
-    for root in places[1:]:
-        if (root / f"trunk-{key}").is_dir():
-            return root / f"trunk-{key}"
-    return writable_dir(places[0]) / f"trunk-{key}"
+def directory(key: str) -> Path:
+    """Where the cache named `key` lives: trunk/<key>/ in the user cache directory, or where an
+    earlier version wrote it (ref-logps/trunk-<key>/ there), when it exists."""
+    root = user_cache_dir()
+    earlier = root / "ref-logps" / f"trunk-{key}"
+    return earlier if earlier.is_dir() else root / "trunk" / key
 
 
-def load_or_compute(inner, layers: int, key: str, data_path: str, rows, compute, progress):
-    """The cache named `key` in the user cache directory (the reference cache's), read, with
-    the states of `rows` it lacks computed by `inner` and written as one shard.
-    `compute`: (pad id, batch size, autocast context factory)."""
+def load_or_compute(inner, layers: int, key: str, rows, compute, progress):
+    """The cache named `key`, read, with the states of `rows` it lacks computed by `inner` and
+    written as they come. `compute`: (pad id, batch size, autocast context factory)."""
     from tqdm.auto import tqdm
 
-    directory = _directory(key, data_path)
-    cache = TrunkCache(layers, key, directory)
+    where = directory(key)
+    cache = TrunkCache(layers, key, where)
     cache.read()
-    missing = sum(1 for row in rows if pair_key(row) not in cache.states)
+    missing = len(shards.missing_longest_first(((pair_key(r), r) for r in rows), cache.states))
+    if not missing:
+        print(f"frozen trunk: read {len(cache)} pairs from {where}")
+        return cache
+    if not shards.is_writable(where):
+        raise TrunkError(
+            f"trunk cache: cannot write to {where} ({missing} pairs to compute): set "
+            f"${CACHE_ENV} to a writable directory, or set train.trunk_cache = false"
+        )
     pad_id, batch_size, autocast = compute
-    if missing:
-        was_training = inner.training
-        inner.eval()
-        with tqdm(total=missing, desc="frozen trunk", disable=not progress, leave=False) as bar:
-            cache.compute_missing(inner, rows, pad_id, batch_size, autocast, bar)
-        inner.train(was_training)
-        print(f"frozen trunk: {layers} layers over {missing} pairs into {directory}")
-    else:
-        print(f"frozen trunk: read {len(cache)} pairs from {directory}")
+    was_training = inner.training
+    inner.eval()
+    with tqdm(total=missing, desc="frozen trunk", disable=not progress, leave=False) as bar:
+        cache.compute_missing(inner, rows, pad_id, batch_size, autocast, bar)
+    inner.train(was_training)
+    print(f"frozen trunk: {layers} layers over {missing} pairs into {where}")
     return cache
-
-
-def _rows(data) -> list[dict]:
-    columns = data.select_columns(list(IDS)).with_format(None)[:]
-    return [
-        dict(zip(IDS, ids, strict=True)) for ids in zip(*(columns[n] for n in IDS), strict=True)
-    ]

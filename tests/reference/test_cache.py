@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tiny import load_tiny_pairs, perturbed
-from tokenratio import reference
+from tokenratio import reference, shards
 from tokenratio.batch import collate, collate_shared
 from tokenratio.config import Config, DataConfig, LossConfig, ModelConfig, TrainConfig
 from tokenratio.losses import LOSSES
@@ -26,14 +26,16 @@ def test_shards_cover_every_pair_once_and_score_longest_first():
         f"k{n}": {"prompt_ids": [1] * n, "chosen_ids": [2] * (n % 3 + 1), "rejected_ids": [3]}
         for n in range(1, 12)
     }
-    ordered = list(score.longest_first(pairs))
+    have = {"k5"}  # already cached: not scored again
+    ordered = list(shards.missing_longest_first(((k, row) for k, row in pairs.items()), have))
     sizes = [sum(len(ids) for ids in pairs[k].values()) for k in ordered]
-    assert sizes == sorted(sizes, reverse=True) and sorted(ordered) == sorted(pairs)
-    shards = [score.shard(pairs, i, 3) for i in range(3)]
-    keys = [k for part in shards for k in part]
-    assert sorted(keys) == sorted(pairs) and len(set(keys)) == len(pairs)
-    assert [len(part) for part in shards] == [4, 4, 3]
-    assert list(shards[0]) == ordered[0::3]  # long and short pairs in every shard
+    assert sizes == sorted(sizes, reverse=True) and sorted(ordered) == sorted(set(pairs) - have)
+    todo = {k: pairs[k] for k in ordered}
+    parts = [score.shard(todo, i, 3) for i in range(3)]
+    keys = [k for part in parts for k in part]
+    assert sorted(keys) == sorted(todo) and len(set(keys)) == len(todo)
+    assert [len(part) for part in parts] == [4, 3, 3]
+    assert list(parts[0]) == ordered[0::3]  # long and short pairs in every shard
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +179,7 @@ def _tamper(path: Path, how: str) -> None:
             tensors[f"{side}_len"] = (lengths + 1) // 2
             parts = torch.split(tensors[f"{side}_logps"], lengths.tolist())
             tensors[f"{side}_logps"] = torch.cat([p[: (len(p) + 1) // 2] for p in parts])
-        metadata["sha256"] = store._checksum(tensors)
+        metadata["sha256"] = shards.checksum(tensors)
     save_file(tensors, str(path), metadata=metadata)
 
 

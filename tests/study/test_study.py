@@ -108,8 +108,8 @@ def test_study_runs_selects_lr_evaluates_on_test_and_reports(
     # adapters only (no merged copy), which from_pretrained loads onto the base model
     finals = sorted((out / "runs").glob("*/final/adapter_model.safetensors"))
     assert len(finals) == 4 and not list((out / "runs").glob("*/final/model.safetensors"))
-    caches = Path(os.environ["TOKENRATIO_REF_CACHE_DIR"])  # conftest: never beside the data
-    assert list(caches.glob("trunk-*/shard-*.safetensors"))  # the frozen trunk, kept
+    caches = Path(os.environ["TOKENRATIO_CACHE_DIR"])  # conftest: never in the user's ~/.cache
+    assert list(caches.glob("trunk/*/shard-*.safetensors"))  # the frozen trunk, kept
     stamps = [p.stat().st_mtime_ns for p in finals]
     assert main(["study", str(config)]) == 0  # everything found: nothing retrained
     assert "found, skipped" in capsys.readouterr().out

@@ -263,7 +263,7 @@ def _shared_trunk(model, reference, pairs, tokenizer, cfg: EvalConfig):
     key = trunk.identity(inner, layers, f"{dtype}/{cfg.mixed_precision}", device.type)
     rows = [pairs[i] for i in range(len(pairs))]
     compute = (tokenizer.pad_token_id, cfg.batch_size, lambda: autocast(cfg.mixed_precision))
-    return trunk.load_or_compute(inner, layers, key, cfg.data, rows, compute, cfg.progress)
+    return trunk.load_or_compute(inner, layers, key, rows, compute, cfg.progress)
 
 
 def generation_metrics(model, tokenizer, pairs, raw, report: dict, cfg: EvalConfig) -> dict:

@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
+from tokenratio import shards
 from tokenratio.paths import CACHE_ENV, user_cache_dir
 from tokenratio.reference import key as keys
 from tokenratio.reference import score as reference_score
 from tokenratio.reference import store
-from tokenratio.reference.store import CachedValues, DamagedShardError, ShardWriter
+from tokenratio.reference.store import CachedValues, ShardWriter
 from tokenratio.sharding import shard_frozen, shards_models
 
 ENV = "TOKENRATIO_REF_CACHE_DIR"
@@ -43,21 +44,10 @@ def roots(data_path: str) -> list[Path]:
     return found
 
 
-def _writable(directory: Path) -> bool:
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / f".probe.{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        return True
-    except OSError:
-        return False
-
-
 def writable_dir(directory: Path) -> Path:
     """`directory` (where caches are written: the first of `roots`), checked: CacheLocationError
     before any scoring when it cannot be written."""
-    if _writable(directory):
+    if shards.is_writable(directory):
         return directory
     where = str(directory)
     fix = (
@@ -74,25 +64,26 @@ def read(
     directories: list[Path], cache_key: str, samples: int, vocab_size: int, say
 ) -> CachedValues:
     """Every good shard under `directories`; a bad one is named in one line (via `say`), removed
-    where it can be, and its pairs are scored again."""
+    where it can be, and its pairs are scored again (`shards.read_directory`)."""
     values = CachedValues(samples)
+
+    def read_one(path: Path) -> dict:
+        return store.read_shard(path, cache_key, samples, vocab_size)
+
     for directory in directories:
-        if not directory.is_dir():
-            continue
-        if os.access(directory, os.W_OK):
-            store.remove_leftovers(directory)
-        for path in sorted(directory.glob("shard-*.safetensors")):
-            try:
-                values.add(store.read_shard(path, cache_key, samples, vocab_size), path)
-            except DamagedShardError as err:
-                _drop(path, str(err), say)
+        found = shards.read_directory(directory, read_one, lambda line: say(_said(line)))
+        for path, tensors in found:
+            values.add(tensors, path)
     return values
+
+
+def _said(line: str) -> str:
+    return "reference cache: " + line.replace("computed again", "scored again")
 
 
 def _drop(path: Path, why: str, say) -> None:
     say(f"reference cache: {path}: {why}; its pairs are scored again")
-    with contextlib.suppress(OSError):  # read-only: rescored into a writable location
-        path.unlink()
+    shards.drop(path)  # read-only: rescored into a writable location
 
 
 def fill_missing(
@@ -107,12 +98,16 @@ def fill_missing(
     if todo or lockstep:
         model = model_loader()
         with autocast():
-            scored = reference_score.score(model, todo, pad_id, batch_size, writer.samples, progress, trunk)
+            scored = reference_score.score(
+                model, todo, pad_id, batch_size, writer.samples, progress, trunk
+            )
             for entries in scored:
                 writer.add(entries)
             if lockstep:
                 passes, filler = lockstep
-                reference_score.idle_passes(model, filler, pad_id, passes - ceil(len(todo) / batch_size))
+                reference_score.idle_passes(
+                    model, filler, pad_id, passes - ceil(len(todo) / batch_size)
+                )
         del model
     writer.flush()
 
@@ -158,8 +153,8 @@ def load_or_score(
     show_bar = progress and main  # one bar, as the training loop's
     run = (tokenizer.pad_token_id, batch_size, show_bar, accelerator.autocast)
     fill_missing(_reference_loader(cfg, accelerator), share, writer, run, trunk, lockstep)
-    for index, shards in enumerate(gather(accelerator, writer.written)):
-        for tensors in shards:
+    for index, written in enumerate(gather(accelerator, writer.written)):
+        for tensors in written:
             values.add(tensors)
             if main and index != accelerator.process_index:
                 store.write_shard(target, tensors, cache_key, plan.samples)

@@ -7,31 +7,23 @@ from collections.abc import Iterator
 
 import torch
 
-from tokenratio.reference.store import pair_key
+from tokenratio.shards import keyed_rows, missing_longest_first
+
+__all__ = ["keyed_rows"]  # kept in shards, with the store
 
 SAMPLE_SEED = 0x7B90A  # mixed into each pair's seed: the samples are the cache's, not the run's
 
 
 def missing(keyed_rows, values) -> dict:
-    """{pair key: token ids} of the distinct pairs that `values` lacks; `keyed_rows`:
-    (pair_key(row), row)."""
-    todo = {}
-    for key, row in keyed_rows:
-        if key not in values and key not in todo:
-            todo[key] = {k: row[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
-    return todo
-
-
-def longest_first(pairs: dict) -> dict:
-    """The pairs by their prefix-shared row length, longest first: little padding per batch, and
-    the largest batch first, so memory runs out at once if it will."""
-    return dict(sorted(pairs.items(), key=lambda kv: -sum(len(ids) for ids in kv[1].values())))
+    """{pair key: token ids} of the distinct pairs that `values` lacks, longest first
+    (`shards.missing_longest_first`); `keyed_rows`: (pair_key(row), row)."""
+    return missing_longest_first(keyed_rows, values)
 
 
 def shard(pairs: dict, index: int, count: int) -> dict:
-    """Process `index`'s share of `pairs` (of `count`): every count-th pair of the length order,
-    so each process gets long and short pairs alike."""
-    return dict(list(longest_first(pairs).items())[index::count])
+    """Process `index`'s share of `pairs` (longest first, as `missing` orders them; of `count`):
+    every count-th pair, so each process gets long and short pairs alike."""
+    return dict(list(pairs.items())[index::count])
 
 
 def _generator(key: bytes, side: int, device) -> torch.Generator:
@@ -60,7 +52,6 @@ def score(
     from tokenratio.logprobs import token_logps
     from tokenratio.scoring import batches, score_batches
 
-    pairs = longest_first(pairs)
     keys, rows = list(pairs), list(pairs.values())
     collate_pairs = collate_shared
     if trunk is not None:
@@ -103,18 +94,3 @@ def _entries(keys, rows, done, B, logits, logps, samples) -> Iterator:
                 tokens, token_logps = _samples(logits[offset + i, :n], key, side, samples)
                 entry[f"{name}_tokens"], entry[f"{name}_token_logps"] = tokens, token_logps
         yield key, entry
-
-
-IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
-
-
-def keyed_rows(datasets) -> list[tuple[bytes, dict]]:
-    """(pair key, token ids) of every row of `datasets`, read by column (reading a `datasets`
-    table row by row costs ~0.2 ms a row: 9 s at 50k pairs)."""
-    out = []
-    for data in datasets:
-        columns = data.select_columns(list(IDS)).with_format(None)[:]
-        for ids in zip(*(columns[name] for name in IDS), strict=True):
-            row = dict(zip(IDS, ids, strict=True))
-            out.append((pair_key(row), row))
-    return out

@@ -15,44 +15,21 @@ most the last minute; each shard is published by `atomic.write_bytes`, and tempo
 by killed writers are removed.
 """
 
-import hashlib
-import time
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tokenratio import atomic
+from tokenratio import shards
 from tokenratio.logprobs import IGNORE_INDEX
 from tokenratio.reference.key import FORMAT
+from tokenratio.shards import DamagedShardError, pair_key, remove_leftovers
 
 SIDES = ("chosen", "rejected")
-SHARD_SECONDS = 60.0
+SHARD_SECONDS = shards.SHARD_SECONDS
 LOGP_SLACK = 1e-3  # log-probs computed in low precision may round a little above 0
-
-
-class DamagedShardError(ValueError):
-    """A shard that cannot be used; the message says why."""
-
-
-def pair_key(row: dict) -> bytes:
-    """16 bytes that identify a pair by its token ids (prompt, chosen, rejected)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
-        ids = np.asarray(row[name], dtype="<i8")
-        digest.update(len(ids).to_bytes(8, "little"))
-        digest.update(ids.tobytes())
-    return digest.digest()
-
-
-def _checksum(tensors: dict) -> str:
-    digest = hashlib.sha256()
-    for name in sorted(tensors):
-        digest.update(name.encode())
-        digest.update(tensors[name].contiguous().numpy().tobytes())
-    return digest.hexdigest()
+__all__ = ["DamagedShardError", "pair_key", "remove_leftovers"]  # the store's, kept in shards
 
 
 def pack(entries: list[tuple[bytes, dict]], samples: int) -> dict:
@@ -69,36 +46,19 @@ def pack(entries: list[tuple[bytes, dict]], samples: int) -> dict:
     return tensors
 
 
-def write_shard(directory: Path, tensors: dict, cache_key: str, samples: int) -> Path:
-    """One shard, complete or not at all (`atomic.write_bytes`)."""
-    from safetensors.torch import save
+def _metadata(cache_key: str, samples: int) -> dict:
+    return {"format": FORMAT, "key": cache_key, "samples": str(samples)}
 
-    metadata = {
-        "format": FORMAT,
-        "key": cache_key,
-        "samples": str(samples),
-        "sha256": _checksum(tensors),
-    }
-    data = save(tensors, metadata=metadata)
-    return atomic.write_bytes(directory / f"shard-{uuid.uuid4().hex[:16]}.safetensors", data)
+
+def write_shard(directory: Path, tensors: dict, cache_key: str, samples: int) -> Path:
+    """One shard, complete or not at all (`shards.write_shard`)."""
+    return shards.write_shard(directory, tensors, _metadata(cache_key, samples))
 
 
 def read_shard(path: Path, cache_key: str, samples: int, vocab_size: int) -> dict:
     """A shard's tensors, checked (DamagedShardError says what is wrong)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
-    except Exception as err:  # truncated, empty, not safetensors: all say the same to a user
-        raise DamagedShardError(f"not a readable safetensors file ({type(err).__name__})") from None
-    if metadata.get("format") != FORMAT:
-        raise DamagedShardError(f"format {metadata.get('format')!r}, expected {FORMAT!r}")
-    if metadata.get("key") != cache_key or metadata.get("samples") != str(samples):
-        raise DamagedShardError("written for another reference, data or setting")
-    if metadata.get("sha256") != _checksum(tensors):
-        raise DamagedShardError("its checksum does not match its contents")
+    expected = _metadata(cache_key, samples)
+    tensors = shards.read_shard(path, expected, "reference, data or setting")
     _check_values(tensors, samples, vocab_size)
     return tensors
 
@@ -127,13 +87,6 @@ def _check_values(tensors: dict, samples: int, vocab_size: int) -> None:
                 raise DamagedShardError(f"{side} sampled tokens' log-probs missing or non-finite")
             if bool(((tokens < 0) | (tokens >= vocab_size)).any()):
                 raise DamagedShardError(f"{side} sampled tokens outside the vocabulary")
-
-
-def remove_leftovers(directory: Path) -> None:
-    """Temporary files of killed writers: this host's whose process is gone, anyone's after a day."""
-    for tmp in directory.glob(".shard-*.tmp"):
-        if atomic.is_leftover(tmp) or time.time() - tmp.stat().st_mtime > 86400:
-            tmp.unlink(missing_ok=True)
 
 
 class CachedValues:
@@ -211,25 +164,14 @@ class CachedValues:
         return batch
 
 
-class ShardWriter:
+class ShardWriter(shards.ShardWriter):
     """Scored pairs to shard files as they come: one shard about every SHARD_SECONDS."""
 
     def __init__(self, directory: Path | None, cache_key: str, samples: int):
-        self.directory, self.cache_key, self.samples = directory, cache_key, samples
-        self.pending: list[tuple[bytes, dict]] = []
-        self.written: list[dict] = []  # every shard's tensors, for the other processes
-        self.last = time.perf_counter()
-
-    def add(self, entries: list[tuple[bytes, dict]]) -> None:
-        self.pending += entries
-        if time.perf_counter() - self.last >= SHARD_SECONDS:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.pending:
-            tensors = pack(self.pending, self.samples)
-            if self.directory is not None:
-                write_shard(self.directory, tensors, self.cache_key, self.samples)
-            self.written.append(tensors)
-            self.pending = []
-        self.last = time.perf_counter()
+        self.samples = samples  # k3 samples a response position, which the scoring pass draws
+        super().__init__(
+            directory,
+            lambda entries: pack(entries, samples),
+            _metadata(cache_key, samples),
+            seconds=SHARD_SECONDS,
+        )
