@@ -42,6 +42,33 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_grid_arguments(parser: argparse.ArgumentParser, table: str) -> None:
+    """The options of the commands that run a grid of trainings from one config (study,
+    frontier): the config with its [`table`], --set, --no-progress, --overwrite, --print-config."""
+    parser.add_argument("config", help=f"a train config with a [{table}] table")
+    parser.add_argument(
+        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override (repeatable)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no per-run progress lines")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo runs and evaluations made with other settings or inputs than the config's "
+        "(refused without it, naming what differs)",
+    )
+    parser.add_argument(
+        "--print-config", action="store_true", help="print the resolved config as TOML and exit"
+    )
+
+
+def command_line(command: str, args: argparse.Namespace) -> str:
+    """The command line that reproduces a grid command's run, as a user would type it."""
+    import shlex
+
+    sets = [part for text in args.set or [] for part in ("--set", text)]
+    return shlex.join(["tokenratio", command, args.config, *sets])
+
+
 def load_config(args: argparse.Namespace, command: str, extra: list[str] = ()):
     """The config file plus --set overrides (and `extra` after them), or None after printing why."""
     from tokenratio.config import ConfigError, load_config

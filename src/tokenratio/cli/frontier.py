@@ -2,7 +2,7 @@
 
 import argparse
 
-from tokenratio.cli.common import examples, fail
+from tokenratio.cli.common import add_grid_arguments, command_line, examples, fail
 
 EXAMPLES = [
     'tokenratio frontier configs/study_smollm2_sentiment_cpu.toml --set \'frontier.methods=["dpo",'
@@ -33,8 +33,6 @@ output_dir. configs/study_smollm2_sentiment_cpu.toml (2-core CPU) and configs/st
 
 
 def run(args: argparse.Namespace) -> int:
-    import shlex
-
     from tokenratio.checkpoint import CheckpointError
     from tokenratio.config import ConfigError
     from tokenratio.config_print import config_as_toml, section_as_toml
@@ -48,9 +46,8 @@ def run(args: argparse.Namespace) -> int:
         if args.print_config:
             print(config_as_toml(base) + "\n" + "\n".join(section_as_toml("frontier", frontier)))
             return 0
-        sets = [part for text in args.set or [] for part in ("--set", text)]
         report = run_frontier(
-            frontier, base, command=shlex.join(["tokenratio", "frontier", args.config, *sets]),
+            frontier, base, command=command_line("frontier", args),
             progress=not args.no_progress, overwrite=args.overwrite,
         )  # fmt: skip
     except ConfigError as err:
@@ -69,16 +66,5 @@ def add_parser(sub) -> None:
         description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("config", help="a train config with a [frontier] table")
-    parser.add_argument(
-        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override (repeatable)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no per-run progress lines")
-    parser.add_argument(
-        "--overwrite", action="store_true",
-        help="redo runs made with other settings than the config's (refused without it)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved config as TOML and exit"
-    )
+    add_grid_arguments(parser, "frontier")
     parser.set_defaults(run=run)

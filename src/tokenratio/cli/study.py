@@ -2,7 +2,7 @@
 
 import argparse
 
-from tokenratio.cli.common import examples, fail
+from tokenratio.cli.common import add_grid_arguments, command_line, examples, fail
 
 EXAMPLES = [
     'tokenratio study configs/study_smollm2_hh_cpu.toml --set study.methods=\'["dpo","tbpo-a"]\' '
@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
         report = run_study(
             study,
             base,
-            command=_command(args),
+            command=command_line("study", args),
             progress=not args.no_progress,
             overwrite=args.overwrite,
         )
@@ -70,14 +70,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _command(args: argparse.Namespace) -> str:
-    """The command line that reproduces this study, as a user would type it."""
-    import shlex
-
-    sets = [part for text in args.set or [] for part in ("--set", text)]
-    return shlex.join(["tokenratio", "study", args.config, *sets])
-
-
 def add_parser(sub) -> None:
     parser = sub.add_parser(
         "study",
@@ -85,18 +77,5 @@ def add_parser(sub) -> None:
         description=HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("config", help="a train config with a [study] table")
-    parser.add_argument(
-        "--set", action="append", metavar="SECTION.KEY=VALUE", help="override (repeatable)"
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no per-run progress lines")
-    parser.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="redo runs and evaluations made with other settings than the config's (refused "
-        "without it, naming the settings that differ)",
-    )
-    parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved study as TOML and exit"
-    )
+    add_grid_arguments(parser, "study")
     parser.set_defaults(run=run)
