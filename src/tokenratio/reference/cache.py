@@ -27,8 +27,9 @@ from tokenratio.sharding import shard_frozen, shards_models
 ENV = "TOKENRATIO_REF_CACHE_DIR"
 
 
-class CacheLocationError(RuntimeError):
-    """No location the cache can be written to; the message says which and what to change."""
+class CacheLocationError(OSError):
+    """No location the cache can be written to; the message says which and what to change
+    (an OSError: every command says it in one line)."""
 
 
 def roots(data_path: str) -> list[Path]:
