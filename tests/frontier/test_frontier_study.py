@@ -83,7 +83,8 @@ def test_frontier_trains_evaluates_checkpoints_and_reports(
     }  # fmt: skip
     for c in report["comparisons"]:
         assert c["baseline"] == "dpo" and {"diff", "low", "high", "verdict", "kl_range"} <= set(c)
-    with gzip.open(points[1]["samples"], "rt") as handle:
+    assert points[1]["samples"].startswith("samples/")  # relative to the report
+    with gzip.open(out / points[1]["samples"], "rt") as handle:
         sample = json.loads(handle.readline())
     assert {"prompt_id", "response", "gold_reward", "kl", "log_ratio", "step"} <= set(sample)
     assert sample["gold_reward"] == len(sample["response"])

@@ -90,6 +90,7 @@ def _verdict_line(c: dict, gain: float) -> str:
 def write_report(frontier, base, gold, pairs: dict, points: list[dict], out: Path, command: str):
     from tokenratio.frontier.plots import plot_frontier
 
+    points = [{**p, "samples": _relative(p["samples"], out)} for p in points]
     found = comparisons(frontier, points)
     gain = baseline_gain(frontier, points)
     report = {
@@ -108,6 +109,13 @@ def write_report(frontier, base, gold, pairs: dict, points: list[dict], out: Pat
     plot_frontier(points, out / "frontier.png")
     atomic.write_text(out / "report.md", markdown(report))
     return report
+
+
+def _relative(path: str, out: Path) -> str:
+    """A samples file's path relative to the report (the directory can be moved whole)."""
+    import os
+
+    return os.path.relpath(path, out) if Path(path).is_relative_to(Path(out)) else path
 
 
 def _settings(frontier) -> dict:
@@ -141,7 +149,8 @@ def markdown(report: dict) -> str:
         f"held-out prompts x {s['eval_samples']} samples of at most {s['max_new_tokens']} tokens.",
         "KL is each sample's exact per-position KL(pi || pi_ref) summed along its own positions "
         "(the sampled log-ratio sum is kept beside it in the samples); intervals are 95% "
-        f"percentile bootstraps over prompts ({s['bootstrap_resamples']} resamples).",
+        f"percentile bootstraps over prompts ({s['bootstrap_resamples']} resamples). Every sample, "
+        "with its gold reward and KL, is in `samples/` (JSON lines, gzip), to rescore.",
         "",
         "![frontier](frontier.png)",
         "",
