@@ -19,7 +19,7 @@ LAYERS = {
         "runlog",
     ),
     "data and models": (
-        "batch", "checkpoint", "curves", "data", "modeling", "reference", "rundir", "scoring",
+        "batch", "checkpoint", "curves", "data", "modeling", "reference", "rundir", "scoring", "shards",
         "sharding", "trunk",
     ),
     "step": ("step",),

@@ -167,6 +167,19 @@ def _total_steps(cfg, num_pairs: int, world: int) -> int:
     return cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
 
 
+def _with_caches(cfg, parts: StepParts, ref_plan, tokenizer, datasets, progress) -> StepParts:
+    """The step with the run's frozen trunk (train.trunk_cache) and cached reference values
+    (train.ref_cache): the trunk first, since the reference's scoring pass reads it too."""
+    if cfg.train.trunk_cache:
+        parts = replace(parts, trunk=trunk.for_run(cfg, parts, tokenizer, datasets, progress))
+    if ref_plan.cached:
+        values = reference.load_or_score(
+            cfg, ref_plan, parts.accelerator, tokenizer, datasets, progress, parts.trunk
+        )
+        parts = replace(parts, cached_values=values)
+    return parts
+
+
 def _check_weights(cfg, needs: Needs, heldout) -> None:
     if needs.weights and "chosen_weight" not in heldout.column_names:
         raise TrainingError(
@@ -241,14 +254,7 @@ def _train(
     accelerator.print(f"reference: {ref_plan.reason}")
     total_steps = _total_steps(cfg, len(data), accelerator.num_processes)
     parts = prepare_step_parts(cfg, accelerator, total_steps, plan=ref_plan)
-    if cfg.train.trunk_cache:  # before the reference's scoring pass, which reads it too
-        cache = trunk.for_run(cfg, parts, tokenizer, (data, heldout), progress)
-        parts = replace(parts, trunk=cache)
-    if ref_plan.cached:
-        values = reference.load_or_score(
-            cfg, ref_plan, accelerator, tokenizer, (data, heldout), progress, parts.trunk
-        )
-        parts = replace(parts, cached_values=values)
+    parts = _with_caches(cfg, parts, ref_plan, tokenizer, (data, heldout), progress)
     state = _start_state(cfg, parts, plan, total_steps)
     _write_run_files(accelerator, out, cfg, report, splits)
     accelerator.init_trackers("tokenratio", config={"loss": cfg.loss.name, "beta": cfg.loss.beta})
