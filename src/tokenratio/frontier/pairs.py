@@ -90,9 +90,9 @@ def generate_pairs(
 ) -> dict:
     """The pairs file for these inputs under `out` (made, resumed, or found); returns its report
     (where it is, the key, and the counts of prompts, samples, pairs and ties dropped)."""
-    from tokenratio.reference.key import tree_digest
+    from tokenratio.study.reuse import digest
 
-    model_hash = "dir:" + tree_digest(Path(model_dir))
+    model_hash = "dir:" + digest(model_dir)  # hashed once per content stamp: the runner's too
     key = pairs_key(model_hash, prompts, gold, settings)
     path, report_path = out / f"pairs-{key}.jsonl", out / f"pairs-{key}.json"
     if path.exists() and report_path.exists():

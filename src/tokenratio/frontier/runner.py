@@ -14,7 +14,14 @@ from tokenratio import atomic, runlog
 from tokenratio.config import with_overrides
 from tokenratio.methods import parse_method
 from tokenratio.rundir import release, take_lock
-from tokenratio.study.runner import Progress, Run, quiet_libraries, resolved_precision, run_log
+from tokenratio.study.runner import (
+    Progress,
+    Run,
+    quiet_libraries,
+    resolved_precision,
+    run_log,
+    train_run,
+)
 
 EVAL_SEED = 1_000_003  # every policy's held-out samples share it (common random numbers)
 
@@ -105,14 +112,14 @@ def _run_frontier(frontier, base, command, progress, overwrite) -> dict:
 def _heldout(frontier, base, tokenizer, gold, prompts):
     from tokenratio.frontier.points import Heldout, heldout_identity
     from tokenratio.modeling import load_causal_lm
-    from tokenratio.reference.key import tree_digest
+    from tokenratio.study.reuse import digest
 
     reference = load_causal_lm(replace(base.model, dtype="float32")).eval()
     settings = {
         "samples": frontier.eval_samples, "max_new_tokens": frontier.max_new_tokens,
         "batch_rows": frontier.batch_rows, "seed": EVAL_SEED,
     }  # fmt: skip
-    identity = heldout_identity(prompts, gold, settings, tree_digest(Path(base.model.name_or_path)))
+    identity = heldout_identity(prompts, gold, settings, digest(base.model.name_or_path))
     return Heldout(prompts, reference, tokenizer, gold, **settings, identity=identity)
 
 
@@ -138,7 +145,7 @@ def _train_and_evaluate(base, frontier, run, pairs, heldout, out, bar, overwrite
     cfg = run_config(base, frontier, run, pairs, out)
     reuse.check(run_dir, "config.json", asdict(cfg), overwrite)
     with run_log(out, run.name):
-        _train(cfg, bar.enabled)
+        train_run(cfg, bar.enabled)
     points = []
     for step, directory in steps_to_evaluate(run_dir, _final_step(run_dir)):
         meta = {"method": run.method, "beta": run.beta, "seed": run.seed, "step": step}
@@ -150,17 +157,6 @@ def _train_and_evaluate(base, frontier, run, pairs, heldout, out, bar, overwrite
         points.append(evaluate_point(heldout, load, name, meta, out, weights))
     bar.step(f"{run.name}: trained, {len(points)} points", time.perf_counter() - started)
     return points
-
-
-def _train(cfg, progress: bool) -> None:
-    from tokenratio.losses import LOSSES
-    from tokenratio.tisdpo import run_tisdpo
-    from tokenratio.trainer import train
-
-    if LOSSES[cfg.loss.name].weights:  # TIS-DPO: contrast models, scored weights, training
-        run_tisdpo(cfg, progress=progress)
-    else:
-        train(cfg, resume=True, progress=progress)
 
 
 def _final_step(run_dir: Path) -> int:

@@ -105,9 +105,6 @@ def train_and_validate(
     """Train one run (resuming it if interrupted); its validation score is the trainer's final
     held-out evaluation on the validation split: DPO's implicit-reward accuracy, which every loss
     reports the same way (losses._sequence_metrics), so no second pass over the split."""
-    from tokenratio.losses import LOSSES
-    from tokenratio.tisdpo import run_tisdpo
-    from tokenratio.trainer import train
 
     run_dir = out / "runs" / run.name
     cfg = run_config(base, run, paths, out)
@@ -122,14 +119,24 @@ def train_and_validate(
         return reuse.read_json(record_path)
     started = time.perf_counter()
     with run_log(out, run.name):
-        if LOSSES[cfg.loss.name].weights:  # TIS-DPO: contrast models, scored weights, training
-            run_tisdpo(cfg, progress=lines.enabled)
-        else:
-            train(cfg, resume=True, progress=lines.enabled)
+        train_run(cfg, lines.enabled)
     record = {**asdict(run), "name": run.name, "valid_accuracy": final_heldout_accuracy(run_dir)}
     atomic.write_json(record_path, record)
     lines.step(f"train {run.name}", time.perf_counter() - started)
     return record
+
+
+def train_run(cfg, progress: bool) -> None:
+    """One run of a grid, resumed if interrupted: TIS-DPO's pipeline (contrast models, scored
+    weights, training) for a loss that reads token weights, else `tokenratio train`'s."""
+    from tokenratio.losses import LOSSES
+    from tokenratio.tisdpo import run_tisdpo
+    from tokenratio.trainer import train
+
+    if LOSSES[cfg.loss.name].weights:
+        run_tisdpo(cfg, progress=progress)
+    else:
+        train(cfg, resume=True, progress=progress)
 
 
 @contextlib.contextmanager
